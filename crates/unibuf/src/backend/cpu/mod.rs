@@ -1,0 +1,253 @@
+//! The CPU backend: host memory, one worker thread per queue, kernels as Rust functions.
+//!
+//! It is the embedded default and what CI runs, so it behaves like a discrete GPU wherever the
+//! core's policy is concerned: work is asynchronous (a queue's submissions run on its own
+//! thread), Private memory is refused to the host and reached through staging, and faults are
+//! sticky. That makes hazards, epochs and staging real, and tested, on every machine.
+
+mod kernel_abi;
+mod queue;
+
+pub use kernel_abi::{CpuKernelArgs, CpuKernelFn};
+
+use crate::backend::{Backend, DeviceInfo, GpuSpan, PipelineId, RawAlloc, Submission};
+use crate::epoch::{Epoch, QueueId};
+use crate::error::{Error, Result};
+use crate::kernel::{Constants, KernelSource};
+use crate::storage::MemoryKind;
+use queue::CpuQueue;
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// Alignment of every CPU allocation: enough for any dtype and for 256-bit vector loads of a
+/// whole cache line pair, matching the CUDA driver's allocation alignment.
+const ALIGN: usize = 256;
+
+/// Compiled CPU pipelines: the kernel function and its constants, by pipeline id.
+#[derive(Default)]
+pub(crate) struct Pipelines(RwLock<Vec<(CpuKernelFn, Constants, &'static str)>>);
+
+impl Pipelines {
+    fn get(&self, id: PipelineId) -> Option<(CpuKernelFn, Constants)> {
+        let v = self.0.read().ok()?;
+        v.get(id.0 as usize).map(|(f, c, _)| (*f, c.clone()))
+    }
+}
+
+/// The CPU backend. Created through [`Device::open`](crate::Device::open)`("cpu")`.
+pub struct CpuBackend {
+    info: DeviceInfo,
+    queues: Arc<RwLock<Vec<Arc<CpuQueue>>>>,
+    pipelines: Arc<Pipelines>,
+    clock: Instant,
+}
+
+impl CpuBackend {
+    /// Opens the CPU backend.
+    pub fn new() -> Result<CpuBackend> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let page_size = page_size();
+        let total_memory = physical_memory(page_size);
+        Ok(CpuBackend {
+            info: DeviceInfo {
+                name: format!("CPU ({threads} threads)"),
+                backend: "cpu",
+                unified_memory: true,
+                total_memory,
+                page_size,
+                max_buffer_len: total_memory,
+                alloc_alignment: ALIGN,
+                timestamps: true,
+            },
+            queues: Arc::new(RwLock::new(Vec::new())),
+            pipelines: Arc::new(Pipelines::default()),
+            clock: Instant::now(),
+        })
+    }
+
+    fn queue(&self, id: QueueId) -> Result<Arc<CpuQueue>> {
+        let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        queues.get(id.0 as usize).cloned().ok_or_else(|| {
+            Error::invalid(
+                "queue",
+                format!("{id} does not exist ({} queues)", queues.len()),
+            )
+        })
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut *self.queues.write().unwrap_or_else(|e| e.into_inner()));
+        for q in queues {
+            q.shutdown();
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    unsafe fn allocate(&self, kind: MemoryKind, bytes: usize) -> Result<RawAlloc> {
+        debug_assert_ne!(kind, MemoryKind::HostRegistered);
+        let layout =
+            Layout::from_size_align(bytes.max(1), ALIGN).map_err(|_| Error::NeverFits {
+                requested: bytes,
+                limit: isize::MAX as usize,
+                limit_name: "host address space",
+            })?;
+        // SAFETY: the layout has a non-zero size. Zeroed memory (lazily zeroed pages from the
+        // OS for large sizes) keeps host reads of never-written buffers defined.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                reserved: 0,
+                free: 0,
+                largest_free: 0,
+            });
+        }
+        Ok(RawAlloc {
+            addr: ptr as u64,
+            handle: ptr as u64,
+            bytes,
+            kind,
+        })
+    }
+
+    unsafe fn release(&self, raw: RawAlloc) {
+        if raw.kind == MemoryKind::HostRegistered {
+            return; // wrapped caller memory: the core drops its owner
+        }
+        // SAFETY: `raw` came from `allocate` with this size and alignment (the contract), so
+        // the layout matches the one it was allocated with.
+        unsafe {
+            std::alloc::dealloc(
+                raw.addr as *mut u8,
+                Layout::from_size_align_unchecked(raw.bytes.max(1), ALIGN),
+            )
+        };
+    }
+
+    unsafe fn wrap_host(
+        &self,
+        ptr: NonNull<u8>,
+        bytes: usize,
+        _writable: bool,
+    ) -> Result<RawAlloc> {
+        Ok(RawAlloc {
+            addr: ptr.as_ptr() as u64,
+            handle: ptr.as_ptr() as u64,
+            bytes,
+            kind: MemoryKind::HostRegistered,
+        })
+    }
+
+    fn host_ptr(&self, raw: &RawAlloc) -> Option<NonNull<u8>> {
+        match raw.kind {
+            // Private memory is host memory here, but the API refuses to map it so that code
+            // tested on the CPU also works on a discrete GPU.
+            MemoryKind::Device => None,
+            MemoryKind::HostShared | MemoryKind::HostRegistered => {
+                NonNull::new(raw.addr as *mut u8)
+            }
+        }
+    }
+
+    fn create_queue(&self) -> Result<QueueId> {
+        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let id = QueueId(queues.len() as u32);
+        let q = CpuQueue::spawn(
+            id,
+            Arc::downgrade(&self.queues),
+            self.pipelines.clone(),
+            self.clock,
+        )?;
+        queues.push(Arc::new(q));
+        Ok(id)
+    }
+
+    unsafe fn submit(&self, queue: QueueId, submission: Submission<'_>) -> Result<Epoch> {
+        self.queue(queue)?
+            .submit(submission.label, submission.commands.to_vec())
+    }
+
+    fn completed(&self, queue: QueueId) -> Result<Epoch> {
+        self.queue(queue)?.shared.completed()
+    }
+
+    fn wait(&self, queue: QueueId, epoch: Epoch) -> Result<()> {
+        self.queue(queue)?.shared.wait(epoch)
+    }
+
+    fn gpu_span(&self, queue: QueueId, epoch: Epoch) -> Option<GpuSpan> {
+        self.queue(queue).ok()?.shared.span(epoch)
+    }
+
+    fn compile(&self, kernel: &KernelSource, constants: &Constants) -> Result<PipelineId> {
+        let f = kernel.cpu.ok_or_else(|| Error::Compile {
+            kernel: kernel.name.to_owned(),
+            log: "no CPU implementation was given".to_owned(),
+        })?;
+        let mut v = self.pipelines.0.write().unwrap_or_else(|e| e.into_inner());
+        v.push((f, constants.clone(), kernel.name));
+        Ok(PipelineId(v.len() as u64 - 1))
+    }
+
+    fn reset(&self) -> Result<()> {
+        for q in self.queues.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            q.shared.reset();
+        }
+        Ok(())
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        // SAFETY: sysconf has no preconditions.
+        let pages = unsafe { libc::sysconf(libc::_SC_AVPHYS_PAGES) };
+        usize::try_from(pages).ok().map(|p| p * self.info.page_size)
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
+fn physical_memory(page_size: usize) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    usize::try_from(pages).map_or(usize::MAX / 2, |p| p.saturating_mul(page_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue::fill;
+    use crate::backend::FillPattern;
+
+    #[test]
+    fn fill_repeats_every_width_over_odd_lengths() {
+        for pattern in [
+            FillPattern::u8(0xA5),
+            FillPattern::u16(0xBEEF),
+            FillPattern::u32(0xDEAD_BEEF),
+            FillPattern::u64(0x0123_4567_89AB_CDEF),
+        ] {
+            let w = pattern.width();
+            for reps in [1usize, 2, 3, 7, 100, 1023] {
+                let mut buf = vec![0x11u8; reps * w];
+                fill(&mut buf, &pattern);
+                for chunk in buf.chunks(w) {
+                    assert_eq!(chunk, pattern.bytes(), "width {w}, {reps} repetitions");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! External storage: caller-owned host memory wrapped without copying.
+
+use super::Buffer;
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use std::ptr::NonNull;
+
+/// Host memory that can back an External buffer: a `Vec`, a boxed slice, a memory map.
+///
+/// # Safety
+/// `as_bytes_ptr` and `byte_len` describe memory that stays valid, at the same address, for as
+/// long as the value lives (moving the value must not move the bytes), and nothing else writes
+/// it while the value is owned by a buffer. If `writable` returns true, the memory may be
+/// written through that pointer.
+pub unsafe trait HostMemory: Send + Sync + 'static {
+    /// The first byte.
+    fn as_bytes_ptr(&self) -> *const u8;
+    /// Length in bytes.
+    fn byte_len(&self) -> usize;
+    /// Whether the device and host may write the memory.
+    fn writable(&self) -> bool;
+}
+
+// SAFETY: a Vec's heap buffer does not move when the Vec moves, and the Vec is owned by the
+// buffer, so nothing else writes it.
+unsafe impl<T: Element> HostMemory for Vec<T> {
+    fn as_bytes_ptr(&self) -> *const u8 {
+        self.as_ptr().cast()
+    }
+    fn byte_len(&self) -> usize {
+        std::mem::size_of_val(self.as_slice())
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+}
+
+// SAFETY: as for Vec.
+unsafe impl<T: Element> HostMemory for Box<[T]> {
+    fn as_bytes_ptr(&self) -> *const u8 {
+        self.as_ptr().cast()
+    }
+    fn byte_len(&self) -> usize {
+        std::mem::size_of_val(&**self)
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+}
+
+// SAFETY: a mapping stays at its address until unmapped on drop; it is read-only.
+unsafe impl HostMemory for memmap2::Mmap {
+    fn as_bytes_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn byte_len(&self) -> usize {
+        self.len()
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+// SAFETY: as for Mmap; a MmapMut owned by the buffer has no other writer in this process.
+unsafe impl HostMemory for memmap2::MmapMut {
+    fn as_bytes_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn byte_len(&self) -> usize {
+        self.len()
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+}
+
+// SAFETY: shared ownership keeps the memory alive and in place; it is exposed read-only because
+// other owners may read it concurrently.
+unsafe impl<M: HostMemory> HostMemory for std::sync::Arc<M> {
+    fn as_bytes_ptr(&self) -> *const u8 {
+        (**self).as_bytes_ptr()
+    }
+    fn byte_len(&self) -> usize {
+        (**self).byte_len()
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+impl Device {
+    /// Wraps caller memory as an External buffer without copying.
+    ///
+    /// The whole pages around `memory` are made addressable by the device (the same rule on
+    /// every backend: page-aligned start and length after rounding); the view starts at the
+    /// memory's own address and covers `dtype` x `shape`, which must fit in it. `memory` is
+    /// kept alive until every view is dropped and every submission that used it completed.
+    ///
+    /// ```
+    /// use unibuf::{DType, Device};
+    /// let dev = Device::open("cpu")?;
+    /// let weights: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    /// let w = dev.wrap_external("weights", weights, DType::F32, &[10, 100])?;
+    /// assert_eq!(w.read::<f32>()?[999], 999.0);
+    /// assert_eq!(dev.ledger().total().count, 0, "wrapping copies nothing");
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn wrap_external<M: HostMemory>(
+        &self,
+        label: &str,
+        memory: M,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Buffer> {
+        let len = Buffer::checked_len(dtype, shape)?;
+        let bytes = len * dtype.size();
+        let have = memory.byte_len();
+        if bytes > have {
+            return Err(Error::OutOfBounds {
+                what: "wrap_external: the shape in bytes",
+                start: 0,
+                end: bytes,
+                len: have,
+            });
+        }
+        let addr = memory.as_bytes_ptr() as usize;
+        if addr % dtype.size() != 0 {
+            return Err(Error::Misaligned {
+                what: "wrap_external: memory address for the dtype",
+                value: addr,
+                align: dtype.size(),
+            });
+        }
+        let page = self.info().page_size;
+        let base = addr - addr % page;
+        let end = (addr + have.max(1))
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "wrap_external",
+                    "memory ends at the top of the address space",
+                )
+            })?;
+        let writable = memory.writable();
+        let base_ptr = NonNull::new(base as *mut u8)
+            .ok_or_else(|| Error::invalid("wrap_external", "memory lies in the null page"))?;
+        let alloc = self.inner.wrap(
+            Box::new(memory),
+            base_ptr,
+            end - base,
+            writable,
+            label.to_owned(),
+        )?;
+        Buffer::from_allocation(alloc, addr - base, dtype, shape)
+    }
+}

@@ -1,0 +1,472 @@
+//! The device: the entry point. It owns the backend, the allocator, the staging pool, the
+//! ledger, the kernel registry and the queues, and it is where every submission is checked for
+//! hazards before it reaches the backend.
+
+use crate::alloc::{Allocator, Block, Budget, MemoryStats};
+use crate::allocation::{Allocation, Owner};
+use crate::backend::{Backend, Command, DeviceInfo, RawAlloc, Submission};
+use crate::epoch::{Access, Epoch, Fence, FenceSet, QueueId};
+use crate::error::{Error, Result};
+use crate::kernel::KernelRegistry;
+use crate::ledger::Ledger;
+use crate::residency::Residency;
+use crate::storage::StorageMode;
+use crate::transfer::staging::{StagingConfig, StagingPool};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One allocation's part in a submission.
+pub(crate) struct Use<'a> {
+    pub alloc: &'a Allocation,
+    pub start: usize,
+    pub end: usize,
+    pub access: Access,
+}
+
+/// Wrapped caller memory whose unwrapping waits for the work that used it.
+struct DeferredRelease {
+    raw: RawAlloc,
+    owner: Owner,
+    fences: FenceSet,
+}
+
+pub(crate) struct DeviceInner {
+    pub id: u64,
+    pub backend: Box<dyn Backend>,
+    pub info: DeviceInfo,
+    alloc: Mutex<Allocator>,
+    pub staging: StagingPool,
+    pub ledger: Ledger,
+    pub kernels: RwLock<KernelRegistry>,
+    /// Serialises hazard analysis, submission and use recording, so that two threads submitting
+    /// work on the same memory from different queues cannot both miss each other's use.
+    submit_lock: Mutex<()>,
+    /// Per queue: its label and the last epoch submitted.
+    queues: Mutex<Vec<(String, Epoch)>>,
+    fault: Mutex<Option<Error>>,
+    deferred: Mutex<Vec<DeferredRelease>>,
+    pub residency: Residency,
+    pub default_queue: QueueId,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DeviceInner {
+    pub fn open(
+        backend: Box<dyn Backend>,
+        budget: Budget,
+        staging: StagingConfig,
+        ledger_capacity: usize,
+    ) -> Result<Arc<DeviceInner>> {
+        let default_queue = backend.create_queue()?;
+        let info = backend.info().clone();
+        Ok(Arc::new(DeviceInner {
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            info,
+            alloc: Mutex::new(Allocator::new(budget)),
+            staging: StagingPool::new(staging),
+            ledger: Ledger::new(ledger_capacity),
+            kernels: RwLock::new(KernelRegistry::default()),
+            submit_lock: Mutex::new(()),
+            queues: Mutex::new(vec![("default".to_owned(), 0)]),
+            fault: Mutex::new(None),
+            deferred: Mutex::new(Vec::new()),
+            residency: Residency::default(),
+            default_queue,
+            backend,
+        }))
+    }
+
+    /// The sticky fault, if the device is in one.
+    pub fn check_fault(&self) -> Result<()> {
+        match &*lock(&self.fault) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Passes an error through, keeping device faults as the sticky state.
+    pub fn note<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e @ Error::DeviceFault { .. }) = &r {
+            lock(&self.fault).get_or_insert_with(|| e.clone());
+        }
+        r
+    }
+
+    pub fn reset(&self) -> Result<()> {
+        self.backend.reset()?;
+        *lock(&self.fault) = None;
+        Ok(())
+    }
+
+    pub fn create_queue(&self, label: &str) -> Result<QueueId> {
+        self.check_fault()?;
+        let mut queues = lock(&self.queues);
+        let id = self.backend.create_queue()?;
+        debug_assert_eq!(id.0 as usize, queues.len());
+        queues.push((label.to_owned(), 0));
+        Ok(id)
+    }
+
+    pub fn queue_label(&self, q: QueueId) -> String {
+        lock(&self.queues)
+            .get(q.0 as usize)
+            .map_or_else(|| q.to_string(), |(l, _)| l.clone())
+    }
+
+    pub fn queue_count(&self) -> usize {
+        lock(&self.queues).len()
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+
+    pub fn allocate(
+        self: &Arc<Self>,
+        mode: StorageMode,
+        bytes: usize,
+        label: String,
+    ) -> Result<Allocation> {
+        self.check_fault()?;
+        self.poll_deferred();
+        let mode = mode.resolve(self.info.unified_memory);
+        if mode == StorageMode::External {
+            return Err(Error::invalid(
+                "mode",
+                "External buffers wrap caller memory: use Device::wrap_external",
+            ));
+        }
+        let block = lock(&self.alloc).allocate(&*self.backend, mode.memory_kind(), bytes)?;
+        Ok(Allocation::new(
+            self.clone(),
+            block,
+            bytes,
+            mode,
+            label,
+            true,
+            None,
+        ))
+    }
+
+    pub fn wrap(
+        self: &Arc<Self>,
+        owner: Owner,
+        base: std::ptr::NonNull<u8>,
+        bytes: usize,
+        writable: bool,
+        label: String,
+    ) -> Result<Allocation> {
+        self.check_fault()?;
+        self.poll_deferred();
+        // SAFETY: the caller (wrap_external) passes a page-rounded region inside pages that
+        // `owner` keeps mapped; `owner` is stored in the allocation and dropped only after
+        // `release`, which happens once all work using the region completed.
+        let raw = unsafe { self.backend.wrap_host(base, bytes, writable)? };
+        let mut a = lock(&self.alloc);
+        let s = a.stats_mut();
+        s.external_bytes += raw.bytes;
+        s.external_count += 1;
+        drop(a);
+        let block = Block {
+            raw,
+            fences: FenceSet::new(),
+        };
+        Ok(Allocation::new(
+            self.clone(),
+            block,
+            bytes,
+            StorageMode::External,
+            label,
+            writable,
+            Some(owner),
+        ))
+    }
+
+    pub fn free_block(&self, block: Block, requested: usize) {
+        self.residency.forget(block.raw.handle, &block.fences);
+        lock(&self.alloc).free(&*self.backend, block, requested);
+    }
+
+    pub fn release_external(&self, block: Block, owner: Owner) {
+        self.residency.forget(block.raw.handle, &block.fences);
+        lock(&self.deferred).push(DeferredRelease {
+            raw: block.raw,
+            owner,
+            fences: block.fences,
+        });
+        self.poll_deferred();
+    }
+
+    fn fences_complete(&self, fences: &FenceSet) -> bool {
+        fences.iter().all(|f| {
+            self.backend
+                .completed(f.queue)
+                .map_or(true, |c| c >= f.epoch)
+        })
+    }
+
+    /// Unwraps External regions whose work has completed; also applies residency removals
+    /// whose work has completed.
+    pub fn poll_deferred(&self) {
+        let ready: Vec<DeferredRelease> = {
+            let mut d = lock(&self.deferred);
+            if d.is_empty() {
+                Vec::new()
+            } else {
+                let (ready, pending) = std::mem::take(&mut *d)
+                    .into_iter()
+                    .partition(|r| self.fences_complete(&r.fences));
+                *d = pending;
+                ready
+            }
+        };
+        for r in ready {
+            self.unwrap_external(r);
+        }
+        self.residency
+            .apply_removals(&*self.backend, |f| self.fences_complete(f));
+    }
+
+    fn unwrap_external(&self, r: DeferredRelease) {
+        let mut a = lock(&self.alloc);
+        let s = a.stats_mut();
+        s.external_bytes -= r.raw.bytes;
+        s.external_count -= 1;
+        drop(a);
+        // SAFETY: the region came from wrap_host and every fence that used it has completed.
+        unsafe { self.backend.release(r.raw) };
+        drop(r.owner);
+    }
+
+    pub fn memory_stats(&self) -> MemoryStats {
+        let mut s = lock(&self.alloc).stats();
+        s.staging_bytes = self.staging.bytes();
+        s
+    }
+
+    pub fn budget(&self) -> Budget {
+        lock(&self.alloc).budget()
+    }
+
+    pub fn set_budget(&self, budget: Budget) {
+        lock(&self.alloc).set_budget(budget);
+    }
+
+    /// Releases every cached block and idle staging chunk back to the backend.
+    pub fn trim(&self) -> usize {
+        self.poll_deferred();
+        let released = lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);
+        released + self.staging.trim(&*self.backend)
+    }
+
+    // ---- submission ---------------------------------------------------------------------
+
+    /// Checks `uses` for hazards, prepends the waits they need, submits, and records the uses.
+    pub fn submit(
+        &self,
+        queue: QueueId,
+        label: &str,
+        what: &'static str,
+        uses: &[Use<'_>],
+        mut commands: Vec<Command>,
+    ) -> Result<Fence> {
+        self.check_fault()?;
+        let started = self.ledger.now_ns();
+        let _serial = lock(&self.submit_lock);
+        let mut waits = FenceSet::new();
+        for u in uses {
+            if !u.alloc.device.same_device(self) {
+                return Err(Error::WrongDevice {
+                    what: "buffer",
+                    expected: self.id,
+                    got: u.alloc.device.id,
+                });
+            }
+            if u.access == Access::Write && !u.alloc.writable {
+                return Err(Error::ReadOnly {
+                    what,
+                    label: u.alloc.label.clone(),
+                });
+            }
+            let state = u.alloc.uses();
+            if let Some((start, end, held_write)) =
+                state.borrow_conflict(u.start, u.end, u.access == Access::Write)
+            {
+                return Err(Error::HostAccessConflict {
+                    what,
+                    label: u.alloc.label.clone(),
+                    start,
+                    end,
+                    held: if held_write {
+                        "write-locked"
+                    } else {
+                        "read-locked"
+                    },
+                });
+            }
+            state.hazards(Some(queue), u.access, &mut waits);
+        }
+        waits.retain_pending(|f| {
+            self.backend
+                .completed(f.queue)
+                .map_or(false, |c| c >= f.epoch)
+        });
+        if !waits.is_empty() {
+            let mut with_waits: Vec<Command> = waits.iter().map(Command::Wait).collect();
+            with_waits.append(&mut commands);
+            commands = with_waits;
+        }
+        self.residency.commit(&*self.backend);
+        // SAFETY: every range in `commands` was bounds-checked against its allocation by the
+        // caller; the allocations stay alive until this epoch completes because their fences
+        // (recorded below) travel with freed blocks and deferred releases; host borrows were
+        // checked above and new ones wait for the recorded fences; waits name submitted fences.
+        let epoch = self.note(unsafe {
+            self.backend.submit(
+                queue,
+                Submission {
+                    label,
+                    commands: &commands,
+                },
+            )
+        })?;
+        let fence = Fence { queue, epoch };
+        for u in uses {
+            u.alloc.uses().record(fence, u.access);
+        }
+        if let Some(q) = lock(&self.queues).get_mut(queue.0 as usize) {
+            q.1 = epoch;
+        }
+        drop(_serial);
+        self.ledger
+            .record_submission(fence, label, started, self.ledger.now_ns() - started);
+        self.poll_deferred();
+        Ok(fence)
+    }
+
+    pub fn same_device(&self, other: &DeviceInner) -> bool {
+        self.id == other.id
+    }
+
+    pub fn is_complete(&self, fence: Fence) -> Result<bool> {
+        if fence.epoch == 0 {
+            return Ok(true);
+        }
+        Ok(self.note(self.backend.completed(fence.queue))? >= fence.epoch)
+    }
+
+    pub fn wait(&self, fence: Fence) -> Result<()> {
+        if fence.epoch == 0 {
+            return self.check_fault();
+        }
+        self.note(self.backend.wait(fence.queue, fence.epoch))
+    }
+
+    pub fn wait_all(&self, fences: &FenceSet) -> Result<()> {
+        for f in fences.iter() {
+            self.wait(f)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for everything submitted on every queue.
+    pub fn drain(&self) -> Result<()> {
+        let last: Vec<Epoch> = lock(&self.queues).iter().map(|(_, e)| *e).collect();
+        for (i, e) in last.into_iter().enumerate() {
+            self.wait(Fence {
+                queue: QueueId(i as u32),
+                epoch: e,
+            })?;
+        }
+        self.poll_deferred();
+        Ok(())
+    }
+
+    pub fn last_submitted(&self, queue: QueueId) -> Epoch {
+        lock(&self.queues).get(queue.0 as usize).map_or(0, |q| q.1)
+    }
+
+    // ---- host access --------------------------------------------------------------------
+
+    /// Registers a host borrow of `start..end` and waits for the work it depends on: GPU writes
+    /// for a read; GPU reads and writes for a write.
+    pub fn host_borrow(
+        &self,
+        alloc: &Allocation,
+        start: usize,
+        end: usize,
+        write: bool,
+        what: &'static str,
+    ) -> Result<u64> {
+        self.check_fault()?;
+        if !alloc.mode.host_accessible() || alloc.host_addr(0).is_none() {
+            return Err(Error::NotHostAccessible {
+                what,
+                mode: alloc.mode,
+            });
+        }
+        if write && !alloc.writable {
+            return Err(Error::ReadOnly {
+                what,
+                label: alloc.label.clone(),
+            });
+        }
+        let (id, fences) = {
+            let mut state = alloc.uses();
+            if let Some((s, e, held_write)) = state.borrow_conflict(start, end, write) {
+                return Err(Error::HostAccessConflict {
+                    what,
+                    label: alloc.label.clone(),
+                    start: s,
+                    end: e,
+                    held: if held_write {
+                        "write-locked"
+                    } else {
+                        "read-locked"
+                    },
+                });
+            }
+            let mut fences = FenceSet::new();
+            state.hazards(
+                None,
+                if write { Access::Write } else { Access::Read },
+                &mut fences,
+            );
+            (state.add_borrow(start, end, write), fences)
+        };
+        if let Err(e) = self.wait_all(&fences) {
+            alloc.uses().remove_borrow(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Whether host access to `alloc` for `write` would have to wait for pending device work.
+    pub fn host_access_would_wait(&self, alloc: &Allocation, write: bool) -> bool {
+        let mut fences = FenceSet::new();
+        alloc.uses().hazards(
+            None,
+            if write { Access::Write } else { Access::Read },
+            &mut fences,
+        );
+        !self.fences_complete(&fences)
+    }
+}
+
+impl Drop for DeviceInner {
+    fn drop(&mut self) {
+        let _ = self.drain();
+        for r in std::mem::take(&mut *lock(&self.deferred)) {
+            for f in r.fences.iter() {
+                let _ = self.backend.wait(f.queue, f.epoch);
+            }
+            self.unwrap_external(r);
+        }
+        self.residency.apply_removals(&*self.backend, |_| true);
+        self.staging.trim(&*self.backend);
+        lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);
+    }
+}

@@ -1,0 +1,442 @@
+//! The device: the entry point of unibuf.
+
+mod inner;
+
+pub(crate) use inner::{DeviceInner, Use};
+
+use crate::alloc::{Budget, MemoryStats};
+use crate::backend::{cpu::CpuBackend, Backend, DeviceInfo};
+use crate::buffer::Buffer;
+use crate::dtype::DType;
+use crate::epoch::Fence;
+use crate::error::{Error, Result};
+use crate::kernel::{Constants, Kernel, KernelSource};
+use crate::ledger::{Ledger, LedgerReport};
+use crate::queue::Queue;
+use crate::residency::ResidencyStats;
+use crate::storage::StorageMode;
+use crate::transfer::staging::StagingConfig;
+use std::sync::Arc;
+
+/// The environment variable that picks the backend for [`Device::new`].
+pub const BACKEND_ENV: &str = "UNIBUF_BACKEND";
+
+/// A backend's availability, as `unibuf info` prints it.
+#[derive(Clone, Debug)]
+pub struct BackendStatus {
+    /// The backend's name.
+    pub name: &'static str,
+    /// Whether this build includes it (cargo feature).
+    pub compiled: bool,
+    /// Whether a device of it was found at run time.
+    pub found: bool,
+    /// The device name, or why it is not available.
+    pub detail: String,
+}
+
+/// Every backend, best first, with whether it is compiled in and found.
+pub fn backends() -> Vec<BackendStatus> {
+    let mut v = Vec::new();
+    for name in ["metal", "cuda", "cpu"] {
+        let status = match open_backend(name) {
+            Ok(b) => BackendStatus {
+                name,
+                compiled: true,
+                found: true,
+                detail: b.info().name.clone(),
+            },
+            Err(e) => BackendStatus {
+                name,
+                compiled: !matches!(&e, Error::BackendUnavailable { reason, .. } if reason.starts_with("not compiled")),
+                found: false,
+                detail: e.to_string(),
+            },
+        };
+        v.push(status);
+    }
+    v
+}
+
+fn open_backend(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        "cpu" => Ok(Box::new(CpuBackend::new()?)),
+        "cuda" | "metal" => Err(Error::BackendUnavailable {
+            name: name.to_owned(),
+            reason: format!("not compiled into this build (enable the cargo feature `{name}`)"),
+        }),
+        other => Err(Error::BackendUnavailable {
+            name: other.to_owned(),
+            reason: "unknown backend; known: cpu, cuda, metal".to_owned(),
+        }),
+    }
+}
+
+/// Options for opening a device.
+///
+/// ```
+/// let dev = unibuf::Device::builder()
+///     .backend("cpu")
+///     .memory_limit(1 << 30)
+///     .open()?;
+/// assert_eq!(dev.info().backend, "cpu");
+/// # Ok::<(), unibuf::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct DeviceBuilder {
+    backend: Option<String>,
+    budget: Budget,
+    staging: StagingConfig,
+    ledger_capacity: usize,
+}
+
+impl DeviceBuilder {
+    /// Picks the backend by name ("cpu", "cuda", "metal"); without it, [`Device::new`]'s rule.
+    pub fn backend(mut self, name: &str) -> Self {
+        self.backend = Some(name.to_owned());
+        self
+    }
+    /// Caps the bytes the allocator may hold from the backend (live plus cached).
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        self.budget.memory_limit = Some(bytes);
+        self
+    }
+    /// Caps the bytes of freed blocks kept for reuse.
+    pub fn cache_limit(mut self, bytes: usize) -> Self {
+        self.budget.cache_limit = Some(bytes);
+        self
+    }
+    /// Sets the staging ring: chunk size in bytes and number of chunks.
+    pub fn staging(mut self, chunk_bytes: usize, max_chunks: usize) -> Self {
+        self.staging = StagingConfig {
+            chunk_bytes,
+            max_chunks,
+        };
+        self
+    }
+    /// How many detailed copy and submission records the ledger keeps (totals are unbounded).
+    pub fn ledger_capacity(mut self, records: usize) -> Self {
+        self.ledger_capacity = records;
+        self
+    }
+    /// Opens the device.
+    pub fn open(self) -> Result<Device> {
+        if self.staging.chunk_bytes < 4096 || self.staging.max_chunks == 0 {
+            return Err(Error::invalid(
+                "staging",
+                format!(
+                    "chunks of {} bytes x {}: need at least 4096 bytes and one chunk",
+                    self.staging.chunk_bytes, self.staging.max_chunks
+                ),
+            ));
+        }
+        if self.ledger_capacity == 0 {
+            return Err(Error::invalid("ledger_capacity", "must be at least 1"));
+        }
+        let backend = match &self.backend {
+            Some(name) => open_backend(name)?,
+            None => match std::env::var(BACKEND_ENV) {
+                Ok(name) if !name.is_empty() => open_backend(&name)?,
+                _ => best_backend()?,
+            },
+        };
+        let inner = DeviceInner::open(backend, self.budget, self.staging, self.ledger_capacity)?;
+        Ok(Device { inner })
+    }
+}
+
+fn best_backend() -> Result<Box<dyn Backend>> {
+    let mut reasons = Vec::new();
+    for name in ["metal", "cuda", "cpu"] {
+        match open_backend(name) {
+            Ok(b) => return Ok(b),
+            Err(e) => reasons.push(e.to_string()),
+        }
+    }
+    Err(Error::BackendUnavailable {
+        name: "any".to_owned(),
+        reason: reasons.join("; "),
+    })
+}
+
+/// A device: memory, queues, kernels and the copy ledger of one GPU (or the CPU).
+///
+/// ```
+/// use unibuf::{DType, Device, StorageMode};
+/// let dev = Device::open("cpu")?;
+/// let q = dev.queue();
+/// let w = dev.alloc(DType::F32, &[2, 3], StorageMode::Private)?;
+/// q.upload(&w, &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?;   // staged: Private is device-only
+/// let back: Vec<f32> = q.download(&w.rows(1..2)?)?;
+/// assert_eq!(back, [4.0, 5.0, 6.0]);
+/// # Ok::<(), unibuf::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) inner: Arc<DeviceInner>,
+}
+
+impl Device {
+    /// Opens the backend named by `UNIBUF_BACKEND`, or else the best available (Metal, CUDA,
+    /// then the CPU). Naming a backend that is absent is an error, never a fallback.
+    pub fn new() -> Result<Device> {
+        Device::builder().open()
+    }
+
+    /// Opens the named backend with default options.
+    pub fn open(backend: &str) -> Result<Device> {
+        Device::builder().backend(backend).open()
+    }
+
+    /// Options for opening a device.
+    pub fn builder() -> DeviceBuilder {
+        DeviceBuilder {
+            backend: None,
+            budget: Budget::default(),
+            staging: StagingConfig::default(),
+            ledger_capacity: 1 << 20,
+        }
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// A process-unique id, named in `WrongDevice` errors.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The default queue.
+    pub fn queue(&self) -> Queue {
+        Queue::default_of(&self.inner)
+    }
+
+    /// Creates another queue; work on it runs concurrently with other queues, ordered against
+    /// them only where memory is shared (a device-side wait, never a device-wide sync).
+    pub fn new_queue(&self, label: &str) -> Result<Queue> {
+        let id = self.inner.create_queue(label)?;
+        Ok(Queue::new(&self.inner, id))
+    }
+
+    /// Allocates a buffer of `dtype` x `shape`. Contents are unspecified until written.
+    pub fn alloc(&self, dtype: DType, shape: &[usize], mode: StorageMode) -> Result<Buffer> {
+        self.alloc_labelled("", dtype, shape, mode)
+    }
+
+    /// Allocates a buffer with a label, which names it in errors, stats and the ledger.
+    pub fn alloc_labelled(
+        &self,
+        label: &str,
+        dtype: DType,
+        shape: &[usize],
+        mode: StorageMode,
+    ) -> Result<Buffer> {
+        let len = Buffer::checked_len(dtype, shape)?;
+        let alloc = self
+            .inner
+            .allocate(mode, len * dtype.size(), label.to_owned())?;
+        Buffer::from_allocation(alloc, 0, dtype, shape)
+    }
+
+    /// Memory accounting.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.inner.memory_stats()
+    }
+
+    /// Releases cached blocks and idle staging chunks to the backend; returns bytes released.
+    pub fn trim(&self) -> usize {
+        self.inner.trim()
+    }
+
+    /// The allocator's limits.
+    pub fn budget(&self) -> Budget {
+        self.inner.budget()
+    }
+
+    /// Changes the allocator's limits; they apply from the next allocation.
+    pub fn set_budget(&self, budget: Budget) {
+        self.inner.set_budget(budget);
+    }
+
+    /// Waits for everything submitted on every queue; surfaces a fault if one happened.
+    pub fn drain(&self) -> Result<()> {
+        self.inner.drain()
+    }
+
+    /// Waits for a fence.
+    pub fn wait(&self, fence: Fence) -> Result<()> {
+        self.inner.wait(fence)
+    }
+
+    /// Whether a fence has completed.
+    pub fn is_complete(&self, fence: Fence) -> Result<bool> {
+        self.inner.is_complete(fence)
+    }
+
+    /// The sticky fault, if the device is in one.
+    pub fn fault(&self) -> Option<Error> {
+        self.inner.check_fault().err()
+    }
+
+    /// Leaves the fault state. Memory written by the faulted work (and work queued behind it,
+    /// which was discarded) is undefined.
+    pub fn reset(&self) -> Result<()> {
+        self.inner.reset()
+    }
+
+    /// The copy ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// The copy audit: totals by direction and by call site, with device times where known.
+    pub fn copy_report(&self) -> LedgerReport {
+        self.inner.ledger.report(&*self.inner.backend)
+    }
+
+    /// The ledger's copies and every queue's submissions as Chrome trace JSON (loads in
+    /// Perfetto and chrome://tracing).
+    pub fn chrome_trace(&self) -> String {
+        let names: Vec<String> = (0..self.inner.queue_count())
+            .map(|i| self.inner.queue_label(crate::epoch::QueueId(i as u32)))
+            .collect();
+        self.inner.ledger.chrome_trace(&*self.inner.backend, &names)
+    }
+
+    /// Writes [`Device::chrome_trace`] to a file.
+    pub fn write_chrome_trace(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.chrome_trace())
+            .map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    /// Registers a kernel by name; it compiles on first use (or in [`Device::warm_all`]).
+    pub fn register_kernel(&self, source: KernelSource) -> Result<()> {
+        self.inner
+            .kernels
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(source)
+    }
+
+    /// Names of the registered kernels, sorted.
+    pub fn kernel_names(&self) -> Vec<&'static str> {
+        self.inner
+            .kernels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .names()
+    }
+
+    /// The registered kernel `name` without constants, compiled (and cached) on first use.
+    pub fn kernel(&self, name: &str) -> Result<Kernel> {
+        self.kernel_with(name, &Constants::new())
+    }
+
+    /// The registered kernel `name` specialised with `constants`, compiled on first use.
+    pub fn kernel_with(&self, name: &str, constants: &Constants) -> Result<Kernel> {
+        let source = self
+            .inner
+            .kernels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .source(name)?;
+        let cached = self
+            .inner
+            .kernels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pipeline(source.name, constants);
+        let pipeline = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.inner.backend.compile(&source, constants)?;
+                self.inner
+                    .kernels
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert_pipeline(source.name, constants.clone(), p);
+                p
+            }
+        };
+        Ok(Kernel {
+            source,
+            constants: constants.clone(),
+            pipeline,
+            device_id: self.inner.id,
+        })
+    }
+
+    /// Compiles every registered kernel (without constants) now, so that the first launch of
+    /// each does not pay for compilation. Returns how many pipelines the cache holds.
+    pub fn warm_all(&self) -> Result<usize> {
+        for name in self.kernel_names() {
+            self.kernel(name)?;
+        }
+        Ok(self
+            .inner
+            .kernels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pipeline_count())
+    }
+
+    /// Marks a buffer's allocation resident: it joins the device's working set with the next
+    /// submission. Fails with `BudgetExceeded` past the residency budget.
+    pub fn make_resident(&self, buffer: &Buffer) -> Result<()> {
+        self.check_owned(buffer)?;
+        let raw = buffer.alloc.raw();
+        self.inner.residency.add(raw.handle, raw.bytes)
+    }
+
+    /// Drops a buffer's allocation from the working set once the work that used it completes.
+    /// Returns false if it was not resident.
+    pub fn evict(&self, buffer: &Buffer) -> Result<bool> {
+        self.check_owned(buffer)?;
+        let fences = buffer.alloc.uses().all_fences();
+        let removed = self
+            .inner
+            .residency
+            .remove(buffer.alloc.raw().handle, &fences);
+        self.inner.poll_deferred();
+        Ok(removed)
+    }
+
+    /// Whether a buffer's allocation is marked resident.
+    pub fn is_resident(&self, buffer: &Buffer) -> bool {
+        self.inner.residency.contains(buffer.alloc.raw().handle)
+    }
+
+    /// Sets the residency budget in bytes (`None`: unlimited).
+    pub fn set_residency_budget(&self, bytes: Option<usize>) {
+        self.inner.residency.set_budget(bytes);
+    }
+
+    /// Residency figures.
+    pub fn residency_stats(&self) -> ResidencyStats {
+        self.inner.poll_deferred();
+        self.inner.residency.stats()
+    }
+
+    fn check_owned(&self, buffer: &Buffer) -> Result<()> {
+        if buffer.alloc.device.id != self.inner.id {
+            return Err(Error::WrongDevice {
+                what: "buffer",
+                expected: self.inner.id,
+                got: buffer.alloc.device.id,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("id", &self.inner.id)
+            .field("backend", &self.inner.info.backend)
+            .field("name", &self.inner.info.name)
+            .finish()
+    }
+}

@@ -1,0 +1,67 @@
+//! Storage modes (what the caller asks for) and memory kinds (what a backend allocates).
+
+/// Where a buffer's bytes live and who can touch them.
+///
+/// | mode | Metal | CUDA | CPU |
+/// |---|---|---|---|
+/// | Shared | StorageModeShared | pinned host memory mapped into the device | host memory |
+/// | Private | StorageModePrivate | device memory | host memory the API refuses to map |
+/// | External | no-copy buffer over caller memory | registered host memory | the memory itself |
+/// | Auto | Shared | Private | Shared |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StorageMode {
+    /// The CPU and the device see the same bytes.
+    Shared,
+    /// Device-only; the host reaches it through staging transfers.
+    Private,
+    /// Caller-owned host memory wrapped without copying. Only created by wrapping.
+    External,
+    /// Shared on unified memory, Private on a discrete GPU.
+    Auto,
+}
+
+impl StorageMode {
+    /// Whether the host can read and write buffers of this mode directly.
+    pub const fn host_accessible(self) -> bool {
+        matches!(self, StorageMode::Shared | StorageMode::External)
+    }
+
+    /// The mode `Auto` stands for on a device with or without unified memory.
+    pub const fn resolve(self, unified_memory: bool) -> StorageMode {
+        match self {
+            StorageMode::Auto if unified_memory => StorageMode::Shared,
+            StorageMode::Auto => StorageMode::Private,
+            other => other,
+        }
+    }
+
+    /// The backend memory kind behind a resolved mode.
+    pub(crate) const fn memory_kind(self) -> MemoryKind {
+        match self {
+            StorageMode::Private => MemoryKind::Device,
+            StorageMode::External => MemoryKind::HostRegistered,
+            StorageMode::Shared | StorageMode::Auto => MemoryKind::HostShared,
+        }
+    }
+
+    /// A short lower-case name for reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            StorageMode::Shared => "shared",
+            StorageMode::Private => "private",
+            StorageMode::External => "external",
+            StorageMode::Auto => "auto",
+        }
+    }
+}
+
+/// The kinds of raw memory a backend hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MemoryKind {
+    /// Device-local memory, not mapped for the host.
+    Device,
+    /// Host memory the device can address (pinned and mapped on CUDA, shared on Metal).
+    HostShared,
+    /// Caller memory registered with (wrapped for) the device, never allocated by the backend.
+    HostRegistered,
+}

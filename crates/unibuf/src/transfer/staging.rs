@@ -1,0 +1,201 @@
+//! The staging pool: host-visible chunks that carry bytes to and from Private memory.
+//!
+//! A chunk is reused only once the copy that last used it has completed (its fence). The pool
+//! grows to `max_chunks`; past that, a transfer waits for the oldest chunk in flight, so a large
+//! transfer streams through a bounded ring instead of allocating its own size in staging memory.
+
+use crate::backend::{Backend, RawAlloc, RawRange};
+use crate::epoch::Fence;
+use crate::error::{Error, Result};
+use crate::storage::MemoryKind;
+use std::sync::{Mutex, MutexGuard};
+
+/// Sizes of the staging ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingConfig {
+    /// Bytes per chunk.
+    pub chunk_bytes: usize,
+    /// Chunks at most.
+    pub max_chunks: usize,
+}
+
+impl Default for StagingConfig {
+    fn default() -> Self {
+        StagingConfig {
+            chunk_bytes: 4 << 20,
+            max_chunks: 8,
+        }
+    }
+}
+
+struct Chunk {
+    raw: RawAlloc,
+    host: usize,
+    /// The last copy that used it; `None` once known complete.
+    fence: Option<Fence>,
+    busy: bool,
+    /// Order of last use, so waits go to the oldest chunk.
+    used_at: u64,
+}
+
+/// A chunk checked out of the pool; give it back with [`StagingPool::put`].
+pub(crate) struct StagingChunk {
+    index: usize,
+    raw_range: RawRange,
+    host: *mut u8,
+}
+
+impl StagingChunk {
+    pub fn range(&self, bytes: usize) -> RawRange {
+        RawRange {
+            bytes,
+            ..self.raw_range
+        }
+    }
+    pub fn host(&self) -> *mut u8 {
+        self.host
+    }
+}
+
+pub(crate) struct StagingPool {
+    config: StagingConfig,
+    chunks: Mutex<(Vec<Chunk>, u64)>,
+}
+
+enum Pick {
+    Ready(usize),
+    Wait(usize, Fence),
+    Grow,
+}
+
+impl StagingPool {
+    pub fn new(config: StagingConfig) -> StagingPool {
+        StagingPool {
+            config,
+            chunks: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    pub fn chunk_bytes(&self) -> usize {
+        self.config.chunk_bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (Vec<Chunk>, u64)> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().0.iter().map(|c| c.raw.bytes).sum()
+    }
+
+    /// Checks out a chunk whose last copy has completed, growing the pool or waiting for the
+    /// oldest chunk in flight.
+    pub fn take(&self, backend: &dyn Backend) -> Result<StagingChunk> {
+        loop {
+            let pick = {
+                let mut g = self.lock();
+                let (chunks, clock) = &mut *g;
+                *clock += 1;
+                let complete = |f: &Option<Fence>| {
+                    f.map_or(true, |f| {
+                        backend.completed(f.queue).map_or(true, |c| c >= f.epoch)
+                    })
+                };
+                let pick =
+                    if let Some(i) = chunks.iter().position(|c| !c.busy && complete(&c.fence)) {
+                        Pick::Ready(i)
+                    } else if chunks.len() < self.config.max_chunks {
+                        Pick::Grow
+                    } else if let Some((i, c)) = chunks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| !c.busy)
+                        .min_by_key(|(_, c)| c.used_at)
+                    {
+                        Pick::Wait(i, c.fence.expect("incomplete chunks have a fence"))
+                    } else {
+                        return Err(Error::invalid(
+                            "staging",
+                            format!(
+                                "all {} staging chunks are checked out at once",
+                                chunks.len()
+                            ),
+                        ));
+                    };
+                if let Pick::Ready(i) | Pick::Wait(i, _) = pick {
+                    chunks[i].busy = true;
+                    chunks[i].used_at = *clock;
+                }
+                pick
+            };
+            match pick {
+                Pick::Ready(i) => return Ok(self.checkout(i)),
+                Pick::Wait(i, fence) => {
+                    // A failed copy leaves nothing in flight: the chunk is free either way, and
+                    // the fault surfaces on the transfer that owns that fence.
+                    let _ = backend.wait(fence.queue, fence.epoch);
+                    return Ok(self.checkout(i));
+                }
+                Pick::Grow => {
+                    // SAFETY: HostShared memory, released only in `trim` once idle.
+                    let raw = unsafe {
+                        backend.allocate(MemoryKind::HostShared, self.config.chunk_bytes)?
+                    };
+                    let Some(host) = backend.host_ptr(&raw) else {
+                        // SAFETY: just allocated, never used.
+                        unsafe { backend.release(raw) };
+                        return Err(Error::Unsupported {
+                            backend: backend.info().backend,
+                            what: "host-visible staging memory".to_owned(),
+                        });
+                    };
+                    let mut g = self.lock();
+                    g.0.push(Chunk {
+                        raw,
+                        host: host.as_ptr() as usize,
+                        fence: None,
+                        busy: false,
+                        used_at: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    fn checkout(&self, i: usize) -> StagingChunk {
+        let g = self.lock();
+        let c = &g.0[i];
+        StagingChunk {
+            index: i,
+            raw_range: c.raw.range(0, c.raw.bytes),
+            host: c.host as *mut u8,
+        }
+    }
+
+    /// Returns a chunk; `fence` is the copy that still uses it, if any.
+    pub fn put(&self, chunk: StagingChunk, fence: Option<Fence>) {
+        let mut g = self.lock();
+        let c = &mut g.0[chunk.index];
+        c.busy = false;
+        c.fence = fence.filter(|f| f.epoch != 0);
+    }
+
+    /// Releases every chunk, waiting for copies still using them; returns bytes released.
+    /// Does nothing while a transfer has a chunk checked out, since chunks are found by index.
+    pub fn trim(&self, backend: &dyn Backend) -> usize {
+        let mut g = self.lock();
+        if g.0.iter().any(|c| c.busy) {
+            return 0;
+        }
+        let mut released = 0;
+        for c in std::mem::take(&mut g.0) {
+            if let Some(f) = c.fence {
+                let _ = backend.wait(f.queue, f.epoch);
+            }
+            released += c.raw.bytes;
+            // SAFETY: the chunk is idle and its last copy completed (waited above).
+            unsafe { backend.release(c.raw) };
+        }
+        released
+    }
+}
