@@ -24,20 +24,34 @@ pub fn builder() -> DeviceBuilder {
 pub fn device() -> Device {
     match builder().open() {
         Ok(d) => d,
-        Err(e) => panic!("backend '{}' under test is not available: {e}", backend_name()),
+        Err(e) => panic!(
+            "backend '{}' under test is not available: {e}",
+            backend_name()
+        ),
     }
 }
 
 /// The storage modes a buffer can be created in (Auto resolves to one of the first two).
-pub const MODES: [StorageMode; 3] = [StorageMode::Shared, StorageMode::Private, StorageMode::External];
+pub const MODES: [StorageMode; 3] = [
+    StorageMode::Shared,
+    StorageMode::Private,
+    StorageMode::External,
+];
 
 /// Creates a buffer in `mode`; External buffers wrap a fresh host allocation of 8-byte words.
-pub fn buffer(dev: &Device, mode: StorageMode, dtype: DType, shape: &[usize], label: &str) -> Buffer {
+pub fn buffer(
+    dev: &Device,
+    mode: StorageMode,
+    dtype: DType,
+    shape: &[usize],
+    label: &str,
+) -> Buffer {
     match mode {
         StorageMode::External => {
             let bytes = shape.iter().product::<usize>() * dtype.size();
             let words = vec![0u64; bytes.div_ceil(8).max(1)];
-            dev.wrap_external(label, words, dtype, shape).expect("wrap_external")
+            dev.wrap_external(label, words, dtype, shape)
+                .expect("wrap_external")
         }
         m => dev.alloc_labelled(label, dtype, shape, m).expect("alloc"),
     }
@@ -47,7 +61,9 @@ pub fn buffer(dev: &Device, mode: StorageMode, dtype: DType, shape: &[usize], la
 /// show up in comparisons.
 pub fn poison(dev: &Device, b: &Buffer) {
     let bytes = b.cast(DType::U8).expect("every view casts to bytes");
-    dev.queue().fill(&bytes, FillPattern::u8(0xA5)).expect("poison fill");
+    dev.queue()
+        .fill(&bytes, FillPattern::u8(0xA5))
+        .expect("poison fill");
 }
 
 static SEED: AtomicU64 = AtomicU64::new(0);
@@ -116,8 +132,16 @@ impl Rng {
         match T::DTYPE {
             DType::F32 => bytemuck_vec((0..n).map(|_| self.f32()).collect::<Vec<f32>>()),
             DType::F64 => bytemuck_vec((0..n).map(|_| f64::from(self.f32())).collect::<Vec<f64>>()),
-            DType::F16 => bytemuck_vec((0..n).map(|_| half::f16::from_f32(self.f32())).collect::<Vec<_>>()),
-            DType::BF16 => bytemuck_vec((0..n).map(|_| half::bf16::from_f32(self.f32())).collect::<Vec<_>>()),
+            DType::F16 => bytemuck_vec(
+                (0..n)
+                    .map(|_| half::f16::from_f32(self.f32()))
+                    .collect::<Vec<_>>(),
+            ),
+            DType::BF16 => bytemuck_vec(
+                (0..n)
+                    .map(|_| half::bf16::from_f32(self.f32()))
+                    .collect::<Vec<_>>(),
+            ),
             _ => {
                 let bytes = self.bytes(n * size);
                 let mut out = vec![T::zeroed(); n];

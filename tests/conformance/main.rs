@@ -1,4 +1,12 @@
-//! The conformance suite. Run with `UNIBUF_BACKEND=cpu|cuda|metal cargo test -p unibuf-conformance`.
+//! The conformance suite: one set of tests against the public API, for every backend.
+//!
+//! Run with `UNIBUF_BACKEND=cpu|cuda|metal cargo test -p unibuf-conformance` (default cpu).
+//! Naming a backend that is absent fails every test; nothing is skipped.
 
 mod bad_input;
-mod core;
+mod external;
+mod ledger;
+mod memory;
+mod queues;
+mod transfers;
+mod views;

@@ -73,6 +73,7 @@ struct Audit {
 }
 
 impl Queue {
+    #[track_caller]
     fn audit_start(
         &self,
         direction: Direction,

@@ -1,0 +1,147 @@
+//! Memory accounting: the allocator's stats return to zero, caches are reused and trimmed,
+//! budgets hold and recovery frees the cache before failing.
+
+use unibuf::{DType, Error, FillPattern, StorageMode};
+use unibuf_conformance::{buffer, builder, device, Rng, MODES};
+
+/// After random work in every mode, dropping everything and trimming leaves nothing behind.
+#[test]
+fn stats_return_to_zero_after_random_work() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("stats_return_to_zero_after_random_work");
+    let mut live = Vec::new();
+    for i in 0..200 {
+        let mode = MODES[rng.range(0, 3)];
+        let n = rng.range(1, 20_000);
+        let b = buffer(&dev, mode, DType::U8, &[n], "random");
+        q.fill_async(&b, FillPattern::u8(i as u8)).unwrap();
+        live.push(b);
+        if rng.range(0, 3) == 0 {
+            let k = rng.range(0, live.len());
+            live.swap_remove(k);
+        }
+    }
+    let s = dev.memory_stats();
+    assert!(s.active_count > 0 && s.active_bytes >= s.requested_bytes);
+    assert!(s.peak_active_bytes >= s.active_bytes && s.peak_reserved_bytes >= s.reserved_bytes);
+    drop(live);
+    dev.drain().unwrap();
+    let s = dev.memory_stats();
+    assert_eq!(
+        (s.active_bytes, s.active_count, s.requested_bytes),
+        (0, 0, 0),
+        "{s}"
+    );
+    assert_eq!(
+        s.cached_bytes, s.reserved_bytes,
+        "everything reserved is cached"
+    );
+    assert_eq!(s.external_count, 0);
+    dev.trim();
+    let s = dev.memory_stats();
+    assert_eq!(
+        (
+            s.reserved_bytes,
+            s.cached_bytes,
+            s.cached_count,
+            s.staging_bytes
+        ),
+        (0, 0, 0, 0),
+        "{s}"
+    );
+    assert_eq!(
+        s.device_allocs, s.device_frees,
+        "every backend allocation was released"
+    );
+}
+
+/// Freed blocks serve later requests of the same size class; the cache limit bounds the cache.
+#[test]
+fn the_cache_serves_same_class_requests_within_its_limit() {
+    let dev = builder().cache_limit(1 << 20).open().unwrap();
+    let a = dev
+        .alloc(DType::U8, &[300_000], StorageMode::Private)
+        .unwrap();
+    drop(a);
+    let before = dev.memory_stats();
+    let b = dev
+        .alloc(DType::U8, &[299_000], StorageMode::Private)
+        .unwrap();
+    let after = dev.memory_stats();
+    assert_eq!(after.cache_hits, before.cache_hits + 1);
+    assert_eq!(after.device_allocs, before.device_allocs);
+    assert!(after.rounding_waste() < 300_000 / 8);
+    drop(b);
+    let bigs: Vec<_> = (0..4)
+        .map(|_| {
+            dev.alloc(DType::U8, &[600_000], StorageMode::Private)
+                .unwrap()
+        })
+        .collect();
+    drop(bigs);
+    dev.drain().unwrap();
+    dev.alloc(DType::U8, &[1], StorageMode::Shared).unwrap(); // frees past the limit are trimmed lazily
+    assert!(
+        dev.memory_stats().cached_bytes <= 1 << 20,
+        "{}",
+        dev.memory_stats()
+    );
+}
+
+/// Under a memory limit, the allocator releases its cache before reporting BudgetExceeded, and
+/// succeeds again once memory is freed.
+#[test]
+fn budget_recovery_releases_cache_first() {
+    let dev = builder().memory_limit(4 << 20).open().unwrap();
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            dev.alloc(DType::U8, &[1 << 20], StorageMode::Private)
+                .unwrap()
+        })
+        .collect();
+    drop(held);
+    // 3 MiB cached; a 3 MiB request of another class needs the cache released.
+    let big = dev
+        .alloc(DType::U8, &[3 << 20], StorageMode::Private)
+        .unwrap();
+    assert!(dev.memory_stats().oom_retries >= 1);
+    let err = dev
+        .alloc(DType::U8, &[2 << 20], StorageMode::Private)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::BudgetExceeded { budget, .. } if budget == 4 << 20),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+    drop(big);
+    dev.alloc(DType::U8, &[2 << 20], StorageMode::Private)
+        .unwrap();
+}
+
+/// Residency: additions commit with the next submission, removals wait for the work.
+#[test]
+fn residency_follows_the_epoch_rule() {
+    let dev = device();
+    let b = dev
+        .alloc(DType::U8, &[1 << 20], StorageMode::Private)
+        .unwrap();
+    dev.make_resident(&b).unwrap();
+    assert!(dev.is_resident(&b));
+    assert_eq!(dev.residency_stats().pending_additions, 1);
+    let f = dev.queue().fill_async(&b, FillPattern::u8(3)).unwrap();
+    assert_eq!(
+        dev.residency_stats().pending_additions,
+        0,
+        "committed with the submission"
+    );
+    assert!(dev.evict(&b).unwrap());
+    dev.wait(f).unwrap();
+    let s = dev.residency_stats();
+    assert_eq!(
+        (s.resident_count, s.pending_removals),
+        (0, 0),
+        "removed once its work completed"
+    );
+    assert!(!dev.evict(&b).unwrap(), "no longer resident");
+}
