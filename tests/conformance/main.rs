@@ -7,6 +7,7 @@ mod bad_input;
 mod external;
 mod ledger;
 mod memory;
+mod model;
 mod queues;
 mod transfers;
 mod views;

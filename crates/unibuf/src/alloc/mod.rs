@@ -56,7 +56,7 @@ pub(crate) struct Allocator {
 fn all_complete(backend: &dyn Backend, fences: &FenceSet) -> bool {
     fences
         .iter()
-        .all(|f| backend.completed(f.queue).map_or(true, |c| c >= f.epoch))
+        .all(|f| crate::backend::fence_retired(backend, f))
 }
 
 fn wait_all(backend: &dyn Backend, fences: &FenceSet) {

@@ -238,6 +238,16 @@ pub trait ResidencyHooks: Send + Sync {
     fn resident_bytes(&self) -> usize;
 }
 
+/// Whether `fence` has retired: its queue completed it, or its queue faulted, so that the work
+/// will never run and the memory it named is no longer in use. For freeing and reuse.
+#[allow(clippy::unnecessary_map_or)] // `is_err_or` does not exist on Result; this reads best
+pub(crate) fn fence_retired(backend: &dyn Backend, fence: Fence) -> bool {
+    fence.epoch == 0
+        || backend
+            .completed(fence.queue)
+            .map_or(true, |c| c >= fence.epoch)
+}
+
 /// A platform's memory, queues and kernels.
 pub trait Backend: Send + Sync {
     /// What the device is.

@@ -4,7 +4,7 @@
 
 use crate::alloc::{Allocator, Block, Budget, MemoryStats};
 use crate::allocation::{Allocation, Owner};
-use crate::backend::{Backend, Command, DeviceInfo, RawAlloc, Submission};
+use crate::backend::{fence_retired, Backend, Command, DeviceInfo, RawAlloc, Submission};
 use crate::epoch::{Access, Epoch, Fence, FenceSet, QueueId};
 use crate::error::{Error, Result};
 use crate::kernel::KernelRegistry;
@@ -201,11 +201,7 @@ impl DeviceInner {
     }
 
     fn fences_complete(&self, fences: &FenceSet) -> bool {
-        fences.iter().all(|f| {
-            self.backend
-                .completed(f.queue)
-                .map_or(true, |c| c >= f.epoch)
-        })
+        fences.iter().all(|f| fence_retired(&*self.backend, f))
     }
 
     /// Unwraps External regions whose work has completed; also applies residency removals
@@ -309,11 +305,7 @@ impl DeviceInner {
             }
             state.hazards(Some(queue), u.access, &mut waits);
         }
-        waits.retain_pending(|f| {
-            self.backend
-                .completed(f.queue)
-                .map_or(false, |c| c >= f.epoch)
-        });
+        waits.retain_pending(|f| self.backend.completed(f.queue).is_ok_and(|c| c >= f.epoch));
         if !waits.is_empty() {
             let mut with_waits: Vec<Command> = waits.iter().map(Command::Wait).collect();
             with_waits.append(&mut commands);

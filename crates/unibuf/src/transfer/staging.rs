@@ -4,7 +4,7 @@
 //! grows to `max_chunks`; past that, a transfer waits for the oldest chunk in flight, so a large
 //! transfer streams through a bounded ring instead of allocating its own size in staging memory.
 
-use crate::backend::{Backend, RawAlloc, RawRange};
+use crate::backend::{fence_retired, Backend, RawAlloc, RawRange};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
@@ -96,11 +96,7 @@ impl StagingPool {
                 let mut g = self.lock();
                 let (chunks, clock) = &mut *g;
                 *clock += 1;
-                let complete = |f: &Option<Fence>| {
-                    f.map_or(true, |f| {
-                        backend.completed(f.queue).map_or(true, |c| c >= f.epoch)
-                    })
-                };
+                let complete = |f: &Option<Fence>| f.is_none_or(|f| fence_retired(backend, f));
                 let pick =
                     if let Some(i) = chunks.iter().position(|c| !c.busy && complete(&c.fence)) {
                         Pick::Ready(i)
