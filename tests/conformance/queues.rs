@@ -189,3 +189,36 @@ fn freed_memory_is_reused_only_after_its_work() {
         );
     }
 }
+
+/// A single-queue program inserts no waits; a second queue inserts one only where memory is
+/// shared with pending work.
+#[test]
+fn only_cross_queue_hazards_insert_waits() {
+    let dev = device();
+    let q = dev.queue();
+    let a = dev.alloc(DType::U8, &[BIG], StorageMode::Private).unwrap();
+    let b = dev.alloc(DType::U8, &[BIG], StorageMode::Private).unwrap();
+    for i in 0..10u8 {
+        q.fill_async(&a, FillPattern::u8(i)).unwrap();
+        q.copy_async(&a, &b).unwrap();
+        q.upload_async(&b.slice(0..3).unwrap(), &[i; 3]).unwrap();
+    }
+    dev.drain().unwrap();
+    assert!(
+        dev.ledger().submissions().iter().all(|s| s.waits == 0),
+        "one queue needs no waits"
+    );
+    dev.ledger().clear();
+
+    let q2 = dev.new_queue("second").unwrap();
+    let unrelated = dev.alloc(DType::U8, &[4096], StorageMode::Private).unwrap();
+    q.fill_async(&a, FillPattern::u8(9)).unwrap();
+    q2.fill_async(&unrelated, FillPattern::u8(1)).unwrap(); // no shared memory: no wait
+    q2.copy_async(&a, &b).unwrap(); // reads what q wrote: a wait unless already complete
+    dev.drain().unwrap();
+    let subs = dev.ledger().submissions();
+    assert_eq!(subs.len(), 3);
+    assert_eq!((subs[0].waits, subs[1].waits), (0, 0));
+    assert!(subs[2].waits <= 1);
+    assert!(b.to_vec::<u8>().unwrap().iter().all(|x| *x == 9));
+}

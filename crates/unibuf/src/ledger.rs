@@ -77,6 +77,8 @@ pub struct SubmissionRecord {
     pub host_start_ns: u64,
     /// Host time spent encoding and submitting, ns.
     pub encode_ns: u64,
+    /// Device-side waits for other queues inserted before its commands (0 on a single queue).
+    pub waits: u32,
 }
 
 /// Totals of a group of transfers.
@@ -169,6 +171,7 @@ impl Ledger {
         &self,
         fence: Fence,
         label: &str,
+        waits: u32,
         host_start_ns: u64,
         encode_ns: u64,
     ) {
@@ -184,6 +187,7 @@ impl Ledger {
             label: label.to_owned(),
             host_start_ns,
             encode_ns,
+            waits,
         });
     }
 
@@ -297,7 +301,10 @@ impl Ledger {
         }
         for s in &g.submissions {
             let tid = u64::from(s.fence.queue.0) + 1;
-            let args = format!("\"epoch\":{},\"encode_ns\":{}", s.fence.epoch, s.encode_ns);
+            let args = format!(
+                "\"epoch\":{},\"encode_ns\":{},\"waits\":{}",
+                s.fence.epoch, s.encode_ns, s.waits
+            );
             if let Some(span) = backend.gpu_span(s.fence.queue, s.fence.epoch) {
                 event(
                     &mut out,

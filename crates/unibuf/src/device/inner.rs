@@ -306,6 +306,7 @@ impl DeviceInner {
             state.hazards(Some(queue), u.access, &mut waits);
         }
         waits.retain_pending(|f| self.backend.completed(f.queue).is_ok_and(|c| c >= f.epoch));
+        let wait_count = waits.iter().count() as u32;
         if !waits.is_empty() {
             let mut with_waits: Vec<Command> = waits.iter().map(Command::Wait).collect();
             with_waits.append(&mut commands);
@@ -333,8 +334,13 @@ impl DeviceInner {
             q.1 = epoch;
         }
         drop(_serial);
-        self.ledger
-            .record_submission(fence, label, started, self.ledger.now_ns() - started);
+        self.ledger.record_submission(
+            fence,
+            label,
+            wait_count,
+            started,
+            self.ledger.now_ns() - started,
+        );
         self.poll_deferred();
         Ok(fence)
     }
