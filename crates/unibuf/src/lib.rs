@@ -58,5 +58,10 @@ pub use residency::ResidencyStats;
 pub use storage::{MemoryKind, StorageMode};
 pub use transfer::PendingDownload;
 
+// The README's example compiles and runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
+
 /// Re-exported so that callers can name f16 and bf16 elements without a direct dependency.
 pub use half;
