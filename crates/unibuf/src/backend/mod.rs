@@ -9,6 +9,8 @@
 //! caller and upholds them.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::epoch::{Epoch, Fence, QueueId};
 use crate::error::Result;

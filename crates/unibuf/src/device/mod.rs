@@ -60,7 +60,16 @@ pub fn backends() -> Vec<BackendStatus> {
 fn open_backend(name: &str) -> Result<Box<dyn Backend>> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend::new()?)),
-        "cuda" | "metal" => Err(Error::BackendUnavailable {
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Box::new(crate::backend::cuda::CudaBackend::new(
+            cuda_ordinal(),
+        )?)),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(Error::BackendUnavailable {
+            name: name.to_owned(),
+            reason: "not compiled into this build (enable the cargo feature `cuda`)".to_owned(),
+        }),
+        "metal" => Err(Error::BackendUnavailable {
             name: name.to_owned(),
             reason: format!("not compiled into this build (enable the cargo feature `{name}`)"),
         }),
@@ -142,6 +151,15 @@ impl DeviceBuilder {
         let inner = DeviceInner::open(backend, self.budget, self.staging, self.ledger_capacity)?;
         Ok(Device { inner })
     }
+}
+
+/// The GPU the CUDA backend opens: `UNIBUF_CUDA_DEVICE`, else 0.
+#[cfg(feature = "cuda")]
+fn cuda_ordinal() -> i32 {
+    std::env::var("UNIBUF_CUDA_DEVICE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn best_backend() -> Result<Box<dyn Backend>> {

@@ -48,7 +48,7 @@ impl CpuBackend {
     /// Opens the CPU backend.
     pub fn new() -> Result<CpuBackend> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let page_size = page_size();
+        let page_size = host_page_size();
         let total_memory = physical_memory(page_size);
         Ok(CpuBackend {
             info: DeviceInfo {
@@ -212,7 +212,8 @@ impl Backend for CpuBackend {
     }
 }
 
-fn page_size() -> usize {
+/// The host's page size.
+pub(crate) fn host_page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(p)

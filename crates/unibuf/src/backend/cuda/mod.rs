@@ -1,0 +1,754 @@
+//! The CUDA backend, on cudarc's driver and NVRTC bindings with dynamic loading (so a build
+//! needs no CUDA install, and a machine without a driver reports the backend as not found).
+//!
+//! Storage: Private is device memory (cuMemAlloc); Shared is pinned host memory mapped into the
+//! device (cuMemHostAlloc with DEVICEMAP, never write-combined); External is caller memory
+//! registered with cuMemHostRegister. Queues are non-blocking streams; see `stream.rs` for how
+//! epochs use events only once a second queue exists. Kernels are CUDA C compiled by NVRTC to
+//! CUBINs cached on disk (`compile.rs`).
+//!
+//! The driver's own raw API is used rather than cudarc's safe layer: unibuf's epochs already
+//! track every use of memory, and the safe layer's per-allocation event tracking would add
+//! event calls to every operation of a single-stream program.
+
+mod compile;
+mod driver;
+mod memory;
+mod stream;
+
+use crate::backend::{
+    Backend, Command, DeviceInfo, GpuSpan, LaunchArg, LaunchDims, PipelineId, RawAlloc, Submission,
+};
+use crate::epoch::{Epoch, QueueId};
+use crate::error::{Error, Result};
+use crate::kernel::{Constants, KernelSource, Param, ScalarArg, ScalarType};
+use crate::storage::MemoryKind;
+use crate::DType;
+use compile::CompileCounters;
+use cudarc::driver::sys::{self, CUdevice_attribute};
+use driver::{check, Context, CuError};
+use memory::Registrations;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use stream::{CudaQueue, Event};
+
+/// A compiled kernel: its module (kept loaded) and entry point.
+struct Pipeline {
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+}
+
+// SAFETY: module and function handles are immutable and usable from any thread with the
+// context current.
+unsafe impl Send for Pipeline {}
+// SAFETY: as above.
+unsafe impl Sync for Pipeline {}
+
+/// Fills with 8-byte patterns: the driver has memsets of 1, 2 and 4 bytes only.
+const FILL64: KernelSource = KernelSource {
+    name: "unibuf_fill64",
+    params: &[
+        Param::output("dst", DType::U64),
+        Param::scalar("value", ScalarType::U64),
+        Param::scalar("n", ScalarType::U64),
+    ],
+    cuda: Some(
+        r#"extern "C" __global__ void unibuf_fill64(unsigned long long* dst, unsigned long long value, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        dst[i] = value;
+    }
+}"#,
+    ),
+    msl: None,
+    cpu: None,
+};
+
+/// Caller memory registered for the device: the host address and the registrations it holds.
+struct Wrapped {
+    host: usize,
+    registrations: Vec<usize>,
+}
+
+/// The CUDA backend. Opened through [`Device::open`](crate::Device::open)`("cuda")`.
+pub struct CudaBackend {
+    info: DeviceInfo,
+    compute_capability: (i32, i32),
+    queues: RwLock<Vec<Arc<CudaQueue>>>,
+    /// Set when the second queue is created: from then on every submission records an event.
+    multi_queue: AtomicBool,
+    events: Mutex<Vec<Event>>,
+    registrations: Mutex<Registrations>,
+    wrapped: Mutex<HashMap<u64, Wrapped>>,
+    next_wrap: AtomicU64,
+    pipelines: RwLock<Vec<Pipeline>>,
+    fill64: OnceLock<Result<PipelineId>>,
+    cache_dir: Option<std::path::PathBuf>,
+    counters: CompileCounters,
+    /// Declared last: dropped after everything above has been destroyed with it current.
+    ctx: Context,
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        name: "cuda".to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` (0 for the first).
+    pub fn new(ordinal: i32) -> Result<CudaBackend> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unavailable(
+                "the NVIDIA driver library (libcuda.so) was not found",
+            ));
+        }
+        let cu = |e: CuError| unavailable(format!("{} returned {}", e.call, e.name()));
+        // SAFETY: cuInit has no preconditions.
+        check(unsafe { sys::cuInit(0) }, "cuInit").map_err(cu)?;
+        let mut count = 0;
+        // SAFETY: valid out-pointer.
+        check(
+            unsafe { sys::cuDeviceGetCount(&mut count) },
+            "cuDeviceGetCount",
+        )
+        .map_err(cu)?;
+        if ordinal >= count {
+            return Err(unavailable(format!(
+                "GPU {ordinal} requested, {count} present"
+            )));
+        }
+        let mut device: sys::CUdevice = 0;
+        // SAFETY: valid out-pointer; ordinal checked.
+        check(
+            unsafe { sys::cuDeviceGet(&mut device, ordinal) },
+            "cuDeviceGet",
+        )
+        .map_err(cu)?;
+        let mut raw: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and device.
+        check(
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut raw, device) },
+            "cuDevicePrimaryCtxRetain",
+        )
+        .map_err(cu)?;
+        let ctx = Context { raw, device };
+        ctx.bind().map_err(cu)?;
+        let attr = |a: CUdevice_attribute| {
+            let mut v = 0;
+            // SAFETY: valid out-pointer and device.
+            unsafe { sys::cuDeviceGetAttribute(&mut v, a, device) };
+            v
+        };
+        let cc = (
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        );
+        let mut name = [0 as std::ffi::c_char; 256];
+        // SAFETY: the buffer holds 256 bytes as passed.
+        unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), 256, device) };
+        // SAFETY: the driver NUL-terminates within the buffer.
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let mut total = 0usize;
+        // SAFETY: valid out-pointer and device.
+        unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) };
+        Ok(CudaBackend {
+            info: DeviceInfo {
+                name,
+                backend: "cuda",
+                unified_memory: false,
+                total_memory: total,
+                page_size: crate::backend::cpu::host_page_size(),
+                max_buffer_len: total,
+                alloc_alignment: 256,
+                timestamps: false,
+            },
+            compute_capability: cc,
+            queues: RwLock::new(Vec::new()),
+            multi_queue: AtomicBool::new(false),
+            events: Mutex::new(Vec::new()),
+            registrations: Mutex::new(Registrations::default()),
+            wrapped: Mutex::new(HashMap::new()),
+            next_wrap: AtomicU64::new(1),
+            pipelines: RwLock::new(Vec::new()),
+            fill64: OnceLock::new(),
+            cache_dir: compile::cache_dir(),
+            counters: CompileCounters::default(),
+            ctx,
+        })
+    }
+
+    /// The compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind()
+            .map_err(|e| e.into_error("binding the CUDA context"))
+    }
+
+    fn queue(&self, id: QueueId) -> Result<Arc<CudaQueue>> {
+        let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        queues.get(id.0 as usize).cloned().ok_or_else(|| {
+            Error::invalid(
+                "queue",
+                format!("{id} does not exist ({} queues)", queues.len()),
+            )
+        })
+    }
+
+    fn take_event(&self) -> Result<Event, CuError> {
+        if let Some(e) = self.events.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(e);
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; context current. Timing disabled: cheaper to record.
+        check(
+            unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            },
+            "cuEventCreate",
+        )?;
+        Ok(Event(ev))
+    }
+
+    fn recycle(&self, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(events);
+        }
+    }
+
+    fn fill64(&self) -> Result<PipelineId> {
+        self.fill64
+            .get_or_init(|| self.compile(&FILL64, &Constants::new()))
+            .clone()
+    }
+
+    /// The event a queue must wait on for `fence`, and whether it was recorded just for this
+    /// wait (then it goes back to the pool once the wait is encoded). A fresh one is recorded on
+    /// the producer's stream when no event marks that epoch (work from before a second queue).
+    fn wait_event(&self, fence: crate::epoch::Fence) -> Result<Option<(Event, bool)>> {
+        let other = self.queue(fence.queue)?;
+        let mut st = other.lock();
+        let mut recycle = Vec::new();
+        let completed = other.refresh(&mut st, &mut recycle);
+        self.recycle(recycle);
+        if completed? >= fence.epoch {
+            return Ok(None);
+        }
+        if let Some(ev) = CudaQueue::event_for(&st, fence.epoch) {
+            return Ok(Some((ev, false)));
+        }
+        let ev = self
+            .take_event()
+            .map_err(|e| e.into_error("recording a cross-queue event"))?;
+        // SAFETY: pooled event, the producer's live stream; the record covers every submission
+        // so far on it, the fence's included.
+        check(
+            unsafe { sys::cuEventRecord(ev.0, other.stream) },
+            "cuEventRecord",
+        )
+        .map_err(|e| e.into_error("recording a cross-queue event"))?;
+        // cuStreamWaitEvent captures the record at the time of the call, so the event can go
+        // back to the pool right after the wait is encoded; the caller does that.
+        Ok(Some((ev, true)))
+    }
+
+    /// Encodes one command on `stream`.
+    ///
+    /// # Safety
+    /// As `Backend::submit`: the ranges are live memory of this device.
+    unsafe fn encode(
+        &self,
+        stream: sys::CUstream,
+        cmd: &Command,
+        fresh: &mut Vec<Event>,
+    ) -> Result<(), Error> {
+        let at = |r: &crate::backend::RawRange| r.addr + r.offset as u64;
+        let cu = |e: CuError| e.into_error("encoding a submission");
+        match cmd {
+            Command::Copy { src, dst } => {
+                // SAFETY: caller's contract; unified addressing resolves every kind of memory.
+                check(
+                    unsafe { sys::cuMemcpyAsync(at(dst), at(src), src.bytes, stream) },
+                    "cuMemcpyAsync",
+                )
+                .map_err(cu)
+            }
+            Command::Fill { dst, pattern } => {
+                let p = pattern.bytes();
+                let d = at(dst);
+                // SAFETY: caller's contract; the core checked the range's alignment to the width.
+                let r = unsafe {
+                    match pattern.width() {
+                        1 => check(
+                            sys::cuMemsetD8Async(d, p[0], dst.bytes, stream),
+                            "cuMemsetD8Async",
+                        ),
+                        2 => check(
+                            sys::cuMemsetD16Async(
+                                d,
+                                u16::from_ne_bytes([p[0], p[1]]),
+                                dst.bytes / 2,
+                                stream,
+                            ),
+                            "cuMemsetD16Async",
+                        ),
+                        4 => check(
+                            sys::cuMemsetD32Async(
+                                d,
+                                u32::from_ne_bytes([p[0], p[1], p[2], p[3]]),
+                                dst.bytes / 4,
+                                stream,
+                            ),
+                            "cuMemsetD32Async",
+                        ),
+                        _ => {
+                            let value = u64::from_ne_bytes(p.try_into().expect("width 8"));
+                            let n = (dst.bytes / 8) as u64;
+                            let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+                            let args = [
+                                LaunchArg::Buffer {
+                                    range: *dst,
+                                    dtype: DType::U64,
+                                    writable: true,
+                                },
+                                LaunchArg::Scalar(ScalarArg::U64(value)),
+                                LaunchArg::Scalar(ScalarArg::U64(n)),
+                            ];
+                            let pipeline = self.fill64()?;
+                            return self.launch(
+                                stream,
+                                pipeline,
+                                LaunchDims::linear(blocks, 256),
+                                &args,
+                            );
+                        }
+                    }
+                };
+                r.map_err(cu)
+            }
+            Command::Launch {
+                pipeline,
+                dims,
+                args,
+            } => self.launch(stream, *pipeline, *dims, args),
+            Command::Wait(fence) => {
+                let Some((ev, recorded_here)) = self.wait_event(*fence)? else {
+                    return Ok(());
+                };
+                // SAFETY: a live stream and a recorded event of this context.
+                let r = check(
+                    unsafe { sys::cuStreamWaitEvent(stream, ev.0, 0) },
+                    "cuStreamWaitEvent",
+                );
+                if recorded_here {
+                    fresh.push(ev);
+                }
+                r.map_err(cu)
+            }
+        }
+    }
+
+    fn launch(
+        &self,
+        stream: sys::CUstream,
+        pipeline: PipelineId,
+        dims: LaunchDims,
+        args: &[LaunchArg],
+    ) -> Result<()> {
+        let function = {
+            let p = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+            p.get(pipeline.0 as usize)
+                .map(|p| p.function)
+                .ok_or_else(|| {
+                    Error::invalid("pipeline", format!("{} does not exist", pipeline.0))
+                })?
+        };
+        // Each argument's value in an 8-byte slot; the driver copies them at launch.
+        let mut slots: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| match a {
+                LaunchArg::Buffer { range, .. } => (range.addr + range.offset as u64).to_ne_bytes(),
+                LaunchArg::Scalar(ScalarArg::U32(v)) => u64::from(*v).to_ne_bytes(),
+                LaunchArg::Scalar(ScalarArg::I32(v)) => {
+                    let mut s = [0u8; 8];
+                    s[..4].copy_from_slice(&v.to_ne_bytes());
+                    s
+                }
+                LaunchArg::Scalar(ScalarArg::F32(v)) => {
+                    let mut s = [0u8; 8];
+                    s[..4].copy_from_slice(&v.to_ne_bytes());
+                    s
+                }
+                LaunchArg::Scalar(ScalarArg::U64(v)) => v.to_ne_bytes(),
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> =
+            slots.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
+        let [gx, gy, gz] = dims.grid;
+        let [bx, by, bz] = dims.block;
+        // SAFETY: `function` is a loaded kernel whose parameters the core checked against the
+        // declared signature; each slot holds the argument's value in its native layout (the
+        // low bytes, little-endian); `params` outlives the call, which copies the values.
+        check(
+            unsafe {
+                sys::cuLaunchKernel(
+                    function,
+                    gx,
+                    gy,
+                    gz,
+                    bx,
+                    by,
+                    bz,
+                    0,
+                    stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            },
+            "cuLaunchKernel",
+        )
+        .map_err(|e| e.into_error("launching a kernel"))
+    }
+
+    /// Kernels compiled by NVRTC and loaded from the disk cache, since the backend opened.
+    pub fn compile_counts(&self) -> (u64, u64) {
+        (
+            self.counters.compiled.load(Ordering::Relaxed),
+            self.counters.disk_hits.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_err() {
+            return;
+        }
+        let queues = std::mem::take(&mut *self.queues.write().unwrap_or_else(|e| e.into_inner()));
+        for q in &queues {
+            // SAFETY: a live stream; waiting before its destruction.
+            unsafe { sys::cuStreamSynchronize(q.stream) };
+        }
+        drop(queues);
+        for e in std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner())) {
+            // SAFETY: pooled events, no longer used by any stream (all synchronised).
+            unsafe { sys::cuEventDestroy_v2(e.0) };
+        }
+        for p in std::mem::take(&mut *self.pipelines.write().unwrap_or_else(|e| e.into_inner())) {
+            // SAFETY: loaded by `compile`; no work is pending.
+            unsafe { sys::cuModuleUnload(p.module) };
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    unsafe fn allocate(&self, kind: MemoryKind, bytes: usize) -> Result<RawAlloc> {
+        self.bind()?;
+        let oom = |e: CuError| match e.code {
+            sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+                requested: bytes,
+                reserved: 0,
+                free: self.free_memory().unwrap_or(0),
+                largest_free: 0,
+            },
+            _ => e.into_error("allocating memory"),
+        };
+        let bytes = bytes.max(1);
+        match kind {
+            MemoryKind::Device => {
+                let ptr = memory::alloc_device(bytes).map_err(oom)?;
+                Ok(RawAlloc {
+                    addr: ptr,
+                    handle: ptr,
+                    bytes,
+                    kind,
+                })
+            }
+            MemoryKind::HostShared => {
+                let (dev, host) = memory::alloc_mapped_host(bytes).map_err(oom)?;
+                Ok(RawAlloc {
+                    addr: dev,
+                    handle: host as u64,
+                    bytes,
+                    kind,
+                })
+            }
+            MemoryKind::HostRegistered => Err(Error::invalid(
+                "kind",
+                "registered memory comes from wrap_host",
+            )),
+        }
+    }
+
+    unsafe fn release(&self, raw: RawAlloc) {
+        if self.bind().is_err() {
+            return;
+        }
+        match raw.kind {
+            // SAFETY: the trait's contract: ours, and no pending work uses it.
+            MemoryKind::Device => unsafe { memory::free_device(raw.addr) },
+            // SAFETY: as above.
+            MemoryKind::HostShared => unsafe { memory::free_mapped_host(raw.handle as *mut u8) },
+            MemoryKind::HostRegistered => {
+                let w = self
+                    .wrapped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&raw.handle);
+                if let Some(w) = w {
+                    let mut regs = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+                    // SAFETY: as above.
+                    unsafe { regs.release(&w.registrations) };
+                }
+            }
+        }
+    }
+
+    unsafe fn wrap_host(&self, ptr: NonNull<u8>, bytes: usize, writable: bool) -> Result<RawAlloc> {
+        self.bind()?;
+        let host = ptr.as_ptr() as usize;
+        let registrations = self
+            .registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(host, bytes, writable)
+            .map_err(|e| e.into_error("registering host memory"))?;
+        let addr = match Registrations::device_pointer(host) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut regs = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: registered just above and never used by any work.
+                unsafe { regs.release(&registrations) };
+                return Err(e.into_error("mapping registered host memory"));
+            }
+        };
+        let handle = self.next_wrap.fetch_add(1, Ordering::Relaxed);
+        self.wrapped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                handle,
+                Wrapped {
+                    host,
+                    registrations,
+                },
+            );
+        Ok(RawAlloc {
+            addr,
+            handle,
+            bytes,
+            kind: MemoryKind::HostRegistered,
+        })
+    }
+
+    fn host_ptr(&self, raw: &RawAlloc) -> Option<NonNull<u8>> {
+        match raw.kind {
+            MemoryKind::Device => None,
+            MemoryKind::HostShared => NonNull::new(raw.handle as *mut u8),
+            MemoryKind::HostRegistered => {
+                let w = self.wrapped.lock().unwrap_or_else(|e| e.into_inner());
+                w.get(&raw.handle)
+                    .and_then(|w| NonNull::new(w.host as *mut u8))
+            }
+        }
+    }
+
+    fn create_queue(&self) -> Result<QueueId> {
+        self.bind()?;
+        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let id = QueueId(queues.len() as u32);
+        let q = CudaQueue::create(id).map_err(|e| e.into_error("creating a stream"))?;
+        if !queues.is_empty() && !self.multi_queue.swap(true, Ordering::SeqCst) {
+            // From now on epochs need events; mark the existing queues' latest work with one.
+            for other in queues.iter() {
+                let ev = self
+                    .take_event()
+                    .map_err(|e| e.into_error("creating an event"))?;
+                let mut st = other.lock();
+                if !other
+                    .catch_up(&mut st, ev)
+                    .map_err(|e| e.into_error("recording an event"))?
+                {
+                    self.recycle(vec![ev]);
+                }
+            }
+        }
+        queues.push(Arc::new(q));
+        Ok(id)
+    }
+
+    unsafe fn submit(&self, queue: QueueId, submission: Submission<'_>) -> Result<Epoch> {
+        self.bind()?;
+        let q = self.queue(queue)?;
+        let mut st = q.lock();
+        if let Some(f) = CudaQueue::fault_state(&st) {
+            return Err(f);
+        }
+        let mut fresh = Vec::new();
+        for cmd in submission.commands {
+            // SAFETY: the trait's contract covers every range of the commands.
+            if let Err(e) = unsafe { self.encode(q.stream, cmd, &mut fresh) } {
+                // Commands already encoded would run untracked: drain them before failing, so
+                // that no memory they use is reused under them.
+                // SAFETY: a live stream.
+                unsafe { sys::cuStreamSynchronize(q.stream) };
+                self.recycle(fresh);
+                return Err(e);
+            }
+        }
+        self.recycle(fresh);
+        let event = if self.multi_queue.load(Ordering::SeqCst) {
+            let ev = self
+                .take_event()
+                .map_err(|e| e.into_error("creating an event"))?;
+            // SAFETY: a pooled event and a live stream.
+            check(
+                unsafe { sys::cuEventRecord(ev.0, q.stream) },
+                "cuEventRecord",
+            )
+            .map_err(|e| e.into_error("recording an event"))?;
+            Some(ev)
+        } else {
+            None
+        };
+        Ok(CudaQueue::push(&mut st, submission.label, event))
+    }
+
+    fn completed(&self, queue: QueueId) -> Result<Epoch> {
+        self.bind()?;
+        let q = self.queue(queue)?;
+        let mut recycle = Vec::new();
+        let r = {
+            let mut st = q.lock();
+            q.refresh(&mut st, &mut recycle)
+        };
+        self.recycle(recycle);
+        r
+    }
+
+    fn wait(&self, queue: QueueId, epoch: Epoch) -> Result<()> {
+        self.bind()?;
+        let q = self.queue(queue)?;
+        loop {
+            let mut recycle = Vec::new();
+            let target = {
+                let mut st = q.lock();
+                let done = q.refresh(&mut st, &mut recycle);
+                if let Err(e) = done {
+                    self.recycle(recycle);
+                    return Err(e);
+                }
+                if CudaQueue::completed_epoch(&st) >= epoch {
+                    self.recycle(recycle);
+                    return Ok(());
+                }
+                if epoch > st.submitted {
+                    self.recycle(recycle);
+                    return Err(Error::invalid(
+                        "epoch",
+                        format!(
+                            "{queue} has submitted {} epochs; cannot wait for {epoch}",
+                            st.submitted
+                        ),
+                    ));
+                }
+                CudaQueue::wait_target(&st, epoch)
+            };
+            self.recycle(recycle);
+            q.block(target).map_err(|e| q.fail(e))?;
+        }
+    }
+
+    fn gpu_span(&self, _queue: QueueId, _epoch: Epoch) -> Option<GpuSpan> {
+        None
+    }
+
+    fn compile(&self, kernel: &KernelSource, constants: &Constants) -> Result<PipelineId> {
+        let source = kernel.cuda.ok_or_else(|| Error::Compile {
+            kernel: kernel.name.to_owned(),
+            log: "no CUDA source was given".to_owned(),
+        })?;
+        let cubin = compile::cubin(
+            kernel.name,
+            source,
+            constants,
+            self.compute_capability,
+            self.cache_dir.as_deref(),
+            &self.counters,
+        )?;
+        self.bind()?;
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        // SAFETY: `cubin` is a complete CUBIN image that outlives the call.
+        check(
+            unsafe { sys::cuModuleLoadData(&mut module, cubin.as_ptr().cast()) },
+            "cuModuleLoadData",
+        )
+        .map_err(|e| Error::Compile {
+            kernel: kernel.name.to_owned(),
+            log: format!("{} returned {}", e.call, e.name()),
+        })?;
+        let name = std::ffi::CString::new(kernel.name).map_err(|_| Error::Compile {
+            kernel: kernel.name.to_owned(),
+            log: "the name contains a NUL byte".to_owned(),
+        })?;
+        let mut function: sys::CUfunction = std::ptr::null_mut();
+        // SAFETY: a loaded module and a NUL-terminated name.
+        if let Err(e) = check(
+            unsafe { sys::cuModuleGetFunction(&mut function, module, name.as_ptr()) },
+            "cuModuleGetFunction",
+        ) {
+            // SAFETY: loaded above, unused.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(Error::Compile {
+                kernel: kernel.name.to_owned(),
+                log: format!(
+                    "no extern \"C\" entry point '{}' ({})",
+                    kernel.name,
+                    e.name()
+                ),
+            });
+        }
+        let mut p = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        p.push(Pipeline { module, function });
+        Ok(PipelineId(p.len() as u64 - 1))
+    }
+
+    fn reset(&self) -> Result<()> {
+        Err(Error::Unsupported {
+            backend: "cuda",
+            what: "recovering from a device fault: the CUDA context is lost with its memory; drop \
+                   every buffer and open a new Device"
+                .to_owned(),
+        })
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        self.bind().ok()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers; context current.
+        check(
+            unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
+            "cuMemGetInfo",
+        )
+        .ok()?;
+        Some(free)
+    }
+}
