@@ -38,7 +38,7 @@ pub const MODES: [StorageMode; 3] = [
     StorageMode::External,
 ];
 
-/// Creates a buffer in `mode`; External buffers wrap a fresh host allocation of 8-byte words.
+/// Creates a buffer in `mode`; External buffers wrap fresh page-aligned host memory.
 pub fn buffer(
     dev: &Device,
     mode: StorageMode,
@@ -49,8 +49,8 @@ pub fn buffer(
     match mode {
         StorageMode::External => {
             let bytes = shape.iter().product::<usize>() * dtype.size();
-            let words = vec![0u64; bytes.div_ceil(8).max(1)];
-            dev.wrap_external(label, words, dtype, shape)
+            let memory = unibuf::PageBuffer::new(bytes).expect("host memory");
+            dev.wrap_external(label, memory, dtype, shape)
                 .expect("wrap_external")
         }
         m => dev.alloc_labelled(label, dtype, shape, m).expect("alloc"),

@@ -6,9 +6,11 @@
 
 mod external;
 mod host;
+mod page_buffer;
 
 pub use external::HostMemory;
 pub use host::{HostRead, HostWrite};
+pub use page_buffer::PageBuffer;
 
 use crate::allocation::Allocation;
 use crate::dtype::DType;

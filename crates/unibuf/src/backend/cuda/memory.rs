@@ -1,6 +1,7 @@
 //! Memory: device memory, mapped pinned host memory, and registered caller memory.
 
 use super::driver::{check, CuError};
+use crate::error::Error;
 use cudarc::driver::sys;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -60,12 +61,11 @@ struct Registration {
     users: usize,
 }
 
-/// The page ranges registered with the driver.
+/// The page ranges registered with the driver, with use counts.
 ///
-/// Wrapped regions are page-rounded, so two small allocations of the caller can share a page,
-/// and the driver refuses to register a page twice. Registrations are therefore kept per disjoint
-/// range with a use count: wrapping registers only the pages no registration covers yet, and a
-/// registration is dropped when its last user is released.
+/// Wrapped regions are page-rounded, so two wraps can cover the same pages (views of one
+/// mapping wrapped twice, say), and the driver refuses to register a page twice. A wrap inside
+/// an existing registration shares it; a registration is dropped when its last user is released.
 #[derive(Default)]
 pub(super) struct Registrations {
     by_start: BTreeMap<usize, Registration>,
@@ -73,67 +73,57 @@ pub(super) struct Registrations {
 
 impl Registrations {
     /// Registers `[start, start + len)` (page-aligned); returns the registration starts it uses.
+    ///
+    /// A region inside one existing registration shares it. A region that overlaps existing
+    /// registrations only in part is refused: driver copies and memsets cannot span two
+    /// registrations, so it could not be used as one buffer.
     pub fn register(
         &mut self,
         start: usize,
         len: usize,
         writable: bool,
-    ) -> Result<Vec<usize>, CuError> {
+    ) -> Result<Vec<usize>, Error> {
         let end = start + len;
-        let mut used = Vec::new();
-        let mut gaps = Vec::new();
-        let mut cursor = start;
-        // Registrations are disjoint; walk those that overlap [start, end) in address order.
-        let first = self
+        let containing = self
+            .by_start
+            .range(..=start)
+            .next_back()
+            .filter(|(s, r)| **s + r.len >= end)
+            .map(|(s, _)| *s);
+        if let Some(s) = containing {
+            if let Some(r) = self.by_start.get_mut(&s) {
+                r.users += 1;
+            }
+            return Ok(vec![s]);
+        }
+        let before = self
             .by_start
             .range(..start)
             .next_back()
-            .filter(|(s, r)| *s + r.len > start)
-            .map(|(s, _)| *s);
-        let overlapping: Vec<(usize, usize)> = first
-            .into_iter()
-            .chain(self.by_start.range(start..end).map(|(s, _)| *s))
-            .map(|s| (s, self.by_start[&s].len))
-            .collect();
-        for (s, l) in overlapping {
-            if s > cursor {
-                gaps.push((cursor, s - cursor));
-            }
-            used.push(s);
-            cursor = cursor.max(s + l);
-        }
-        if cursor < end {
-            gaps.push((cursor, end - cursor));
+            .filter(|(s, r)| *s + r.len > start);
+        if let Some((s, r)) = before.or_else(|| self.by_start.range(start..end).next()) {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "wrapping pages {start:#x}..{end:#x}: they overlap the registered host region \
+                     {s:#x}..{:#x} only in part (wrap page-aligned memory such as \
+                     unibuf::PageBuffer, or memory maps)",
+                    s + r.len
+                ),
+            });
         }
         let mut flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
         if !writable {
             flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
         }
-        let mut added = Vec::new();
-        for (s, l) in gaps {
-            // SAFETY: the caller guarantees the pages are mapped and stay so until release.
-            let r = check(
-                unsafe { sys::cuMemHostRegister_v2(s as *mut c_void, l, flags) },
-                "cuMemHostRegister",
-            );
-            if let Err(e) = r {
-                for a in added {
-                    self.by_start.remove(&a);
-                    // SAFETY: registered just above by this call.
-                    unsafe { sys::cuMemHostUnregister(a as *mut c_void) };
-                }
-                return Err(e);
-            }
-            self.by_start.insert(s, Registration { len: l, users: 0 });
-            added.push(s);
-            used.push(s);
-        }
-        for s in &used {
-            if let Some(r) = self.by_start.get_mut(s) {
-                r.users += 1;
-            }
-        }
-        Ok(used)
+        // SAFETY: the caller guarantees the pages are mapped and stay so until release.
+        check(
+            unsafe { sys::cuMemHostRegister_v2(start as *mut c_void, len, flags) },
+            "cuMemHostRegister",
+        )
+        .map_err(|e| e.into_error("registering host memory"))?;
+        self.by_start.insert(start, Registration { len, users: 1 });
+        Ok(vec![start])
     }
 
     /// Drops one use of each registration; unregisters those no longer used.

@@ -529,8 +529,7 @@ impl Backend for CudaBackend {
             .registrations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register(host, bytes, writable)
-            .map_err(|e| e.into_error("registering host memory"))?;
+            .register(host, bytes, writable)?;
         let addr = match Registrations::device_pointer(host) {
             Ok(a) => a,
             Err(e) => {
