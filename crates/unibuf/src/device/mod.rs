@@ -94,7 +94,8 @@ fn open_backend(name: &str) -> Result<Box<dyn Backend>> {
 pub struct DeviceBuilder {
     backend: Option<String>,
     budget: Budget,
-    staging: StagingConfig,
+    /// `None`: the ring suited to the device (see `StagingConfig::for_device`).
+    staging: Option<StagingConfig>,
     ledger_capacity: usize,
 }
 
@@ -116,10 +117,10 @@ impl DeviceBuilder {
     }
     /// Sets the staging ring: chunk size in bytes and number of chunks.
     pub fn staging(mut self, chunk_bytes: usize, max_chunks: usize) -> Self {
-        self.staging = StagingConfig {
+        self.staging = Some(StagingConfig {
             chunk_bytes,
             max_chunks,
-        };
+        });
         self
     }
     /// How many detailed copy and submission records the ledger keeps (totals are unbounded).
@@ -129,14 +130,16 @@ impl DeviceBuilder {
     }
     /// Opens the device.
     pub fn open(self) -> Result<Device> {
-        if self.staging.chunk_bytes < 4096 || self.staging.max_chunks == 0 {
-            return Err(Error::invalid(
-                "staging",
-                format!(
-                    "chunks of {} bytes x {}: need at least 4096 bytes and one chunk",
-                    self.staging.chunk_bytes, self.staging.max_chunks
-                ),
-            ));
+        if let Some(s) = self.staging {
+            if s.chunk_bytes < 4096 || s.max_chunks == 0 {
+                return Err(Error::invalid(
+                    "staging",
+                    format!(
+                        "chunks of {} bytes x {}: need at least 4096 bytes and one chunk",
+                        s.chunk_bytes, s.max_chunks
+                    ),
+                ));
+            }
         }
         if self.ledger_capacity == 0 {
             return Err(Error::invalid("ledger_capacity", "must be at least 1"));
@@ -148,7 +151,10 @@ impl DeviceBuilder {
                 _ => best_backend()?,
             },
         };
-        let inner = DeviceInner::open(backend, self.budget, self.staging, self.ledger_capacity)?;
+        let staging = self
+            .staging
+            .unwrap_or_else(|| StagingConfig::for_device(backend.info().unified_memory));
+        let inner = DeviceInner::open(backend, self.budget, staging, self.ledger_capacity)?;
         Ok(Device { inner })
     }
 }
@@ -210,7 +216,7 @@ impl Device {
         DeviceBuilder {
             backend: None,
             budget: Budget::default(),
-            staging: StagingConfig::default(),
+            staging: None,
             ledger_capacity: 1 << 20,
         }
     }

@@ -10,6 +10,7 @@
 //!
 //! Every transfer is recorded in the ledger with the caller's source location.
 
+mod host_copy;
 pub(crate) mod staging;
 
 use crate::allocation::Allocation;
@@ -26,10 +27,6 @@ use staging::StagingChunk;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::panic::Location;
-
-/// Chunks of one download kept in flight at once: enough to overlap the device copy of one
-/// with the host copy of another, while leaving chunks for concurrent transfers.
-const DOWNLOAD_DEPTH: usize = 3;
 
 /// A download whose device copy is in flight; [`PendingDownload::wait`] returns the data.
 pub struct PendingDownload<T> {
@@ -180,7 +177,10 @@ impl Queue {
             let chunk = dev.staging.take(&*dev.backend)?;
             // SAFETY: the chunk is checked out to us, host-visible, at least chunk_bytes long,
             // and the copy that last used it has completed (StagingPool::take).
-            unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), chunk.host(), piece.len()) };
+            unsafe {
+                dev.staging
+                    .host_copy(chunk.host(), piece.as_ptr(), piece.len())
+            };
             let submitted = dev.submit(
                 self.id(),
                 label,
@@ -261,7 +261,8 @@ impl Queue {
                 // SAFETY: the copy into the chunk completed (waited), the chunk is checked out
                 // to us and holds at least `n` bytes.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(chunk.host(), out[at..at + n].as_mut_ptr(), n)
+                    dev.staging
+                        .host_copy(out[at..at + n].as_mut_ptr(), chunk.host(), n)
                 };
             }
             dev.staging.put(chunk, None);
@@ -270,7 +271,7 @@ impl Queue {
         let mut result = Ok(());
         for at in (0..out.len()).step_by(step.max(1)) {
             let n = step.min(out.len() - at);
-            if in_flight.len() == DOWNLOAD_DEPTH {
+            if in_flight.len() == dev.staging.depth() {
                 let done = in_flight.pop_front().expect("non-empty");
                 if let Err(e) = finish(done, out) {
                     result = Err(e);

@@ -4,11 +4,12 @@
 //! grows to `max_chunks`; past that, a transfer waits for the oldest chunk in flight, so a large
 //! transfer streams through a bounded ring instead of allocating its own size in staging memory.
 
+use super::host_copy::HostCopyPool;
 use crate::backend::{fence_retired, Backend, RawAlloc, RawRange};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// Sizes of the staging ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,11 +20,21 @@ pub struct StagingConfig {
     pub max_chunks: usize,
 }
 
-impl Default for StagingConfig {
-    fn default() -> Self {
-        StagingConfig {
-            chunk_bytes: 4 << 20,
-            max_chunks: 8,
+impl StagingConfig {
+    /// The ring for a device: on a discrete GPU, chunks large enough that per-copy overheads
+    /// vanish next to PCIe time and enough of them to keep the copy engine and the host copies
+    /// busy at once; on unified memory staging only serves Private buffers, so a small ring.
+    pub fn for_device(unified_memory: bool) -> StagingConfig {
+        if unified_memory {
+            StagingConfig {
+                chunk_bytes: 4 << 20,
+                max_chunks: 4,
+            }
+        } else {
+            StagingConfig {
+                chunk_bytes: 16 << 20,
+                max_chunks: 8,
+            }
         }
     }
 }
@@ -60,6 +71,8 @@ impl StagingChunk {
 pub(crate) struct StagingPool {
     config: StagingConfig,
     chunks: Mutex<(Vec<Chunk>, u64)>,
+    /// Threads that split host copies into and out of chunks; started on first use.
+    copier: OnceLock<HostCopyPool>,
 }
 
 enum Pick {
@@ -73,7 +86,24 @@ impl StagingPool {
         StagingPool {
             config,
             chunks: Mutex::new((Vec::new(), 0)),
+            copier: OnceLock::new(),
         }
+    }
+
+    /// Chunks a single transfer keeps in flight: half the ring, so that another transfer
+    /// running at the same time still finds chunks.
+    pub fn depth(&self) -> usize {
+        (self.config.max_chunks / 2).max(1)
+    }
+
+    /// Copies between host memory and a chunk with the copy threads.
+    ///
+    /// # Safety
+    /// `src` is valid for reads and `dst` for writes of `len` bytes; they do not overlap.
+    pub unsafe fn host_copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+        let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
+        // SAFETY: the caller's contract.
+        unsafe { pool.copy(dst, src, len) };
     }
 
     pub fn chunk_bytes(&self) -> usize {
