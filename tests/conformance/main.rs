@@ -5,6 +5,8 @@
 
 mod bad_input;
 mod external;
+mod faults;
+mod kernels;
 mod ledger;
 mod memory;
 mod model;

@@ -80,10 +80,12 @@ pub enum Error {
     },
     /// The allocation would take the device past the budget set for it.
     #[error(
-        "memory budget exceeded: {requested} more bytes with {in_use} bytes in use would pass \
+        "{which} budget exceeded: {requested} more bytes with {in_use} bytes in use would pass \
          the budget of {budget} bytes"
     )]
     BudgetExceeded {
+        /// Which budget: "memory" (the allocator's limit) or "residency".
+        which: &'static str,
         /// Bytes asked for.
         requested: usize,
         /// Bytes reserved from the backend when asked.

@@ -255,6 +255,7 @@ impl Kernel {
 pub(crate) struct KernelRegistry {
     sources: HashMap<&'static str, KernelSource>,
     pipelines: HashMap<(&'static str, Constants), PipelineId>,
+    memory_hits: std::sync::atomic::AtomicU64,
 }
 
 impl KernelRegistry {
@@ -291,7 +292,16 @@ impl KernelRegistry {
     }
 
     pub fn pipeline(&self, name: &'static str, constants: &Constants) -> Option<PipelineId> {
-        self.pipelines.get(&(name, constants.clone())).copied()
+        let hit = self.pipelines.get(&(name, constants.clone())).copied();
+        if hit.is_some() {
+            self.memory_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        hit
+    }
+
+    pub fn memory_hits(&self) -> u64 {
+        self.memory_hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn insert_pipeline(&mut self, name: &'static str, constants: Constants, id: PipelineId) {

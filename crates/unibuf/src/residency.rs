@@ -64,6 +64,7 @@ impl Residency {
         if let Some(budget) = s.budget {
             if s.resident_bytes + bytes > budget {
                 return Err(Error::BudgetExceeded {
+                    which: "residency",
                     requested: bytes,
                     in_use: s.resident_bytes,
                     budget,

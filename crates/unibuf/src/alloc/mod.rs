@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
 use std::collections::BTreeMap;
 
-/// Limits the allocator enforces.
+/// Limits the allocator enforces. The staging ring of the transfer engine is not counted: it is
+/// a fixed, configured amount of host memory (see `MemoryStats::staging_bytes`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
     /// Reserved bytes (live plus cached) never exceed this.
@@ -164,6 +165,7 @@ impl Allocator {
                 if self.stats.reserved_bytes + class > limit {
                     self.stats.ooms += 1;
                     return Err(Error::BudgetExceeded {
+                        which: "memory",
                         requested: class,
                         in_use: self.stats.reserved_bytes,
                         budget: limit,

@@ -224,6 +224,24 @@ pub struct GpuSpan {
     pub end_ns: u64,
 }
 
+/// Options a backend is opened with.
+#[derive(Clone, Debug, Default)]
+pub struct BackendOptions {
+    /// The kernel cache directory: `None` for the default, `Some(None)` for no disk cache.
+    pub kernel_cache_dir: Option<Option<std::path::PathBuf>>,
+}
+
+/// Counts of the pipeline cache's layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCacheStats {
+    /// Pipelines built by compiling source.
+    pub compiled: u64,
+    /// Pipelines built from a binary in the disk cache (nothing compiled).
+    pub disk_hits: u64,
+    /// Lookups answered by the in-memory pipeline cache.
+    pub memory_hits: u64,
+}
+
 /// Residency control for backends that page memory in and out of the device's working set
 /// (Metal residency sets). The core batches additions and defers removals by epoch.
 pub trait ResidencyHooks: Send + Sync {
@@ -302,6 +320,11 @@ pub trait Backend: Send + Sync {
 
     /// Compiles (or looks up) a kernel for this backend with the given constants.
     fn compile(&self, kernel: &KernelSource, constants: &Constants) -> Result<PipelineId>;
+
+    /// How many pipelines were compiled and how many came from the disk cache.
+    fn kernel_cache_stats(&self) -> KernelCacheStats {
+        KernelCacheStats::default()
+    }
 
     /// Clears a sticky fault so that queues run again; memory written by faulted work is undefined.
     fn reset(&self) -> Result<()>;

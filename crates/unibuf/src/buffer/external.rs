@@ -124,6 +124,12 @@ impl Device {
                 len: have,
             });
         }
+        if have == 0 {
+            return Err(Error::invalid(
+                "wrap_external",
+                "the memory is empty (0 bytes): there is nothing to wrap; allocate a zero-element buffer instead",
+            ));
+        }
         let addr = memory.as_bytes_ptr() as usize;
         if addr % dtype.size() != 0 {
             return Err(Error::Misaligned {

@@ -89,6 +89,16 @@ impl DeviceInner {
         }
     }
 
+    /// Asks every queue whether its work faulted, recording the first fault found, and returns
+    /// the sticky state. Hot paths check only the recorded state; this is for explicit queries.
+    pub fn poll_fault(&self) -> Result<()> {
+        self.check_fault()?;
+        for i in 0..self.queue_count() {
+            self.note(self.backend.completed(QueueId(i as u32)))?;
+        }
+        Ok(())
+    }
+
     /// Passes an error through, keeping device faults as the sticky state.
     pub fn note<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e @ Error::DeviceFault { .. }) = &r {
@@ -352,6 +362,20 @@ impl DeviceInner {
     pub fn is_complete(&self, fence: Fence) -> Result<bool> {
         if fence.epoch == 0 {
             return Ok(true);
+        }
+        let queues = self.queue_count();
+        if fence.queue.0 as usize >= queues {
+            return Err(Error::invalid(
+                "queue",
+                format!("{} does not exist ({queues} queues)", fence.queue),
+            ));
+        }
+        let submitted = self.last_submitted(fence.queue);
+        if fence.epoch > submitted {
+            return Err(Error::invalid(
+                "fence",
+                format!("{} has submitted {submitted} epochs; epoch {} never will complete before it is submitted", fence.queue, fence.epoch),
+            ));
         }
         Ok(self.note(self.backend.completed(fence.queue))? >= fence.epoch)
     }

@@ -5,7 +5,7 @@ mod inner;
 pub(crate) use inner::{DeviceInner, Use};
 
 use crate::alloc::{Budget, MemoryStats};
-use crate::backend::{cpu::CpuBackend, Backend, DeviceInfo};
+use crate::backend::{cpu::CpuBackend, Backend, BackendOptions, DeviceInfo, KernelCacheStats};
 use crate::buffer::Buffer;
 use crate::dtype::DType;
 use crate::epoch::Fence;
@@ -38,7 +38,7 @@ pub struct BackendStatus {
 pub fn backends() -> Vec<BackendStatus> {
     let mut v = Vec::new();
     for name in ["metal", "cuda", "cpu"] {
-        let status = match open_backend(name) {
+        let status = match open_backend(name, &BackendOptions::default()) {
             Ok(b) => BackendStatus {
                 name,
                 compiled: true,
@@ -57,12 +57,14 @@ pub fn backends() -> Vec<BackendStatus> {
     v
 }
 
-fn open_backend(name: &str) -> Result<Box<dyn Backend>> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // only GPU backends take options
+fn open_backend(name: &str, options: &BackendOptions) -> Result<Box<dyn Backend>> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend::new()?)),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Box::new(crate::backend::cuda::CudaBackend::new(
             cuda_ordinal(),
+            options,
         )?)),
         #[cfg(not(feature = "cuda"))]
         "cuda" => Err(Error::BackendUnavailable {
@@ -97,9 +99,16 @@ pub struct DeviceBuilder {
     /// `None`: the ring suited to the device (see `StagingConfig::for_device`).
     staging: Option<StagingConfig>,
     ledger_capacity: usize,
+    options: BackendOptions,
 }
 
 impl DeviceBuilder {
+    /// Where compiled kernels are cached on disk (default: `UNIBUF_CACHE_DIR`, else the user's
+    /// cache directory); `None` turns the disk cache off.
+    pub fn kernel_cache_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.options.kernel_cache_dir = Some(dir);
+        self
+    }
     /// Picks the backend by name ("cpu", "cuda", "metal"); without it, [`Device::new`]'s rule.
     pub fn backend(mut self, name: &str) -> Self {
         self.backend = Some(name.to_owned());
@@ -145,10 +154,10 @@ impl DeviceBuilder {
             return Err(Error::invalid("ledger_capacity", "must be at least 1"));
         }
         let backend = match &self.backend {
-            Some(name) => open_backend(name)?,
+            Some(name) => open_backend(name, &self.options)?,
             None => match std::env::var(BACKEND_ENV) {
-                Ok(name) if !name.is_empty() => open_backend(&name)?,
-                _ => best_backend()?,
+                Ok(name) if !name.is_empty() => open_backend(&name, &self.options)?,
+                _ => best_backend(&self.options)?,
             },
         };
         let staging = self
@@ -168,10 +177,10 @@ fn cuda_ordinal() -> i32 {
         .unwrap_or(0)
 }
 
-fn best_backend() -> Result<Box<dyn Backend>> {
+fn best_backend(options: &BackendOptions) -> Result<Box<dyn Backend>> {
     let mut reasons = Vec::new();
     for name in ["metal", "cuda", "cpu"] {
-        match open_backend(name) {
+        match open_backend(name, options) {
             Ok(b) => return Ok(b),
             Err(e) => reasons.push(e.to_string()),
         }
@@ -218,6 +227,7 @@ impl Device {
             budget: Budget::default(),
             staging: None,
             ledger_capacity: 1 << 20,
+            options: BackendOptions::default(),
         }
     }
 
@@ -298,9 +308,10 @@ impl Device {
         self.inner.is_complete(fence)
     }
 
-    /// The sticky fault, if the device is in one.
+    /// The sticky fault, if the device is in one. Asks every queue, so that a fault in work
+    /// nobody has waited for yet is found (and becomes the sticky state).
     pub fn fault(&self) -> Option<Error> {
-        self.inner.check_fault().err()
+        self.inner.poll_fault().err()
     }
 
     /// Leaves the fault state. Memory written by the faulted work (and work queued behind it,
@@ -390,6 +401,18 @@ impl Device {
             pipeline,
             device_id: self.inner.id,
         })
+    }
+
+    /// How many kernels were compiled, loaded from the disk cache, or found in memory.
+    pub fn kernel_cache_stats(&self) -> KernelCacheStats {
+        let mut s = self.inner.backend.kernel_cache_stats();
+        s.memory_hits = self
+            .inner
+            .kernels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .memory_hits();
+        s
     }
 
     /// Compiles every registered kernel (without constants) now, so that the first launch of

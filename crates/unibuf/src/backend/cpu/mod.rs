@@ -10,7 +10,9 @@ mod queue;
 
 pub use kernel_abi::{CpuKernelArgs, CpuKernelFn};
 
-use crate::backend::{Backend, DeviceInfo, GpuSpan, PipelineId, RawAlloc, Submission};
+use crate::backend::{
+    Backend, DeviceInfo, GpuSpan, KernelCacheStats, PipelineId, RawAlloc, Submission,
+};
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, Result};
 use crate::kernel::{Constants, KernelSource};
@@ -196,6 +198,19 @@ impl Backend for CpuBackend {
         let mut v = self.pipelines.0.write().unwrap_or_else(|e| e.into_inner());
         v.push((f, constants.clone(), kernel.name));
         Ok(PipelineId(v.len() as u64 - 1))
+    }
+
+    fn kernel_cache_stats(&self) -> KernelCacheStats {
+        let compiled = self
+            .pipelines
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len() as u64;
+        KernelCacheStats {
+            compiled,
+            ..KernelCacheStats::default()
+        }
     }
 
     fn reset(&self) -> Result<()> {

@@ -16,6 +16,8 @@ mod driver;
 mod memory;
 mod stream;
 
+use crate::backend::{BackendOptions, KernelCacheStats};
+
 use crate::backend::{
     Backend, Command, DeviceInfo, GpuSpan, LaunchArg, LaunchDims, PipelineId, RawAlloc, Submission,
 };
@@ -101,7 +103,7 @@ fn unavailable(reason: impl Into<String>) -> Error {
 
 impl CudaBackend {
     /// Opens GPU `ordinal` (0 for the first).
-    pub fn new(ordinal: i32) -> Result<CudaBackend> {
+    pub fn new(ordinal: i32, options: &BackendOptions) -> Result<CudaBackend> {
         // SAFETY: only probes whether the driver library can be loaded.
         if !unsafe { sys::is_culib_present() } {
             return Err(unavailable(
@@ -179,7 +181,10 @@ impl CudaBackend {
             next_wrap: AtomicU64::new(1),
             pipelines: RwLock::new(Vec::new()),
             fill64: OnceLock::new(),
-            cache_dir: compile::cache_dir(),
+            cache_dir: options
+                .kernel_cache_dir
+                .clone()
+                .unwrap_or_else(compile::cache_dir),
             counters: CompileCounters::default(),
             ctx,
         })
@@ -422,14 +427,6 @@ impl CudaBackend {
             "cuLaunchKernel",
         )
         .map_err(|e| e.into_error("launching a kernel"))
-    }
-
-    /// Kernels compiled by NVRTC and loaded from the disk cache, since the backend opened.
-    pub fn compile_counts(&self) -> (u64, u64) {
-        (
-            self.counters.compiled.load(Ordering::Relaxed),
-            self.counters.disk_hits.load(Ordering::Relaxed),
-        )
     }
 }
 
@@ -728,6 +725,14 @@ impl Backend for CudaBackend {
         let mut p = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
         p.push(Pipeline { module, function });
         Ok(PipelineId(p.len() as u64 - 1))
+    }
+
+    fn kernel_cache_stats(&self) -> KernelCacheStats {
+        KernelCacheStats {
+            compiled: self.counters.compiled.load(Ordering::Relaxed),
+            disk_hits: self.counters.disk_hits.load(Ordering::Relaxed),
+            memory_hits: 0,
+        }
     }
 
     fn reset(&self) -> Result<()> {

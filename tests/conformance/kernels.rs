@@ -1,0 +1,197 @@
+//! Kernels through the registry on every backend: each test kernel carries a CUDA C and a Rust
+//! CPU version, checked against f64 references; and the pipeline cache's layers.
+
+use unibuf::{
+    Constants, DType, KernelArg, KernelSource, LaunchDims, Param, ScalarType, StorageMode,
+};
+use unibuf_conformance::{builder, device, poison, Rng};
+
+/// y = a * x + y.
+static SAXPY: KernelSource = KernelSource {
+    name: "conf_saxpy_f32",
+    params: &[
+        Param::input("x", DType::F32),
+        Param::output("y", DType::F32),
+        Param::scalar("a", ScalarType::F32),
+        Param::scalar("n", ScalarType::U32),
+    ],
+    cuda: Some(
+        r#"extern "C" __global__ void conf_saxpy_f32(const float* x, float* y, float a, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}"#,
+    ),
+    msl: None,
+    cpu: Some(|args| {
+        let x = args.input::<f32>(0)?;
+        let a = args.f32(2)?;
+        let n = args.u32(3)? as usize;
+        let y = args.output::<f32>(1)?;
+        for i in 0..n {
+            y[i] += a * x[i];
+        }
+        Ok(())
+    }),
+};
+
+/// out[i] = in[i] * FACTOR, with FACTOR a specialisation constant; writes every element of out.
+static SCALE: KernelSource = KernelSource {
+    name: "conf_scale_i32",
+    params: &[
+        Param::input("src", DType::I32),
+        Param::output("dst", DType::I32),
+        Param::scalar("n", ScalarType::U32),
+    ],
+    cuda: Some(
+        r#"extern "C" __global__ void conf_scale_i32(const int* src, int* dst, unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = src[i] * FACTOR;
+}"#,
+    ),
+    msl: None,
+    cpu: Some(|args| {
+        let factor = args.constant("FACTOR").ok_or("FACTOR is not set")? as i32;
+        let src = args.input::<i32>(0)?;
+        let dst = args.output::<i32>(1)?;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.wrapping_mul(factor);
+        }
+        Ok(())
+    }),
+};
+
+fn blocks(n: usize) -> u32 {
+    n.div_ceil(256).max(1) as u32
+}
+
+/// saxpy on views at odd offsets and sizes, in every mode, against an f64 reference.
+#[test]
+fn saxpy_matches_an_f64_reference() {
+    let dev = device();
+    dev.register_kernel(SAXPY).unwrap();
+    let k = dev.kernel("conf_saxpy_f32").unwrap();
+    let q = dev.queue();
+    let mut rng = Rng::new("saxpy_matches_an_f64_reference");
+    for mode in [StorageMode::Private, StorageMode::Shared] {
+        for n in [1usize, 7, 4097, 65_536 + 3] {
+            let x_all = dev.alloc(DType::F32, &[n + 5], mode).unwrap();
+            let y_all = dev.alloc(DType::F32, &[n + 3], mode).unwrap();
+            poison(&dev, &x_all);
+            poison(&dev, &y_all);
+            let (x, y) = (
+                x_all.slice(5..n + 5).unwrap(),
+                y_all.slice(1..n + 1).unwrap(),
+            );
+            let (xv, yv): (Vec<f32>, Vec<f32>) = (rng.elements(n), rng.elements(n));
+            let a = rng.f32() * 4.0;
+            q.upload(&x, &xv).unwrap();
+            q.upload(&y, &yv).unwrap();
+            let args = [
+                KernelArg::from(&x),
+                KernelArg::from(&y),
+                a.into(),
+                (n as u32).into(),
+            ];
+            q.launch(&k, LaunchDims::linear(blocks(n), 256), &args)
+                .unwrap();
+            let got: Vec<f32> = q.download(&y).unwrap();
+            for i in 0..n {
+                let want = f64::from(a) * f64::from(xv[i]) + f64::from(yv[i]);
+                let err = (f64::from(got[i]) - want).abs();
+                assert!(
+                    err <= 1e-6 * (1.0 + want.abs()),
+                    "{mode:?} n={n} i={i}: {} vs {want}",
+                    got[i]
+                );
+            }
+            let around: Vec<u32> = q.download(&y_all.cast(DType::U32).unwrap()).unwrap();
+            assert_eq!(
+                (around[0], around[n + 1], around[n + 2]),
+                (0xA5A5_A5A5, 0xA5A5_A5A5, 0xA5A5_A5A5),
+                "wrote outside the view"
+            );
+        }
+    }
+}
+
+/// Constants specialise pipelines; each (name, constants) compiles once per device.
+#[test]
+fn constants_specialise_and_pipelines_are_cached() {
+    let dev = device();
+    dev.register_kernel(SCALE).unwrap();
+    let mut rng = Rng::new("constants_specialise_and_pipelines_are_cached");
+    let n = 1000 + rng.range(0, 100);
+    let src = dev.alloc(DType::I32, &[n], StorageMode::Private).unwrap();
+    let dst = dev.alloc(DType::I32, &[n], StorageMode::Private).unwrap();
+    let data: Vec<i32> = (0..n).map(|_| rng.range(0, 2001) as i32 - 1000).collect();
+    dev.queue().upload(&src, &data).unwrap();
+    for factor in [3i64, -7, 3] {
+        poison(&dev, &dst);
+        let k = dev
+            .kernel_with("conf_scale_i32", &Constants::new().with("FACTOR", factor))
+            .unwrap();
+        assert_eq!(k.constants().get("FACTOR"), Some(factor));
+        dev.queue()
+            .launch(
+                &k,
+                LaunchDims::linear(4, 128),
+                &[(&src).into(), (&dst).into(), (n as u32).into()],
+            )
+            .unwrap();
+        let got: Vec<i32> = dst.to_vec().unwrap();
+        assert!(
+            got.iter().zip(&data).all(|(g, d)| *g == d * factor as i32),
+            "FACTOR={factor}"
+        );
+    }
+    let s = dev.kernel_cache_stats();
+    assert_eq!(
+        s.compiled + s.disk_hits,
+        2,
+        "two distinct specialisations: {s:?}"
+    );
+    assert!(
+        s.memory_hits >= 1,
+        "the repeated one came from memory: {s:?}"
+    );
+}
+
+/// A second device (as a second process would) loads compiled kernels from the disk cache on
+/// backends that compile; `warm_all` compiles every registered kernel up front.
+#[test]
+fn a_second_start_compiles_nothing() {
+    let dir = std::env::temp_dir().join(format!(
+        "unibuf-kcache-{}-{}",
+        std::process::id(),
+        Rng::new("kcache").next_u64()
+    ));
+    let open = || {
+        let dev = builder()
+            .kernel_cache_dir(Some(dir.clone()))
+            .open()
+            .unwrap();
+        dev.register_kernel(SAXPY).unwrap();
+        dev.register_kernel(SCALE).unwrap();
+        dev
+    };
+    let first = open();
+    first.kernel("conf_saxpy_f32").unwrap();
+    let s1 = first.kernel_cache_stats();
+    let second = open();
+    second.kernel("conf_saxpy_f32").unwrap();
+    let s2 = second.kernel_cache_stats();
+    if second.info().backend == "cuda" {
+        assert_eq!((s1.compiled, s1.disk_hits), (1, 0), "{s1:?}");
+        assert_eq!(
+            (s2.compiled, s2.disk_hits),
+            (0, 1),
+            "nothing compiled the second time: {s2:?}"
+        );
+    } else {
+        // The CPU backend's kernels are Rust functions: "compiling" is a lookup.
+        assert_eq!(s1.compiled, 1);
+    }
+    let third = open();
+    assert_eq!(third.warm_all().unwrap(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
