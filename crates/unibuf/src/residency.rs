@@ -182,6 +182,7 @@ mod tests {
         assert!(matches!(
             r.add(2, 60),
             Err(Error::BudgetExceeded {
+                which: "residency",
                 requested: 60,
                 in_use: 60,
                 budget: 100
