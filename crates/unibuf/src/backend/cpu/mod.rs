@@ -27,6 +27,10 @@ use std::time::Instant;
 /// whole cache line pair, matching the CUDA driver's allocation alignment.
 const ALIGN: usize = 256;
 
+/// From this size on, memory comes from anonymous mappings: page-aligned (more than `ALIGN`)
+/// and zeroed lazily by the OS, so a large allocation costs no upfront zeroing pass.
+const MAP_THRESHOLD: usize = 1 << 20;
+
 /// Compiled CPU pipelines: the kernel function and its constants, by pipeline id.
 #[derive(Default)]
 pub(crate) struct Pipelines(RwLock<Vec<(CpuKernelFn, Constants, &'static str)>>);
@@ -96,23 +100,40 @@ impl Backend for CpuBackend {
 
     unsafe fn allocate(&self, kind: MemoryKind, bytes: usize) -> Result<RawAlloc> {
         debug_assert_ne!(kind, MemoryKind::HostRegistered);
-        let layout =
-            Layout::from_size_align(bytes.max(1), ALIGN).map_err(|_| Error::NeverFits {
-                requested: bytes,
-                limit: isize::MAX as usize,
-                limit_name: "host address space",
-            })?;
-        // SAFETY: the layout has a non-zero size. Zeroed memory (lazily zeroed pages from the
-        // OS for large sizes) keeps host reads of never-written buffers defined.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::OutOfMemory {
-                requested: bytes,
-                reserved: 0,
-                free: 0,
-                largest_free: 0,
-            });
-        }
+        let oom = || Error::OutOfMemory {
+            requested: bytes,
+            reserved: 0,
+            free: self.free_memory().unwrap_or(0),
+            largest_free: 0,
+        };
+        let ptr = if bytes >= MAP_THRESHOLD {
+            // SAFETY: an anonymous private mapping has no preconditions. Its pages are zero and
+            // are only touched (and backed) when first written, unlike an over-aligned
+            // `alloc_zeroed`, which zeroes every byte up front.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(oom());
+            }
+            p.cast::<u8>()
+        } else {
+            let layout = Layout::from_size_align(bytes.max(1), ALIGN).map_err(|_| oom())?;
+            // SAFETY: the layout has a non-zero size. Zeroed so that host reads of a buffer
+            // never written are defined.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            if p.is_null() {
+                return Err(oom());
+            }
+            p
+        };
         Ok(RawAlloc {
             addr: ptr as u64,
             handle: ptr as u64,
@@ -124,6 +145,12 @@ impl Backend for CpuBackend {
     unsafe fn release(&self, raw: RawAlloc) {
         if raw.kind == MemoryKind::HostRegistered {
             return; // wrapped caller memory: the core drops its owner
+        }
+        if raw.bytes >= MAP_THRESHOLD {
+            // SAFETY: `raw` came from `allocate`, which mapped exactly this range (same size
+            // rule), and no pending work uses it (the contract).
+            unsafe { libc::munmap(raw.addr as *mut libc::c_void, raw.bytes) };
+            return;
         }
         // SAFETY: `raw` came from `allocate` with this size and alignment (the contract), so
         // the layout matches the one it was allocated with.

@@ -1,0 +1,175 @@
+//! The platform's own ceiling for each transfer, measured in the same process as unibuf.
+//!
+//! On CUDA these are the driver's calls with nothing around them: cuMemcpy from pinned and from
+//! pageable memory, cuMemcpyDtoD, cuMemsetD8/D32. On the CPU backend they are the C library's
+//! memcpy and memset, which is what the CPU backend's transfers come down to.
+
+/// The ceiling measurements one backend offers.
+pub trait Ceiling {
+    /// What the numbers are ("CUDA driver", "libc memcpy").
+    fn name(&self) -> &'static str;
+    /// Seconds for one transfer of `op` over `bytes` (median), or `None` if not measurable.
+    fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64>;
+}
+
+/// memcpy and memset on host memory.
+pub struct HostCeiling;
+
+impl Ceiling for HostCeiling {
+    fn name(&self) -> &'static str {
+        "host memcpy/memset"
+    }
+    fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64> {
+        let src = vec![7u8; bytes];
+        let mut dst = vec![1u8; bytes];
+        let reps = super::reps_for(bytes);
+        let t = match op {
+            "fill_u8" | "fill_u32" | "fill_u64" => {
+                super::median_seconds::<()>(samples, reps, || {
+                    dst.fill(3);
+                    std::hint::black_box(&dst);
+                    Ok(())
+                })
+            }
+            _ => super::median_seconds::<()>(samples, reps, || {
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                Ok(())
+            }),
+        };
+        t.ok()
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda::DriverCeiling;
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::Ceiling;
+    use cudarc::driver::sys::{self, CUresult};
+    use std::ffi::c_void;
+
+    fn ok(r: CUresult) -> Option<()> {
+        (r == CUresult::CUDA_SUCCESS).then_some(())
+    }
+
+    /// Raw driver transfers on the primary context of GPU 0 with one stream.
+    pub struct DriverCeiling {
+        stream: sys::CUstream,
+    }
+
+    impl DriverCeiling {
+        /// Opens the driver; `None` if there is no usable GPU.
+        pub fn open() -> Option<DriverCeiling> {
+            // SAFETY: plain driver calls with valid out-pointers; the primary context is
+            // retained for the life of the process (a benchmark run).
+            unsafe {
+                if !sys::is_culib_present() {
+                    return None;
+                }
+                ok(sys::cuInit(0))?;
+                let mut dev = 0;
+                ok(sys::cuDeviceGet(&mut dev, 0))?;
+                let mut ctx = std::ptr::null_mut();
+                ok(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
+                ok(sys::cuCtxSetCurrent(ctx))?;
+                let mut stream = std::ptr::null_mut();
+                ok(sys::cuStreamCreate(&mut stream, 1))?;
+                Some(DriverCeiling { stream })
+            }
+        }
+
+        fn time(
+            &self,
+            bytes: usize,
+            samples: usize,
+            mut op: impl FnMut() -> Option<()>,
+        ) -> Option<f64> {
+            let stream = self.stream;
+            super::super::median_seconds(samples, super::super::reps_for(bytes), || {
+                op().ok_or(())?;
+                // SAFETY: a live stream of the current context.
+                ok(unsafe { sys::cuStreamSynchronize(stream) }).ok_or(())
+            })
+            .ok()
+        }
+    }
+
+    impl Ceiling for DriverCeiling {
+        fn name(&self) -> &'static str {
+            "CUDA driver"
+        }
+
+        fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64> {
+            // SAFETY: every pointer below is allocated here for `bytes` bytes and freed after
+            // the stream is synchronised; the context is current on this thread.
+            unsafe {
+                ok(sys::cuCtxSetCurrent({
+                    let mut c = std::ptr::null_mut();
+                    sys::cuStreamGetCtx(self.stream, &mut c);
+                    c
+                }))?;
+                let mut d: sys::CUdeviceptr = 0;
+                ok(sys::cuMemAlloc_v2(&mut d, bytes))?;
+                let mut d2: sys::CUdeviceptr = 0;
+                if ok(sys::cuMemAlloc_v2(&mut d2, bytes)).is_none() {
+                    sys::cuMemFree_v2(d);
+                    return None;
+                }
+                let mut pinned: *mut c_void = std::ptr::null_mut();
+                let have_pinned = ok(sys::cuMemHostAlloc(&mut pinned, bytes, 0)).is_some();
+                if have_pinned {
+                    std::ptr::write_bytes(pinned.cast::<u8>(), 7, bytes);
+                }
+                let mut pageable = vec![7u8; bytes];
+                let s = self.stream;
+                let t = match op {
+                    "h2d_pinned" | "h2d_external" if have_pinned => {
+                        self.time(bytes, samples, || {
+                            ok(sys::cuMemcpyHtoDAsync_v2(d, pinned, bytes, s))
+                        })
+                    }
+                    "d2h_pinned" | "d2h_external" if have_pinned => {
+                        self.time(bytes, samples, || {
+                            ok(sys::cuMemcpyDtoHAsync_v2(pinned, d, bytes, s))
+                        })
+                    }
+                    "h2d_pageable" => self.time(bytes, samples, || {
+                        ok(sys::cuMemcpyHtoDAsync_v2(
+                            d,
+                            pageable.as_ptr().cast(),
+                            bytes,
+                            s,
+                        ))
+                    }),
+                    "d2h_pageable" => self.time(bytes, samples, || {
+                        ok(sys::cuMemcpyDtoHAsync_v2(
+                            pageable.as_mut_ptr().cast(),
+                            d,
+                            bytes,
+                            s,
+                        ))
+                    }),
+                    "d2d_copy" => self.time(bytes, samples, || {
+                        ok(sys::cuMemcpyDtoDAsync_v2(d2, d, bytes, s))
+                    }),
+                    "fill_u8" => {
+                        self.time(bytes, samples, || ok(sys::cuMemsetD8Async(d, 3, bytes, s)))
+                    }
+                    "fill_u32" | "fill_u64" => self.time(bytes, samples, || {
+                        ok(sys::cuMemsetD32Async(d, 0x0102_0304, bytes / 4, s))
+                    }),
+                    _ => None,
+                };
+                sys::cuStreamSynchronize(s);
+                if have_pinned {
+                    sys::cuMemFreeHost(pinned);
+                }
+                sys::cuMemFree_v2(d);
+                sys::cuMemFree_v2(d2);
+                t
+            }
+        }
+    }
+}

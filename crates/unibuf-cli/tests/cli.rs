@@ -1,0 +1,238 @@
+//! End-to-end tests of the `unibuf` binary: exit statuses, the lines scripts rely on, and
+//! clean failures on bad input.
+//!
+//! The tests inherit `UNIBUF_BACKEND`, so that on a GPU machine the same binary is exercised on
+//! the backend the conformance run selects; only the test about that variable sets it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs `unibuf` with `args`; `env` adds variables.
+fn unibuf_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unibuf"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the unibuf binary runs")
+}
+
+fn unibuf(args: &[&str]) -> Output {
+    unibuf_with_env(args, &[])
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts that the command succeeded, showing its output otherwise.
+fn assert_success(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Asserts a clean failure: a non-zero exit status (not a signal), an `error:` message that
+/// contains every one of `needles`, and no panic.
+fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        matches!(o.status.code(), Some(c) if c != 0),
+        "expected a non-zero exit, got {:?}\nstdout:\n{}\nstderr:\n{err}",
+        o.status.code(),
+        stdout(o)
+    );
+    assert!(err.starts_with("error: "), "stderr: {err}");
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    }
+}
+
+/// A path under Cargo's per-package scratch directory for integration tests.
+fn scratch(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", std::process::id()))
+}
+
+#[test]
+fn info_lists_the_backends_and_describes_the_device() {
+    let o = unibuf(&["info"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.contains("cpu"), "{out}");
+    for field in [
+        "name",
+        "backend",
+        "memory",
+        "unified memory",
+        "page size",
+        "max buffer length",
+        "alloc alignment",
+        "timestamps",
+    ] {
+        assert!(out.contains(field), "missing {field:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn info_on_the_cpu_backend_says_so() {
+    let o = unibuf(&["info", "--backend", "cpu"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.contains("chosen by --backend"), "{out}");
+    assert!(out.contains("backend           cpu"), "{out}");
+}
+
+#[test]
+fn info_with_an_absent_backend_fails_naming_it() {
+    let o = unibuf(&["info", "--backend", "nosuch"]);
+    assert_clean_failure(&o, &["nosuch"]);
+}
+
+#[test]
+fn an_absent_backend_in_the_environment_is_an_error_not_a_fallback() {
+    let o = unibuf_with_env(&["demo"], &[("UNIBUF_BACKEND", "nosuch")]);
+    assert_clean_failure(&o, &["nosuch"]);
+    assert!(!stdout(&o).contains("check passed"));
+}
+
+#[test]
+fn demo_passes_its_check_and_prints_the_audit() {
+    let o = unibuf(&["demo"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    for line in [
+        "random weights: the numbers are a runtime check, not a model",
+        "check passed",
+        "copy audit",
+        "tokens/s",
+        "all memory returned",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn demo_handles_shapes_that_fill_no_block_or_chunk_evenly() {
+    let o = unibuf(&["demo", "--hidden", "3", "--layers", "1", "--tokens", "1"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("check passed"));
+    let o = unibuf(&["demo", "--hidden", "257", "--layers", "2", "--tokens", "3"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("check passed"));
+}
+
+#[test]
+fn demo_writes_a_chrome_trace() {
+    let path = scratch("trace.json");
+    let path_arg = path.to_str().expect("a UTF-8 temp path");
+    let o = unibuf(&["demo", "--tokens", "2", "--trace", path_arg]);
+    assert_success(&o);
+    let trace = std::fs::read_to_string(&path).expect("the trace file exists");
+    let _ = std::fs::remove_file(&path);
+    assert!(trace.starts_with('{'), "{}", &trace[..trace.len().min(200)]);
+    assert!(trace.contains("\"traceEvents\""));
+    assert!(trace.contains("\"ph\":\"X\""));
+    assert!(trace.trim_end().ends_with('}'));
+}
+
+#[test]
+fn demo_reports_a_trace_it_cannot_write() {
+    let path = scratch("no-such-dir").join("trace.json");
+    let o = unibuf(&[
+        "demo",
+        "--tokens",
+        "1",
+        "--trace",
+        path.to_str().expect("UTF-8"),
+    ]);
+    assert_clean_failure(&o, &["trace", "no-such-dir"]);
+}
+
+#[test]
+fn demo_rejects_zero_sizes() {
+    for flag in ["--hidden", "--layers", "--tokens"] {
+        let o = unibuf(&["demo", flag, "0"]);
+        assert_clean_failure(&o, &[flag]);
+    }
+}
+
+#[test]
+fn demo_rejects_values_that_are_not_sizes() {
+    for (flag, value) in [
+        ("--hidden", "-1"),
+        ("--layers", "many"),
+        ("--tokens", "1.5"),
+    ] {
+        let o = unibuf(&["demo", flag, value]);
+        assert_clean_failure(&o, &[]);
+    }
+}
+
+#[test]
+fn demo_refuses_a_model_larger_than_the_device() {
+    let o = unibuf(&["demo", "--hidden", "1000000", "--layers", "1000"]);
+    assert_clean_failure(&o, &["needs about"]);
+    let o = unibuf(&["demo", "--hidden", "4000000000"]);
+    assert_clean_failure(&o, &["--hidden"]);
+}
+
+#[test]
+fn bench_transfers_measures_every_path_beside_its_ceiling() {
+    let json = scratch("bench.json");
+    let o = unibuf(&[
+        "bench",
+        "transfers",
+        "--sizes",
+        "64K,1M",
+        "--samples",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_success(&o);
+    let out = stdout(&o);
+    for op in [
+        "h2d_pinned",
+        "h2d_pageable",
+        "h2d_external",
+        "d2h_pinned",
+        "d2h_pageable",
+        "d2h_external",
+        "d2d_copy",
+        "fill_u8",
+        "fill_u32",
+        "fill_u64",
+    ] {
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with(op)).count(),
+            2,
+            "{op} at two sizes:\n{out}"
+        );
+    }
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert!(text.starts_with('{') && text.contains("\"rows\""));
+    assert_eq!(text.matches("\"unibuf_gbps\"").count(), 20);
+    assert!(
+        !text.contains("\"unibuf_gbps\":0.0000"),
+        "every path moved bytes"
+    );
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn bench_rejects_sizes_that_are_not_sizes() {
+    let o = unibuf(&["bench", "transfers", "--sizes", "12Q"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("12Q"), "{}", stderr(&o));
+    let o = unibuf(&["bench", "transfers", "--samples", "0"]);
+    assert!(!o.status.success());
+}
