@@ -74,7 +74,14 @@ fn assert_clean_failure(o: &Output, needles: &[&str]) {
 
 /// A path under Cargo's per-package scratch directory for integration tests.
 fn scratch(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", std::process::id()))
+    // Cargo's scratch directory where it exists; the system's elsewhere (a copied bundle).
+    let cargo_tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = if cargo_tmp.is_dir() {
+        cargo_tmp
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("{}-{name}", std::process::id()))
 }
 
 #[test]
