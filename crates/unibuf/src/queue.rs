@@ -2,7 +2,7 @@
 
 use crate::backend::{Command, LaunchArg, LaunchDims};
 use crate::buffer::Buffer;
-use crate::device::{DeviceInner, Use};
+use crate::device::{Completion, DeviceInner, Use};
 use crate::epoch::{Access, Fence, QueueId};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, KernelArg, ParamKind};
@@ -199,6 +199,7 @@ impl Queue {
                 dims,
                 args: launch_args,
             }],
+            Completion::Queue,
         )
     }
 }

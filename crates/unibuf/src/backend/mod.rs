@@ -212,6 +212,10 @@ pub struct Submission<'a> {
     pub label: &'a str,
     /// The commands, run in order.
     pub commands: &'a [Command],
+    /// Whether the caller will wait for this very submission while later ones are in flight
+    /// (staging chunks): then its completion must be observable on its own, even where the
+    /// backend otherwise tracks completion only for the queue as a whole.
+    pub exact_completion: bool,
 }
 
 /// Device-side start and end of a submission, in nanoseconds on the backend's own clock,

@@ -25,6 +25,16 @@ pub(crate) struct Use<'a> {
     pub access: Access,
 }
 
+/// How precisely a submission's completion must be observable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Completion of the queue as a whole suffices (no per-submission event on CUDA while the
+    /// device has one queue).
+    Queue,
+    /// The caller waits for this submission while later ones run (staging chunks).
+    Exact,
+}
+
 /// Wrapped caller memory whose unwrapping waits for the work that used it.
 struct DeferredRelease {
     raw: RawAlloc,
@@ -278,6 +288,7 @@ impl DeviceInner {
         what: &'static str,
         uses: &[Use<'_>],
         mut commands: Vec<Command>,
+        completion: Completion,
     ) -> Result<Fence> {
         self.check_fault()?;
         let started = self.ledger.now_ns();
@@ -333,6 +344,7 @@ impl DeviceInner {
                 Submission {
                     label,
                     commands: &commands,
+                    exact_completion: completion == Completion::Exact,
                 },
             )
         })?;

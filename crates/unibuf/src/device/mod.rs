@@ -2,7 +2,7 @@
 
 mod inner;
 
-pub(crate) use inner::{DeviceInner, Use};
+pub(crate) use inner::{Completion, DeviceInner, Use};
 
 use crate::alloc::{Budget, MemoryStats};
 use crate::backend::{cpu::CpuBackend, Backend, BackendOptions, DeviceInfo, KernelCacheStats};

@@ -16,7 +16,7 @@ pub(crate) mod staging;
 use crate::allocation::Allocation;
 use crate::backend::{Command, FillPattern};
 use crate::buffer::Buffer;
-use crate::device::Use;
+use crate::device::{Completion, Use};
 use crate::dtype::Element;
 use crate::epoch::{Access, Fence};
 use crate::error::{Error, Result};
@@ -195,6 +195,7 @@ impl Queue {
                     src: chunk.range(piece.len()),
                     dst: dst.alloc.range(off, piece.len()),
                 }],
+                Completion::Exact,
             );
             let ok = submitted.as_ref().ok().copied();
             dev.staging.put(chunk, ok);
@@ -300,6 +301,7 @@ impl Queue {
                     src: src.alloc.range(off, n),
                     dst: chunk.range(n),
                 }],
+                Completion::Exact,
             ) {
                 Ok(fence) => {
                     last = fence;
@@ -370,6 +372,7 @@ impl Queue {
                 src: src.alloc.range(r.start, bytes),
                 dst: snapshot.range(0, bytes),
             }],
+            Completion::Queue,
         )?;
         self.audit_end(audit, &label, true, fence);
         Ok(PendingDownload {
@@ -438,6 +441,7 @@ impl Queue {
                     src: src.alloc.range(s.start, s.len()),
                     dst: dst.alloc.range(d.start, d.len()),
                 }],
+                Completion::Queue,
             )?
         };
         self.audit_end(audit, &label, false, fence);
@@ -501,6 +505,7 @@ impl Queue {
                     dst: dst.alloc.range(d.start, d.len()),
                     pattern,
                 }],
+                Completion::Queue,
             )?
         };
         self.audit_end(audit, &label, false, fence);

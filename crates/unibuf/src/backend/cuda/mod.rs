@@ -611,7 +611,9 @@ impl Backend for CudaBackend {
             }
         }
         self.recycle(fresh);
-        let event = if self.multi_queue.load(Ordering::SeqCst) {
+        // One queue: no event unless the caller will wait for this submission alone (a staging
+        // chunk), since a stream synchronisation would also wait for everything after it.
+        let event = if submission.exact_completion || self.multi_queue.load(Ordering::SeqCst) {
             let ev = self
                 .take_event()
                 .map_err(|e| e.into_error("creating an event"))?;

@@ -1,8 +1,9 @@
 //! A CUDA queue: a stream and the completion record of its submissions.
 //!
-//! While the device has one queue, no events are recorded at all: completion is read with
-//! cuStreamQuery (all-or-nothing, so the completed epoch may lag but is never ahead) and waits
-//! use cuStreamSynchronize. Once a second queue exists, every submission records a pooled event,
+//! While the device has one queue, no events are recorded for ordinary work: completion is read
+//! with cuStreamQuery (all-or-nothing, so the completed epoch may lag but is never ahead) and
+//! waits use cuStreamSynchronize. Submissions that ask for exact completion (staging chunks,
+//! which the transfer engine waits for one by one while later ones run) get an event. Once a second queue exists, every submission records a pooled event,
 //! so that completion is exact per epoch and cross-queue waits are cuStreamWaitEvent on the
 //! producer's event, never a device-wide sync.
 
@@ -177,13 +178,13 @@ impl CudaQueue {
         Ok(st.completed)
     }
 
-    /// What to block on to see `epoch` complete: the first event at or after it, or the whole
-    /// stream when no event is recorded there.
+    /// What to block on to see `epoch` complete: the first event recorded at or after it (its
+    /// completion implies the epoch's), or the whole stream when none is.
     pub fn wait_target(st: &QueueState, epoch: Epoch) -> Option<Event> {
         st.in_flight
             .iter()
-            .find(|f| f.epoch >= epoch)
-            .and_then(|f| f.event)
+            .filter(|f| f.epoch >= epoch)
+            .find_map(|f| f.event)
     }
 
     /// The event a wait on another queue can use for `epoch`, if one is recorded at or after it.
