@@ -10,6 +10,10 @@ pub trait Ceiling {
     fn name(&self) -> &'static str;
     /// Seconds for one transfer of `op` over `bytes` (median), or `None` if not measurable.
     fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64>;
+    /// Host seconds per launch of an empty kernel, `count` back to back (median of `samples`).
+    fn launch_seconds(&mut self, _count: usize, _samples: usize) -> Option<f64> {
+        None
+    }
 }
 
 /// memcpy and memset on host memory.
@@ -52,6 +56,25 @@ mod cuda {
 
     fn ok(r: CUresult) -> Option<()> {
         (r == CUresult::CUDA_SUCCESS).then_some(())
+    }
+
+    /// The empty kernel compiled by NVRTC and loaded with the driver, for bare launches.
+    fn noop_function() -> Option<sys::CUfunction> {
+        let ptx = cudarc::nvrtc::compile_ptx(super::super::launch::NOOP_CUDA).ok()?;
+        let image = std::ffi::CString::new(ptx.to_src()).ok()?;
+        let mut module = std::ptr::null_mut();
+        let mut function = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated PTX image; valid out-pointers; the module stays loaded for
+        // the life of the process (a benchmark run).
+        unsafe {
+            ok(sys::cuModuleLoadData(&mut module, image.as_ptr().cast()))?;
+            ok(sys::cuModuleGetFunction(
+                &mut function,
+                module,
+                c"unibuf_bench_noop".as_ptr(),
+            ))?;
+        }
+        Some(function)
     }
 
     /// Raw driver transfers on the primary context of GPU 0 with one stream.
@@ -99,6 +122,49 @@ mod cuda {
     impl Ceiling for DriverCeiling {
         fn name(&self) -> &'static str {
             "CUDA driver"
+        }
+
+        fn launch_seconds(&mut self, count: usize, samples: usize) -> Option<f64> {
+            let function = noop_function()?;
+            let mut out: sys::CUdeviceptr = 0;
+            // SAFETY: valid out-pointer; the context is current.
+            ok(unsafe { sys::cuMemAlloc_v2(&mut out, 4) })?;
+            let mut n: u32 = 0;
+            let mut times = Vec::new();
+            for sample in 0..=samples {
+                let t = std::time::Instant::now();
+                for _ in 0..count {
+                    let mut params: [*mut c_void; 2] =
+                        [(&mut out as *mut u64).cast(), (&mut n as *mut u32).cast()];
+                    // SAFETY: a loaded kernel taking (unsigned int*, unsigned int); `params`
+                    // points at values of those types, alive for the call.
+                    ok(unsafe {
+                        sys::cuLaunchKernel(
+                            function,
+                            1,
+                            1,
+                            1,
+                            32,
+                            1,
+                            1,
+                            0,
+                            self.stream,
+                            params.as_mut_ptr(),
+                            std::ptr::null_mut(),
+                        )
+                    })?;
+                }
+                let per = t.elapsed().as_secs_f64() / count as f64;
+                // SAFETY: a live stream.
+                ok(unsafe { sys::cuStreamSynchronize(self.stream) })?;
+                if sample > 0 {
+                    times.push(per);
+                }
+            }
+            // SAFETY: allocated above; the stream is synchronised.
+            unsafe { sys::cuMemFree_v2(out) };
+            times.sort_by(|a, b| a.total_cmp(b));
+            times.get(times.len() / 2).copied()
         }
 
         fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64> {

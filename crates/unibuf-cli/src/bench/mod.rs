@@ -1,6 +1,7 @@
 //! `unibuf bench`: measurements run side by side with the platform's own ceiling.
 
 pub mod ceiling;
+pub mod launch;
 pub mod transfers;
 
 use crate::{open_device, Context, Failure};
@@ -13,6 +14,22 @@ use unibuf::ledger::fmt_bytes;
 pub enum Command {
     /// Host<->device from pinned, pageable and External memory, device copy and fills.
     Transfers(TransferArgs),
+    /// Host time per kernel launch, beside the platform's bare launch.
+    Launch(LaunchArgs),
+}
+
+/// Options of `unibuf bench launch`.
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// The backend (default: $UNIBUF_BACKEND, else the best found).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Launches per sample.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    count: u32,
+    /// Samples (the median is reported).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    samples: u32,
 }
 
 /// Options of `unibuf bench transfers`.
@@ -36,7 +53,45 @@ pub struct TransferArgs {
 pub fn run(cmd: &Command, out: &mut dyn Write) -> Result<(), Failure> {
     match cmd {
         Command::Transfers(args) => run_transfers(args, out),
+        Command::Launch(args) => run_launch(args, out),
     }
+}
+
+fn run_launch(args: &LaunchArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let (dev, how) = open_device(args.backend.as_deref())?;
+    let mut ceiling = ceiling_for(&dev);
+    let f = launch::run(
+        &dev,
+        ceiling.as_mut(),
+        args.count as usize,
+        args.samples as usize,
+    )
+    .context("benchmarking launches")?;
+    writeln!(
+        out,
+        "unibuf bench launch on {} ({} backend, {how}); {} launches per sample, median of {}",
+        dev.info().name,
+        dev.info().backend,
+        args.count,
+        args.samples
+    )?;
+    writeln!(out, "{:<28} {:>10}", "launch (empty kernel)", "us/launch")?;
+    writeln!(
+        out,
+        "{:<28} {:>10.3}",
+        "unibuf (checked, labelled)", f.unibuf_us
+    )?;
+    match f.ceiling_us {
+        Some(c) => writeln!(
+            out,
+            "{:<28} {:>10.3}   ratio {:.2}",
+            ceiling.name(),
+            c,
+            f.unibuf_us / c
+        )?,
+        None => writeln!(out, "{:<28} {:>10}", ceiling.name(), "-")?,
+    }
+    Ok(())
 }
 
 fn ceiling_for(dev: &unibuf::Device) -> Box<dyn ceiling::Ceiling> {

@@ -1,0 +1,74 @@
+//! `unibuf bench launch`: host time per kernel launch, beside the driver's bare cuLaunchKernel.
+//!
+//! A kernel that does nothing is launched many times back to back on one queue without waiting;
+//! the host time per launch is what an inference engine pays per op on its CPU thread. The
+//! device drains afterwards, outside the timed loop.
+
+use super::ceiling::Ceiling;
+use std::time::Instant;
+use unibuf::{DType, Device, KernelSource, LaunchDims, Param, Result, ScalarType, StorageMode};
+
+/// The empty kernel: its CUDA C is shared with the driver ceiling.
+pub const NOOP_CUDA: &str = r#"extern "C" __global__ void unibuf_bench_noop(unsigned int* out, unsigned int n) {
+    if (n != 0u && threadIdx.x == 0u) out[0] = n;
+}"#;
+
+/// The empty kernel as a registry entry.
+pub static NOOP: KernelSource = KernelSource {
+    name: "unibuf_bench_noop",
+    params: &[
+        Param::output("out", DType::U32),
+        Param::scalar("n", ScalarType::U32),
+    ],
+    cuda: Some(NOOP_CUDA),
+    msl: None,
+    cpu: Some(|args| {
+        let n = args.u32(1)?;
+        if n != 0 {
+            args.output::<u32>(0)?[0] = n;
+        }
+        Ok(())
+    }),
+};
+
+/// Microseconds of host time per launch: unibuf, and the ceiling where it can measure one.
+pub struct LaunchFigures {
+    /// unibuf's typed, checked launch.
+    pub unibuf_us: f64,
+    /// The platform's bare launch.
+    pub ceiling_us: Option<f64>,
+}
+
+/// Launches `count` times per sample and reports the median of `samples` samples.
+pub fn run(
+    dev: &Device,
+    ceiling: &mut dyn Ceiling,
+    count: usize,
+    samples: usize,
+) -> Result<LaunchFigures> {
+    dev.register_kernel(NOOP)?;
+    let kernel = dev.kernel(NOOP.name)?;
+    let out = dev.alloc_labelled("bench launch", DType::U32, &[1], StorageMode::Private)?;
+    let q = dev.queue().labelled("noop");
+    let mut times = Vec::with_capacity(samples);
+    for sample in 0..=samples {
+        let t = Instant::now();
+        for _ in 0..count {
+            q.launch(
+                &kernel,
+                LaunchDims::linear(1, 32),
+                &[(&out).into(), 0u32.into()],
+            )?;
+        }
+        let per = t.elapsed().as_secs_f64() / count as f64;
+        q.drain()?;
+        if sample > 0 {
+            times.push(per); // sample 0 warms up
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(LaunchFigures {
+        unibuf_us: times[times.len() / 2] * 1e6,
+        ceiling_us: ceiling.launch_seconds(count, samples).map(|s| s * 1e6),
+    })
+}
