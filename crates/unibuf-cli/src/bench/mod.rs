@@ -47,6 +47,23 @@ pub struct TransferArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// The staging ring as CHUNK,COUNT (e.g. 16M,8); default: the device's.
+    #[arg(long, value_parser = parse_staging)]
+    staging: Option<(usize, usize)>,
+    /// Only the operations whose names contain this (e.g. "pageable").
+    #[arg(long)]
+    only: Option<String>,
+}
+
+fn parse_staging(s: &str) -> Result<(usize, usize), String> {
+    let (chunk, count) = s
+        .split_once(',')
+        .ok_or_else(|| format!("'{s}' is not CHUNK,COUNT (e.g. 16M,8)"))?;
+    let count: usize = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{count}' is not a chunk count"))?;
+    Ok((parse_size(chunk)?, count))
 }
 
 /// Runs a benchmark and prints its table.
@@ -106,7 +123,16 @@ fn ceiling_for(dev: &unibuf::Device) -> Box<dyn ceiling::Ceiling> {
 }
 
 fn run_transfers(args: &TransferArgs, out: &mut dyn Write) -> Result<(), Failure> {
-    let (dev, how) = open_device(args.backend.as_deref())?;
+    let (dev, how) = match args.staging {
+        None => open_device(args.backend.as_deref())?,
+        Some((chunk, count)) => {
+            let mut b = unibuf::Device::builder().staging(chunk, count);
+            if let Some(name) = &args.backend {
+                b = b.backend(name);
+            }
+            (b.open().context("opening the device")?, "--staging")
+        }
+    };
     let mut ceiling = ceiling_for(&dev);
     writeln!(
         out,
@@ -128,6 +154,7 @@ fn run_transfers(args: &TransferArgs, out: &mut dyn Write) -> Result<(), Failure
         ceiling.as_mut(),
         &args.sizes,
         args.samples as usize,
+        args.only.as_deref().unwrap_or(""),
         |r| {
             let line = format_row(r);
             if let Err(e) = writeln!(out, "{line}") {

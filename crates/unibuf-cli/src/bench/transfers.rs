@@ -99,12 +99,13 @@ fn ours(dev: &Device, b: &mut Buffers, op: &str, bytes: usize, samples: usize) -
     }
 }
 
-/// Measures every operation at every size.
+/// Measures every operation whose name contains `only` at every size.
 pub fn run(
     dev: &Device,
     ceiling: &mut dyn Ceiling,
     sizes: &[usize],
     samples: usize,
+    only: &str,
     mut progress: impl FnMut(&Row),
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
@@ -112,7 +113,7 @@ pub fn run(
         // Whole 8-byte words, so that every fill width divides the size.
         let bytes = bytes.next_multiple_of(8);
         let mut b = buffers(dev, bytes)?;
-        for (op, factor, ceiling_op, same_op) in OPS {
+        for (op, factor, ceiling_op, same_op) in OPS.into_iter().filter(|o| o.0.contains(only)) {
             let t = ours(dev, &mut b, op, bytes, samples)?;
             let gbps = |secs: f64| factor * bytes as f64 / secs / 1e9;
             let row = Row {
