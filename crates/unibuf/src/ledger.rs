@@ -109,7 +109,7 @@ struct Inner {
     records: VecDeque<CopyRecord>,
     submissions: VecDeque<SubmissionRecord>,
     by_direction: BTreeMap<Direction, Totals>,
-    by_site: BTreeMap<(String, u32, Direction), Totals>,
+    by_site: BTreeMap<(&'static str, u32, Direction), Totals>,
     dropped_records: u64,
     enabled: bool,
 }
@@ -157,7 +157,7 @@ impl Ledger {
         }
         g.by_direction.entry(r.direction).or_default().add(&r);
         g.by_site
-            .entry((r.location.file().to_owned(), r.location.line(), r.direction))
+            .entry((r.location.file(), r.location.line(), r.direction))
             .or_default()
             .add(&r);
         if g.records.len() == self.capacity {

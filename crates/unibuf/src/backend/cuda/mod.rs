@@ -645,34 +645,35 @@ impl Backend for CudaBackend {
     fn wait(&self, queue: QueueId, epoch: Epoch) -> Result<()> {
         self.bind()?;
         let q = self.queue(queue)?;
-        loop {
-            let mut recycle = Vec::new();
-            let target = {
-                let mut st = q.lock();
-                let done = q.refresh(&mut st, &mut recycle);
-                if let Err(e) = done {
-                    self.recycle(recycle);
-                    return Err(e);
-                }
-                if CudaQueue::completed_epoch(&st) >= epoch {
-                    self.recycle(recycle);
-                    return Ok(());
-                }
-                if epoch > st.submitted {
-                    self.recycle(recycle);
-                    return Err(Error::invalid(
-                        "epoch",
-                        format!(
-                            "{queue} has submitted {} epochs; cannot wait for {epoch}",
-                            st.submitted
-                        ),
-                    ));
-                }
-                CudaQueue::wait_target(&st, epoch)
-            };
-            self.recycle(recycle);
-            q.block(target).map_err(|e| q.fail(e))?;
-        }
+        // The record is checked without asking the device: a wait is usually for work still
+        // running, and blocking tells completion (or the fault) by itself.
+        let (target, upto) = {
+            let st = q.lock();
+            if let Some(f) = CudaQueue::fault_state(&st) {
+                return Err(f);
+            }
+            if CudaQueue::completed_epoch(&st) >= epoch {
+                return Ok(());
+            }
+            if epoch > st.submitted {
+                return Err(Error::invalid(
+                    "epoch",
+                    format!(
+                        "{queue} has submitted {} epochs; cannot wait for {epoch}",
+                        st.submitted
+                    ),
+                ));
+            }
+            match CudaQueue::wait_target(&st, epoch) {
+                Some((event, at)) => (Some(event), at),
+                None => (None, st.submitted),
+            }
+        };
+        q.block(target).map_err(|e| q.fail(e))?;
+        let mut recycle = Vec::new();
+        CudaQueue::mark_completed(&mut q.lock(), upto, &mut recycle);
+        self.recycle(recycle);
+        Ok(())
     }
 
     fn gpu_span(&self, _queue: QueueId, _epoch: Epoch) -> Option<GpuSpan> {

@@ -180,16 +180,25 @@ impl CudaQueue {
 
     /// What to block on to see `epoch` complete: the first event recorded at or after it (its
     /// completion implies the epoch's), or the whole stream when none is.
-    pub fn wait_target(st: &QueueState, epoch: Epoch) -> Option<Event> {
+    pub fn wait_target(st: &QueueState, epoch: Epoch) -> Option<(Event, Epoch)> {
         st.in_flight
             .iter()
             .filter(|f| f.epoch >= epoch)
-            .find_map(|f| f.event)
+            .find_map(|f| f.event.map(|e| (e, f.epoch)))
+    }
+
+    /// Records that everything up to `upto` completed (seen by blocking on it), returning the
+    /// events of those submissions for recycling.
+    pub fn mark_completed(st: &mut QueueState, upto: Epoch, recycle: &mut Vec<Event>) {
+        st.completed = st.completed.max(upto);
+        while st.in_flight.front().is_some_and(|f| f.epoch <= upto) {
+            recycle.extend(st.in_flight.pop_front().and_then(|f| f.event));
+        }
     }
 
     /// The event a wait on another queue can use for `epoch`, if one is recorded at or after it.
     pub fn event_for(st: &QueueState, epoch: Epoch) -> Option<Event> {
-        Self::wait_target(st, epoch)
+        Self::wait_target(st, epoch).map(|(e, _)| e)
     }
 
     /// Blocks on the stream or an event (without holding the state lock).
