@@ -3,7 +3,8 @@
 //! - `unibuf info` lists the backends and describes the device that would be opened;
 //! - `unibuf demo` runs a small decoder-style stack end to end on random weights and checks the
 //!   result against an independent f64 host reference;
-//! - `unibuf bench transfers` measures every transfer path beside the platform's own ceiling.
+//! - `unibuf bench transfers` measures every transfer path beside the platform's own ceiling;
+//! - `unibuf replay TRACE` replays an allocation trace through the allocator.
 //!
 //! Every failure, whether bad input, an unavailable backend, a runtime error or a failed check,
 //! ends the process with a non-zero exit status and a single `error: ...` line on stderr.
@@ -12,6 +13,7 @@ mod bench;
 mod demo;
 mod demo_kernels;
 mod info;
+mod replay;
 
 use clap::{Parser, Subcommand};
 use std::fmt;
@@ -34,6 +36,8 @@ enum Command {
     Info(info::Args),
     /// Runs a small MLP decoder stack on random weights and checks it against an f64 reference.
     Demo(demo::Args),
+    /// Replays an allocation trace through the allocator and reports fragmentation and speed.
+    Replay(replay::Args),
     /// Benchmarks, each beside the platform's own ceiling measured in the same run.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args, &mut out),
         Command::Demo(args) => demo::run(args, &mut out),
         Command::Bench(cmd) => bench::run(cmd, &mut out),
+        Command::Replay(args) => replay::run(args, &mut out),
     };
     // Flush before reporting so that stdout and the error line appear in order on a terminal.
     let result = result.and_then(|()| out.flush().map_err(Failure::from));

@@ -15,15 +15,19 @@ pub struct MemoryStats {
     pub reserved_bytes: usize,
     /// High-water mark of `reserved_bytes`.
     pub peak_reserved_bytes: usize,
-    /// Bytes of freed blocks kept for reuse.
+    /// Bytes held but not in use: freed blocks kept for reuse, or mapped granules no live
+    /// block uses.
     pub cached_bytes: usize,
-    /// Freed blocks kept for reuse.
+    /// Freed blocks, or mapped granules, kept for reuse.
     pub cached_count: usize,
+    /// Whether blocks are placed in virtual memory mapped in granules (false: the backend has
+    /// no such API and whole blocks are cached by size class instead).
+    pub virtual_memory: bool,
     /// Allocations served from the cache.
     pub cache_hits: u64,
-    /// Calls to the backend's allocate.
+    /// Calls to the backend's allocate, or granule ranges mapped.
     pub device_allocs: u64,
-    /// Calls to the backend's release.
+    /// Calls to the backend's release, or granule ranges unmapped.
     pub device_frees: u64,
     /// Times an allocation released the cache or waited for pending work and tried again.
     pub oom_retries: u64,
@@ -72,8 +76,17 @@ impl std::fmt::Display for MemoryStats {
         )?;
         write!(
             f,
-            "calls     {} device allocs, {} device frees, {} cache hits, {} retries, {} OOMs",
-            self.device_allocs, self.device_frees, self.cache_hits, self.oom_retries, self.ooms
+            "calls     {} device allocs, {} device frees, {} cache hits, {} retries, {} OOMs ({})",
+            self.device_allocs,
+            self.device_frees,
+            self.cache_hits,
+            self.oom_retries,
+            self.ooms,
+            if self.virtual_memory {
+                "virtual memory, mapped in granules"
+            } else {
+                "whole blocks cached"
+            }
         )
     }
 }

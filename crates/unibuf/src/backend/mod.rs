@@ -246,6 +246,40 @@ pub struct KernelCacheStats {
     pub memory_hits: u64,
 }
 
+/// Virtual memory: an address range reserved once, with physical memory mapped into it and
+/// out of it in granules. The allocator places blocks in such a range so that freed memory can
+/// go back to the system page by page, whatever sizes come and go (CUDA's cuMemAddressReserve /
+/// cuMemCreate / cuMemMap; anonymous mappings on the CPU).
+pub trait VirtualMemory: Send + Sync {
+    /// The mapping granule in bytes (a power of two).
+    fn granularity(&self) -> usize;
+
+    /// Reserves `bytes` (a multiple of the granularity) of address space for `kind` memory;
+    /// returns its base. Nothing is mapped yet.
+    ///
+    /// # Safety
+    /// Released only through `unreserve`, after every granule was unmapped.
+    unsafe fn reserve(&self, kind: MemoryKind, bytes: usize) -> Result<u64>;
+
+    /// Maps physical memory at `addr..addr + bytes` (granule-aligned, inside a reservation).
+    ///
+    /// # Safety
+    /// The range lies in a reservation of this backend and is not mapped.
+    unsafe fn map(&self, kind: MemoryKind, addr: u64, bytes: usize) -> Result<()>;
+
+    /// Unmaps `addr..addr + bytes`, returning its physical memory.
+    ///
+    /// # Safety
+    /// The range is mapped, and no pending work and no live buffer uses it.
+    unsafe fn unmap(&self, kind: MemoryKind, addr: u64, bytes: usize);
+
+    /// Releases a reservation.
+    ///
+    /// # Safety
+    /// Nothing in it is mapped.
+    unsafe fn unreserve(&self, kind: MemoryKind, base: u64, bytes: usize);
+}
+
 /// Residency control for backends that page memory in and out of the device's working set
 /// (Metal residency sets). The core batches additions and defers removals by epoch.
 pub trait ResidencyHooks: Send + Sync {
@@ -335,6 +369,12 @@ pub trait Backend: Send + Sync {
 
     /// Free device memory in bytes, where the platform reports it.
     fn free_memory(&self) -> Option<usize> {
+        None
+    }
+
+    /// Virtual memory for `kind`, for backends that can map memory in granules; without it the
+    /// allocator caches whole blocks from `allocate`.
+    fn virtual_memory(&self, _kind: MemoryKind) -> Option<&dyn VirtualMemory> {
         None
     }
 

@@ -193,6 +193,7 @@ impl DeviceInner {
         let block = Block {
             raw,
             fences: FenceSet::new(),
+            in_arena: false,
         };
         Ok(Allocation::new(
             self.clone(),
@@ -501,6 +502,8 @@ impl Drop for DeviceInner {
         }
         self.residency.apply_removals(&*self.backend, |_| true);
         self.staging.trim(&*self.backend);
-        lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);
+        let mut alloc = lock(&self.alloc);
+        alloc.release_cached(&*self.backend, usize::MAX, true);
+        alloc.shutdown(&*self.backend);
     }
 }

@@ -460,6 +460,18 @@ impl Device {
         self.inner.residency.set_budget(bytes);
     }
 
+    /// Replays an allocation trace through a fresh allocator over this device's Private memory
+    /// (with this device's budget), releasing everything at the end.
+    pub fn replay(&self, trace: &crate::alloc::Trace) -> Result<crate::alloc::ReplayReport> {
+        self.inner.check_fault()?;
+        crate::alloc::replay::replay(
+            &*self.inner.backend,
+            crate::storage::MemoryKind::Device,
+            trace,
+            self.inner.budget(),
+        )
+    }
+
     /// Residency figures.
     pub fn residency_stats(&self) -> ResidencyStats {
         self.inner.poll_deferred();

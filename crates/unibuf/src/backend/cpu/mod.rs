@@ -11,7 +11,7 @@ mod queue;
 pub use kernel_abi::{CpuKernelArgs, CpuKernelFn};
 
 use crate::backend::{
-    Backend, DeviceInfo, GpuSpan, KernelCacheStats, PipelineId, RawAlloc, Submission,
+    Backend, DeviceInfo, GpuSpan, KernelCacheStats, PipelineId, RawAlloc, Submission, VirtualMemory,
 };
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, Result};
@@ -247,12 +247,86 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn virtual_memory(&self, kind: MemoryKind) -> Option<&dyn VirtualMemory> {
+        (kind != MemoryKind::HostRegistered).then_some(self as &dyn VirtualMemory)
+    }
+
     fn free_memory(&self) -> Option<usize> {
         // SAFETY: sysconf has no preconditions.
         let pages = unsafe { libc::sysconf(libc::_SC_AVPHYS_PAGES) };
         usize::try_from(pages).ok().map(|p| p * self.info.page_size)
     }
 }
+
+/// Host virtual memory: a reservation is an inaccessible anonymous mapping; mapping makes pages
+/// readable and writable (the OS backs them, zeroed, on first touch); unmapping gives the
+/// physical pages back and makes them inaccessible again.
+impl VirtualMemory for CpuBackend {
+    fn granularity(&self) -> usize {
+        CPU_GRANULE
+    }
+
+    unsafe fn reserve(&self, _kind: MemoryKind, bytes: usize) -> Result<u64> {
+        // SAFETY: a fresh anonymous mapping; NORESERVE: address space only, no memory commit.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                reserved: 0,
+                free: 0,
+                largest_free: 0,
+            });
+        }
+        Ok(p as u64)
+    }
+
+    unsafe fn map(&self, _kind: MemoryKind, addr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the range lies in our reservation (the contract).
+        let r = unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                reserved: 0,
+                free: self.free_memory().unwrap_or(0),
+                largest_free: 0,
+            });
+        }
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, _kind: MemoryKind, addr: u64, bytes: usize) {
+        // SAFETY: the range is mapped and unused (the contract). DONTNEED drops the pages (they
+        // read as zero if mapped again); PROT_NONE makes stray accesses fault.
+        unsafe {
+            libc::madvise(addr as *mut libc::c_void, bytes, libc::MADV_DONTNEED);
+            libc::mprotect(addr as *mut libc::c_void, bytes, libc::PROT_NONE);
+        }
+    }
+
+    unsafe fn unreserve(&self, _kind: MemoryKind, base: u64, bytes: usize) {
+        // SAFETY: our reservation, with nothing mapped in it (the contract).
+        unsafe { libc::munmap(base as *mut libc::c_void, bytes) };
+    }
+}
+
+/// The CPU backend's mapping granule: the 2 MiB of a huge page, the same as CUDA's, so that
+/// allocation behaviour (and fragmentation) tested on the CPU is what a GPU sees.
+const CPU_GRANULE: usize = 2 << 20;
 
 /// The host's page size.
 pub(crate) fn host_page_size() -> usize {

@@ -1,0 +1,231 @@
+//! Trace replay: an allocation trace through the allocator policy, on a device's memory or on
+//! simulated memory (no device needed), reporting fragmentation and speed.
+
+use super::trace::{Trace, TraceEvent};
+use super::{Allocator, Block, Budget, MemoryStats};
+use crate::backend::{
+    Backend, DeviceInfo, GpuSpan, PipelineId, RawAlloc, Submission, VirtualMemory,
+};
+use crate::epoch::{Epoch, QueueId};
+use crate::error::{Error, Result};
+use crate::kernel::{Constants, KernelSource};
+use crate::storage::MemoryKind;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// What a replay measured.
+#[derive(Clone, Debug)]
+pub struct ReplayReport {
+    /// Where the memory came from: a device's name, or "simulated".
+    pub memory: String,
+    /// Events replayed.
+    pub events: usize,
+    /// The most bytes live at once, as the trace requested them.
+    pub peak_live_bytes: usize,
+    /// The most bytes the allocator held from the backend at once.
+    pub peak_reserved_bytes: usize,
+    /// Host nanoseconds per event (allocator time, backend calls included).
+    pub ns_per_event: f64,
+    /// The allocator's statistics at the end, before its cache was released.
+    pub stats: MemoryStats,
+}
+
+impl ReplayReport {
+    /// Peak reserved over peak live: 1.0 is no fragmentation and no rounding at the peak.
+    pub fn fragmentation(&self) -> f64 {
+        self.peak_reserved_bytes as f64 / self.peak_live_bytes.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::ledger::fmt_bytes;
+        writeln!(
+            f,
+            "replayed {} events on {} memory",
+            self.events, self.memory
+        )?;
+        writeln!(
+            f,
+            "peak live {}  peak reserved {}  reserved/live {:.3}",
+            fmt_bytes(self.peak_live_bytes as u64),
+            fmt_bytes(self.peak_reserved_bytes as u64),
+            self.fragmentation()
+        )?;
+        writeln!(f, "{:.1} ns per event", self.ns_per_event)?;
+        write!(
+            f,
+            "{} device allocs, {} device frees, {} cache hits",
+            self.stats.device_allocs, self.stats.device_frees, self.stats.cache_hits
+        )
+    }
+}
+
+/// Replays `trace` through a fresh allocator over `backend`'s `kind` memory, then releases all.
+pub(crate) fn replay(
+    backend: &dyn Backend,
+    kind: MemoryKind,
+    trace: &Trace,
+    budget: Budget,
+) -> Result<ReplayReport> {
+    let mut alloc = Allocator::new(budget);
+    let mut live: Vec<Option<(Block, usize)>> = (0..trace.slots).map(|_| None).collect();
+    let (mut live_bytes, mut peak_live) = (0usize, 0usize);
+    let started = Instant::now();
+    let mut result = Ok(());
+    for ev in &trace.events {
+        match *ev {
+            TraceEvent::Alloc { id, size, .. } => match alloc.allocate(backend, kind, size) {
+                Ok(block) => {
+                    live[id as usize] = Some((block, size));
+                    live_bytes += size;
+                    peak_live = peak_live.max(live_bytes);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            },
+            TraceEvent::Free { id } => {
+                if let Some((block, size)) = live[id as usize].take() {
+                    alloc.free(backend, block, size);
+                    live_bytes -= size;
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let stats = alloc.stats();
+    for (block, size) in live.into_iter().flatten() {
+        alloc.free(backend, block, size);
+    }
+    alloc.release_cached(backend, usize::MAX, true);
+    alloc.shutdown(backend);
+    result?;
+    Ok(ReplayReport {
+        memory: backend.info().name.clone(),
+        events: trace.events.len(),
+        peak_live_bytes: peak_live,
+        peak_reserved_bytes: stats.peak_reserved_bytes,
+        ns_per_event: elapsed.as_nanos() as f64 / trace.events.len().max(1) as f64,
+        stats,
+    })
+}
+
+/// Replays `trace` on simulated memory: the allocator's policy alone, no device, no bytes.
+///
+/// ```
+/// use unibuf::alloc::{replay_simulated, Trace};
+/// let t = Trace::parse("action,addr,size,stream\nalloc,1,1000,0\nfree,1,1000,0\n".as_bytes(), "t")?;
+/// let r = replay_simulated(&t, Default::default())?;
+/// assert_eq!(r.peak_live_bytes, 1000);
+/// # Ok::<(), unibuf::Error>(())
+/// ```
+pub fn replay_simulated(trace: &Trace, budget: Budget) -> Result<ReplayReport> {
+    replay(&SimulatedMemory::new(), MemoryKind::Device, trace, budget)
+}
+
+/// Memory that exists only as addresses: the allocator's policy runs over it without a device.
+/// It hands out fresh address ranges and counts them; nothing can be read, written or run.
+struct SimulatedMemory {
+    info: DeviceInfo,
+    next: AtomicU64,
+}
+
+impl SimulatedMemory {
+    fn new() -> SimulatedMemory {
+        SimulatedMemory {
+            info: DeviceInfo {
+                name: "simulated".to_owned(),
+                backend: "simulated",
+                unified_memory: false,
+                total_memory: 1 << 40,
+                page_size: 4096,
+                max_buffer_len: 1 << 40,
+                alloc_alignment: 256,
+                timestamps: false,
+            },
+            next: AtomicU64::new(1 << 20),
+        }
+    }
+
+    fn refuse<T>(&self, what: &str) -> Result<T> {
+        Err(Error::Unsupported {
+            backend: "simulated",
+            what: what.to_owned(),
+        })
+    }
+}
+
+impl Backend for SimulatedMemory {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    unsafe fn allocate(&self, kind: MemoryKind, bytes: usize) -> Result<RawAlloc> {
+        let addr = self
+            .next
+            .fetch_add(bytes.next_multiple_of(256) as u64, Ordering::Relaxed);
+        Ok(RawAlloc {
+            addr,
+            handle: addr,
+            bytes,
+            kind,
+        })
+    }
+    unsafe fn release(&self, _raw: RawAlloc) {}
+    unsafe fn wrap_host(
+        &self,
+        _ptr: NonNull<u8>,
+        _bytes: usize,
+        _writable: bool,
+    ) -> Result<RawAlloc> {
+        self.refuse("wrapping host memory")
+    }
+    fn host_ptr(&self, _raw: &RawAlloc) -> Option<NonNull<u8>> {
+        None
+    }
+    fn create_queue(&self) -> Result<QueueId> {
+        self.refuse("queues")
+    }
+    unsafe fn submit(&self, _queue: QueueId, _submission: Submission<'_>) -> Result<Epoch> {
+        self.refuse("submissions")
+    }
+    fn completed(&self, _queue: QueueId) -> Result<Epoch> {
+        Ok(0)
+    }
+    fn wait(&self, _queue: QueueId, _epoch: Epoch) -> Result<()> {
+        Ok(())
+    }
+    fn gpu_span(&self, _queue: QueueId, _epoch: Epoch) -> Option<GpuSpan> {
+        None
+    }
+    fn compile(&self, _kernel: &KernelSource, _constants: &Constants) -> Result<PipelineId> {
+        self.refuse("kernels")
+    }
+    fn reset(&self) -> Result<()> {
+        Ok(())
+    }
+    fn virtual_memory(&self, _kind: MemoryKind) -> Option<&dyn VirtualMemory> {
+        Some(self)
+    }
+}
+
+/// Simulated virtual memory: reservations are fresh address ranges; mapping is bookkeeping the
+/// allocator already does, so it only counts.
+impl VirtualMemory for SimulatedMemory {
+    fn granularity(&self) -> usize {
+        2 << 20
+    }
+    unsafe fn reserve(&self, _kind: MemoryKind, bytes: usize) -> Result<u64> {
+        Ok(self
+            .next
+            .fetch_add(bytes as u64, Ordering::Relaxed)
+            .next_multiple_of(2 << 20))
+    }
+    unsafe fn map(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn unmap(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) {}
+    unsafe fn unreserve(&self, _kind: MemoryKind, _base: u64, _bytes: usize) {}
+}
