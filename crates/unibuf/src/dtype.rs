@@ -100,18 +100,29 @@ impl fmt::Display for DType {
     }
 }
 
+mod sealed {
+    /// Only the element types of this crate: their size is their dtype's size, which slices
+    /// over buffer memory rely on.
+    pub trait Sealed {}
+}
+
 /// A Rust type that can be the element of a buffer.
 ///
 /// Implemented for the primitive numeric types and for [`half::f16`] and [`half::bf16`]; the
-/// `Pod` bound is what makes reinterpreting buffer bytes as elements sound.
-pub trait Element: bytemuck::Pod + Send + Sync + 'static {
+/// `Pod` bound is what makes reinterpreting buffer bytes as elements sound. The trait is sealed:
+/// host access sizes slices by `T`, so `T` must be exactly as large as its dtype.
+pub trait Element: sealed::Sealed + bytemuck::Pod + Send + Sync + 'static {
     /// The dtype of this type.
     const DTYPE: DType;
 }
 
 macro_rules! impl_element {
     ($($t:ty => $d:ident),* $(,)?) => {
-        $(impl Element for $t { const DTYPE: DType = DType::$d; })*
+        $(
+            impl sealed::Sealed for $t {}
+            impl Element for $t { const DTYPE: DType = DType::$d; }
+            const _: () = assert!(std::mem::size_of::<$t>() == DType::$d.size());
+        )*
     };
 }
 

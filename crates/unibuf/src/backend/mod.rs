@@ -298,12 +298,14 @@ pub trait ResidencyHooks: Send + Sync {
 
 /// Whether `fence` has retired: its queue completed it, or its queue faulted, so that the work
 /// will never run and the memory it named is no longer in use. For freeing and reuse.
-#[allow(clippy::unnecessary_map_or)] // `is_err_or` does not exist on Result; this reads best
 pub(crate) fn fence_retired(backend: &dyn Backend, fence: Fence) -> bool {
     fence.epoch == 0
-        || backend
-            .completed(fence.queue)
-            .map_or(true, |c| c >= fence.epoch)
+        || match backend.completed(fence.queue) {
+            Ok(c) => c >= fence.epoch,
+            // A faulted queue discards its pending work (also across `reset`).
+            Err(crate::Error::DeviceFault { .. }) => true,
+            Err(_) => false,
+        }
 }
 
 /// A platform's memory, queues and kernels.

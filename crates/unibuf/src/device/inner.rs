@@ -449,6 +449,11 @@ impl DeviceInner {
                 label: alloc.label.clone(),
             });
         }
+        // Registered under the submission lock: a submission checks host borrows and records
+        // its fence under the same lock, so a borrow either sees that fence (and waits for it)
+        // or the submission sees the borrow (and is refused). Without it, a borrow taken between
+        // a submission's check and its record would not wait for work writing these bytes.
+        let serial = lock(&self.submit_lock);
         let (id, fences) = {
             let mut state = alloc.uses();
             if let Some((s, e, held_write)) = state.borrow_conflict(start, end, write) {
@@ -472,6 +477,7 @@ impl DeviceInner {
             );
             (state.add_borrow(start, end, write), fences)
         };
+        drop(serial);
         if let Err(e) = self.wait_all(&fences) {
             alloc.uses().remove_borrow(id);
             return Err(e);

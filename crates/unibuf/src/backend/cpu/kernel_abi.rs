@@ -70,8 +70,14 @@ impl<'a> CpuKernelArgs<'a> {
         Ok((addr as *mut T, range.bytes / std::mem::size_of::<T>()))
     }
 
-    /// Buffer argument `i` for reading.
+    /// Buffer argument `i` for reading. Outputs are refused here (read them through the slice
+    /// `output` returns): a shared slice of memory that a `&mut` also covers would alias.
     pub fn input<T: Element>(&self, i: usize) -> Result<&'a [T], String> {
+        if let Some(LaunchArg::Buffer { writable: true, .. }) = self.args.get(i) {
+            return Err(format!(
+                "argument {i} is an output: read it through output({i})"
+            ));
+        }
         let (ptr, len) = self.buffer::<T>(i, false)?;
         if len == 0 {
             return Ok(&[]);

@@ -16,6 +16,9 @@ const SPAN_HISTORY: usize = 1 << 16;
 
 pub(super) struct Job {
     pub epoch: Epoch,
+    /// The queue's generation at submission; `reset` starts a new one, and jobs of an older
+    /// generation are discarded, never run: their inputs may have been freed meanwhile.
+    pub generation: u64,
     pub label: String,
     pub commands: Vec<Command>,
 }
@@ -25,6 +28,7 @@ struct Progress {
     submitted: Epoch,
     completed: Epoch,
     fault: Option<Error>,
+    generation: u64,
     spans: VecDeque<(Epoch, GpuSpan)>,
 }
 
@@ -76,6 +80,7 @@ impl QueueShared {
     pub fn reset(&self) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         p.fault = None;
+        p.generation += 1;
         self.changed.notify_all();
     }
 }
@@ -136,6 +141,7 @@ impl CpuQueue {
         let epoch = p.submitted + 1;
         let job = Job {
             epoch,
+            generation: p.generation,
             label: label.to_owned(),
             commands,
         };
@@ -170,10 +176,18 @@ struct Worker {
 
 impl Worker {
     fn run(&self, job: Job) {
-        let faulted = self.shared.completed().is_err();
+        let faulted = {
+            let p = self
+                .shared
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            p.fault.is_some() || p.generation != job.generation
+        };
         let start = self.clock.elapsed().as_nanos() as u64;
-        // Work queued behind a fault is discarded, not run: its inputs may be garbage. Its epoch
-        // still completes so that no waiter hangs; waiters see the fault instead.
+        // Work queued behind a fault is discarded, not run: its inputs may be garbage, and once
+        // the fault counted its fences as retired, its memory may be gone. That stays true after
+        // a reset (the generation check). Its epoch still completes so that no waiter hangs.
         let outcome = if faulted {
             Ok(())
         } else {
