@@ -7,19 +7,19 @@
 //!
 //! | area | cases |
 //! |---|---|
-//! | views (slice, rows, reshape, cast) | 14 |
+//! | views (slice, rows, reshape, cast) | 15 |
 //! | dtype and length of transfers | 11 |
 //! | fills | 5 |
 //! | copies | 5 |
 //! | host access (guards, conflicts with device work) | 13 |
 //! | external wrapping | 15 |
 //! | kernels (registry, compile, launch checks) | 21 |
-//! | device and builder options, waits | 10 |
+//! | device and builder options, waits | 11 |
 //! | budgets and out of memory | 10 |
 //! | cross-device misuse | 9 |
 //! | faults (sticky, reset, panics) | 10 |
 //! | a fault nobody waited for (`Device::fault` must still report it) | 2 |
-//! | **total** | **125** |
+//! | **total** | **127** |
 //!
 //! The launch checks run where the test kernel has a source (CPU and CUDA); the fault cases run
 //! on the CPU only, where a kernel can return an error or panic and the device recovers with
@@ -153,7 +153,7 @@ impl Drop for TempFile {
     }
 }
 
-const VIEWS: usize = 14;
+const VIEWS: usize = 15;
 const TRANSFERS: usize = 11;
 const FILLS: usize = 5;
 const COPIES: usize = 5;
@@ -161,13 +161,13 @@ const HOST: usize = 13;
 const EXTERNAL: usize = 15;
 const KERNELS_LAUNCH: usize = 21;
 const KERNELS_NO_LAUNCH: usize = 7;
-const DEVICE: usize = 10;
+const DEVICE: usize = 11;
 const BUDGETS: usize = 10;
 const CROSS_DEVICE: usize = 9;
 const FAULTS_CPU: usize = 10;
 const UNOBSERVED_FAULT_CPU: usize = 2;
 /// The total in the module documentation (CPU backend).
-const TOTAL: usize = 125;
+const TOTAL: usize = 127;
 
 /// The per-area counts add up to the documented total, which is at least 45.
 #[test]
@@ -353,6 +353,17 @@ fn bad_input_views() {
             1
         );
     }
+    let empty = dev
+        .alloc(DType::F64, &[0, usize::MAX / 4], StorageMode::Shared)
+        .unwrap();
+    case!(
+        c,
+        "cast of a zero-element buffer whose last dimension overflows in bytes",
+        empty.cast(DType::U8),
+        Error::InvalidArgument { what: "cast", detail } if detail.contains("overflows"),
+        ["overflows"]
+    );
+    drop(empty);
     c.finish(VIEWS);
     assert_no_leak(&dev);
 }
@@ -1447,6 +1458,13 @@ fn bad_input_device_options() {
         assert!(dev.fault().is_none(), "refused waits are not faults");
         assert!(dev.is_complete(done).unwrap());
     }
+    case!(
+        c,
+        "a constant name that is not an identifier",
+        dev.kernel_with("anything", &unibuf::Constants::new().with("N=1 -DX", 2)),
+        Error::InvalidArgument { what: "constants", detail } if detail.contains("not an identifier"),
+        ["N=1 -DX", "not an identifier"]
+    );
     c.finish(DEVICE);
     assert_no_leak(&dev);
 }

@@ -214,7 +214,15 @@ impl Buffer {
             shape.push(1);
         }
         let last = shape.last_mut().expect("non-empty");
-        let bytes = *last * from;
+        let Some(bytes) = last.checked_mul(from) else {
+            return Err(Error::invalid(
+                "cast",
+                format!(
+                    "the last dimension {} of {} overflows in bytes",
+                    *last, self.dtype
+                ),
+            ));
+        };
         if bytes % to != 0 {
             return Err(Error::ShapeMismatch {
                 what: "cast: last dimension in bytes",

@@ -371,6 +371,23 @@ impl Device {
 
     /// The registered kernel `name` specialised with `constants`, compiled on first use.
     pub fn kernel_with(&self, name: &str, constants: &Constants) -> Result<Kernel> {
+        // Constants become `-D NAME=value` (CUDA) or function constants (Metal): identifiers only.
+        for (n, _) in constants.iter() {
+            let mut chars = n.chars();
+            let ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(Error::invalid(
+                    "constants",
+                    format!(
+                        "'{}' is not an identifier ([A-Za-z_][A-Za-z0-9_]*)",
+                        n.escape_debug()
+                    ),
+                ));
+            }
+        }
         let source = self
             .inner
             .kernels

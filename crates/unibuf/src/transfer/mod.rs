@@ -279,7 +279,23 @@ impl Queue {
                     break;
                 }
             }
-            let chunk = match dev.staging.take(&*dev.backend) {
+            // Holding chunks, this transfer must not wait for others' chunks: when none is
+            // free it drains its own oldest first.
+            let chunk = loop {
+                match dev.staging.try_take(&*dev.backend) {
+                    Ok(Some(c)) => break Ok(c),
+                    Ok(None) => match in_flight.pop_front() {
+                        Some(done) => {
+                            if let Err(e) = finish(done, out) {
+                                break Err(e);
+                            }
+                        }
+                        None => break dev.staging.take(&*dev.backend),
+                    },
+                    Err(e) => break Err(e),
+                }
+            };
+            let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
                     result = Err(e);

@@ -9,7 +9,7 @@ use crate::backend::{fence_retired, Backend, RawAlloc, RawRange};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 /// Sizes of the staging ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,9 +70,18 @@ impl StagingChunk {
     }
 }
 
+/// The ring's chunks, a use clock for oldest-first waits, and chunks being allocated.
+struct Ring {
+    chunks: Vec<Chunk>,
+    clock: u64,
+    growing: usize,
+}
+
 pub(crate) struct StagingPool {
     config: StagingConfig,
-    chunks: Mutex<(Vec<Chunk>, u64)>,
+    chunks: Mutex<Ring>,
+    /// Signalled when a chunk is returned or a growth attempt ends.
+    returned: Condvar,
     /// Threads that split host copies into and out of chunks; started on first use.
     copier: OnceLock<HostCopyPool>,
 }
@@ -87,7 +96,12 @@ impl StagingPool {
     pub fn new(config: StagingConfig) -> StagingPool {
         StagingPool {
             config,
-            chunks: Mutex::new((Vec::new(), 0)),
+            chunks: Mutex::new(Ring {
+                chunks: Vec::new(),
+                clock: 0,
+                growing: 0,
+            }),
+            returned: Condvar::new(),
             copier: OnceLock::new(),
         }
     }
@@ -112,111 +126,132 @@ impl StagingPool {
         self.config.chunk_bytes
     }
 
-    fn lock(&self) -> MutexGuard<'_, (Vec<Chunk>, u64)> {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn bytes(&self) -> usize {
-        self.lock().0.iter().map(|c| c.raw.bytes).sum()
+        self.lock().chunks.iter().map(|c| c.raw.bytes).sum()
     }
 
-    /// Checks out a chunk whose last copy has completed, growing the pool or waiting for the
-    /// oldest chunk in flight.
+    /// Checks out a chunk whose last copy has completed, growing the pool, waiting for the
+    /// oldest chunk in flight, or, when every chunk is checked out by other transfers, waiting
+    /// for one of them to come back.
+    ///
+    /// Only a caller that holds no chunk may wait (else two transfers could each hold chunks
+    /// while waiting for the other's); callers holding chunks use `try_take`.
     pub fn take(&self, backend: &dyn Backend) -> Result<StagingChunk> {
+        Ok(self
+            .take_or_wait(backend, true)?
+            .expect("a blocking take returns a chunk"))
+    }
+
+    /// As `take`, but `None` instead of waiting when every chunk is checked out.
+    pub fn try_take(&self, backend: &dyn Backend) -> Result<Option<StagingChunk>> {
+        self.take_or_wait(backend, false)
+    }
+
+    fn take_or_wait(&self, backend: &dyn Backend, block: bool) -> Result<Option<StagingChunk>> {
+        let mut g = self.lock();
         loop {
-            let pick = {
-                let mut g = self.lock();
-                let (chunks, clock) = &mut *g;
-                *clock += 1;
-                let complete = |f: &Option<Fence>| f.is_none_or(|f| fence_retired(backend, f));
-                let pick =
-                    if let Some(i) = chunks.iter().position(|c| !c.busy && complete(&c.fence)) {
-                        Pick::Ready(i)
-                    } else if chunks.len() < self.config.max_chunks {
-                        Pick::Grow
-                    } else if let Some((i, c)) = chunks
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| !c.busy)
-                        .min_by_key(|(_, c)| c.used_at)
-                    {
-                        Pick::Wait(i, c.fence.expect("incomplete chunks have a fence"))
-                    } else {
-                        return Err(Error::invalid(
-                            "staging",
-                            format!(
-                                "all {} staging chunks are checked out at once",
-                                chunks.len()
-                            ),
-                        ));
-                    };
-                if let Pick::Ready(i) | Pick::Wait(i, _) = pick {
-                    chunks[i].busy = true;
-                    chunks[i].used_at = *clock;
+            g.clock += 1;
+            let clock = g.clock;
+            let complete = |f: &Option<Fence>| f.is_none_or(|f| fence_retired(backend, f));
+            let pick = if let Some(i) = g.chunks.iter().position(|c| !c.busy && complete(&c.fence))
+            {
+                Pick::Ready(i)
+            } else if g.chunks.len() + g.growing < self.config.max_chunks {
+                Pick::Grow
+            } else if let Some((i, c)) = g
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !c.busy)
+                .min_by_key(|(_, c)| c.used_at)
+            {
+                Pick::Wait(i, c.fence.expect("incomplete chunks have a fence"))
+            } else {
+                // Every chunk is checked out by concurrent transfers: wait for one.
+                if !block {
+                    return Ok(None);
                 }
-                pick
+                g = self.returned.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
             };
             match pick {
-                Pick::Ready(i) => return Ok(self.checkout(i)),
+                Pick::Ready(i) => {
+                    g.chunks[i].busy = true;
+                    g.chunks[i].used_at = clock;
+                    return Ok(Some(checkout(&g.chunks, i)));
+                }
                 Pick::Wait(i, fence) => {
+                    g.chunks[i].busy = true;
+                    g.chunks[i].used_at = clock;
+                    let chunk = checkout(&g.chunks, i);
+                    drop(g);
                     // A failed copy leaves nothing in flight: the chunk is free either way, and
                     // the fault surfaces on the transfer that owns that fence.
                     let _ = backend.wait(fence.queue, fence.epoch);
-                    return Ok(self.checkout(i));
+                    return Ok(Some(chunk));
                 }
                 Pick::Grow => {
-                    // SAFETY: HostShared memory, released only in `trim` once idle.
-                    let raw = unsafe {
-                        backend.allocate(MemoryKind::HostShared, self.config.chunk_bytes)?
-                    };
-                    let Some(host) = backend.host_ptr(&raw) else {
-                        // SAFETY: just allocated, never used.
-                        unsafe { backend.release(raw) };
-                        return Err(Error::Unsupported {
-                            backend: backend.info().backend,
-                            what: "host-visible staging memory".to_owned(),
-                        });
-                    };
-                    let mut g = self.lock();
-                    g.0.push(Chunk {
-                        raw,
-                        host: host.as_ptr() as usize,
-                        fence: None,
-                        busy: false,
-                        used_at: 0,
+                    g.growing += 1;
+                    drop(g);
+                    let grown = self.grow(backend);
+                    g = self.lock();
+                    g.growing -= 1;
+                    self.returned.notify_all();
+                    let chunk = grown?;
+                    g.chunks.push(Chunk {
+                        busy: true,
+                        used_at: clock,
+                        ..chunk
                     });
+                    return Ok(Some(checkout(&g.chunks, g.chunks.len() - 1)));
                 }
             }
         }
     }
 
-    fn checkout(&self, i: usize) -> StagingChunk {
-        let g = self.lock();
-        let c = &g.0[i];
-        StagingChunk {
-            index: i,
-            raw_range: c.raw.range(0, c.raw.bytes),
-            host: c.host as *mut u8,
-        }
+    /// Allocates one chunk (outside the lock: it can take milliseconds on a GPU).
+    fn grow(&self, backend: &dyn Backend) -> Result<Chunk> {
+        // SAFETY: HostShared memory, released only in `trim` once idle.
+        let raw = unsafe { backend.allocate(MemoryKind::HostShared, self.config.chunk_bytes)? };
+        let Some(host) = backend.host_ptr(&raw) else {
+            // SAFETY: just allocated, never used.
+            unsafe { backend.release(raw) };
+            return Err(Error::Unsupported {
+                backend: backend.info().backend,
+                what: "host-visible staging memory".to_owned(),
+            });
+        };
+        Ok(Chunk {
+            raw,
+            host: host.as_ptr() as usize,
+            fence: None,
+            busy: false,
+            used_at: 0,
+        })
     }
 
     /// Returns a chunk; `fence` is the copy that still uses it, if any.
     pub fn put(&self, chunk: StagingChunk, fence: Option<Fence>) {
         let mut g = self.lock();
-        let c = &mut g.0[chunk.index];
+        let c = &mut g.chunks[chunk.index];
         c.busy = false;
         c.fence = fence.filter(|f| f.epoch != 0);
+        self.returned.notify_one();
     }
 
     /// Releases every chunk, waiting for copies still using them; returns bytes released.
     /// Does nothing while a transfer has a chunk checked out, since chunks are found by index.
     pub fn trim(&self, backend: &dyn Backend) -> usize {
         let mut g = self.lock();
-        if g.0.iter().any(|c| c.busy) {
+        if g.growing > 0 || g.chunks.iter().any(|c| c.busy) {
             return 0;
         }
         let mut released = 0;
-        for c in std::mem::take(&mut g.0) {
+        for c in std::mem::take(&mut g.chunks) {
             if let Some(f) = c.fence {
                 let _ = backend.wait(f.queue, f.epoch);
             }
@@ -225,5 +260,15 @@ impl StagingPool {
             unsafe { backend.release(c.raw) };
         }
         released
+    }
+}
+
+/// The handle of chunk `i`.
+fn checkout(chunks: &[Chunk], i: usize) -> StagingChunk {
+    let c = &chunks[i];
+    StagingChunk {
+        index: i,
+        raw_range: c.raw.range(0, c.raw.bytes),
+        host: c.host as *mut u8,
     }
 }

@@ -59,6 +59,7 @@ pub(super) unsafe fn free_mapped_host(host: *mut u8) {
 struct Registration {
     len: usize,
     users: usize,
+    writable: bool,
 }
 
 /// The page ranges registered with the driver, with use counts.
@@ -92,6 +93,15 @@ impl Registrations {
             .map(|(s, _)| *s);
         if let Some(s) = containing {
             if let Some(r) = self.by_start.get_mut(&s) {
+                if writable && !r.writable {
+                    return Err(Error::Unsupported {
+                        backend: "cuda",
+                        what: format!(
+                            "wrapping writable memory at {start:#x}..{end:#x}: its pages are \
+                             registered read-only for another wrapped region"
+                        ),
+                    });
+                }
                 r.users += 1;
             }
             return Ok(vec![s]);
@@ -122,7 +132,14 @@ impl Registrations {
             "cuMemHostRegister",
         )
         .map_err(|e| e.into_error("registering host memory"))?;
-        self.by_start.insert(start, Registration { len, users: 1 });
+        self.by_start.insert(
+            start,
+            Registration {
+                len,
+                users: 1,
+                writable,
+            },
+        );
         Ok(vec![start])
     }
 

@@ -614,16 +614,29 @@ impl Backend for CudaBackend {
         // One queue: no event unless the caller will wait for this submission alone (a staging
         // chunk), since a stream synchronisation would also wait for everything after it.
         let event = if submission.exact_completion || self.multi_queue.load(Ordering::SeqCst) {
-            let ev = self
-                .take_event()
-                .map_err(|e| e.into_error("creating an event"))?;
-            // SAFETY: a pooled event and a live stream.
-            check(
-                unsafe { sys::cuEventRecord(ev.0, q.stream) },
-                "cuEventRecord",
-            )
-            .map_err(|e| e.into_error("recording an event"))?;
-            Some(ev)
+            let recorded = self.take_event().and_then(|ev| {
+                // SAFETY: a pooled event and a live stream.
+                match check(
+                    unsafe { sys::cuEventRecord(ev.0, q.stream) },
+                    "cuEventRecord",
+                ) {
+                    Ok(()) => Ok(ev),
+                    Err(e) => {
+                        self.recycle(vec![ev]);
+                        Err(e)
+                    }
+                }
+            });
+            match recorded {
+                Ok(ev) => Some(ev),
+                Err(e) => {
+                    // The commands are on the stream but would be untracked: finish them before
+                    // reporting the failure, as for an encoding error.
+                    // SAFETY: a live stream.
+                    unsafe { sys::cuStreamSynchronize(q.stream) };
+                    return Err(e.into_error("recording an event"));
+                }
+            }
         } else {
             None
         };
