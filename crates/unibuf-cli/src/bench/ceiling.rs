@@ -14,6 +14,10 @@ pub trait Ceiling {
     fn launch_seconds(&mut self, _count: usize, _samples: usize) -> Option<f64> {
         None
     }
+    /// Nanoseconds per alloc+free pair of `size` bytes with the platform's own allocator.
+    fn alloc_pair_ns(&mut self, _size: usize) -> Option<f64> {
+        None
+    }
 }
 
 /// memcpy and memset on host memory.
@@ -122,6 +126,40 @@ mod cuda {
     impl Ceiling for DriverCeiling {
         fn name(&self) -> &'static str {
             "CUDA driver"
+        }
+
+        fn alloc_pair_ns(&mut self, size: usize) -> Option<f64> {
+            // The stream-ordered allocator on the device's default pool, with its release
+            // threshold raised so that freed memory stays in the pool (the tuned setting).
+            // SAFETY: plain driver calls with valid pointers; every allocation is freed on the
+            // stream before the final synchronisation.
+            unsafe {
+                let mut ctx = std::ptr::null_mut();
+                sys::cuStreamGetCtx(self.stream, &mut ctx);
+                ok(sys::cuCtxSetCurrent(ctx))?;
+                let mut dev = 0;
+                ok(sys::cuCtxGetDevice(&mut dev))?;
+                let mut pool = std::ptr::null_mut();
+                ok(sys::cuDeviceGetDefaultMemPool(&mut pool, dev))?;
+                let mut threshold: u64 = u64::MAX;
+                ok(sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                ))?;
+                let n = 100_000;
+                let mut ptr: sys::CUdeviceptr = 0;
+                ok(sys::cuMemAllocAsync(&mut ptr, size, self.stream))?;
+                ok(sys::cuMemFreeAsync(ptr, self.stream))?;
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    ok(sys::cuMemAllocAsync(&mut ptr, size, self.stream))?;
+                    ok(sys::cuMemFreeAsync(ptr, self.stream))?;
+                }
+                let ns = t.elapsed().as_nanos() as f64 / n as f64;
+                ok(sys::cuStreamSynchronize(self.stream))?;
+                Some(ns)
+            }
         }
 
         fn launch_seconds(&mut self, count: usize, samples: usize) -> Option<f64> {

@@ -1,5 +1,6 @@
 //! `unibuf bench`: measurements run side by side with the platform's own ceiling.
 
+pub mod alloc;
 pub mod ceiling;
 pub mod launch;
 pub mod transfers;
@@ -16,6 +17,16 @@ pub enum Command {
     Transfers(TransferArgs),
     /// Host time per kernel launch, beside the platform's bare launch.
     Launch(LaunchArgs),
+    /// The allocator on synthetic workloads, on the device and simulated.
+    Alloc(AllocArgs),
+}
+
+/// Options of `unibuf bench alloc`.
+#[derive(Debug, clap::Args)]
+pub struct AllocArgs {
+    /// The backend (default: $UNIBUF_BACKEND, else the best found).
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 /// Options of `unibuf bench launch`.
@@ -71,7 +82,41 @@ pub fn run(cmd: &Command, out: &mut dyn Write) -> Result<(), Failure> {
     match cmd {
         Command::Transfers(args) => run_transfers(args, out),
         Command::Launch(args) => run_launch(args, out),
+        Command::Alloc(args) => run_alloc(args, out),
     }
+}
+
+fn run_alloc(args: &AllocArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let (dev, how) = open_device(args.backend.as_deref())?;
+    let mut ceiling = ceiling_for(&dev);
+    let rows = alloc::run(&dev, &mut |size| ceiling.alloc_pair_ns(size))
+        .context("benchmarking the allocator")?;
+    writeln!(
+        out,
+        "unibuf bench alloc on {} ({} backend, {how}); virtual memory: {}",
+        dev.info().name,
+        dev.info().backend,
+        rows.first().is_some_and(|r| r.device.stats.virtual_memory)
+    )?;
+    writeln!(
+        out,
+        "{:<38} {:>10} {:>10} {:>12} {:>12}",
+        "workload", "ns/event", "sim ns", "reserved/live", "driver pair"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<38} {:>10.1} {:>10.1} {:>12.3} {:>12}",
+            r.name,
+            r.device.ns_per_event,
+            r.simulated.ns_per_event,
+            r.device.fragmentation(),
+            r.driver_pair_ns
+                .map_or_else(|| "-".to_owned(), |n| format!("{n:.0} ns"))
+        )?;
+    }
+    writeln!(out, "a pair is two events; driver pair: cuMemAllocAsync+cuMemFreeAsync on a pool that keeps its memory")?;
+    Ok(())
 }
 
 fn run_launch(args: &LaunchArgs, out: &mut dyn Write) -> Result<(), Failure> {

@@ -15,6 +15,7 @@ mod compile;
 mod driver;
 mod memory;
 mod stream;
+mod vmm;
 
 use crate::backend::{BackendOptions, KernelCacheStats};
 
@@ -90,6 +91,9 @@ pub struct CudaBackend {
     fill64: OnceLock<Result<PipelineId>>,
     cache_dir: Option<std::path::PathBuf>,
     counters: CompileCounters,
+    /// The virtual-memory granule for device memory, where the GPU supports the VMM API.
+    vmm_granule: Option<usize>,
+    mappings: vmm::Mappings,
     /// Declared last: dropped after everything above has been destroyed with it current.
     ctx: Context,
 }
@@ -186,6 +190,12 @@ impl CudaBackend {
                 .clone()
                 .unwrap_or_else(compile::cache_dir),
             counters: CompileCounters::default(),
+            vmm_granule: if std::env::var_os("UNIBUF_CUDA_NO_VMM").is_some() {
+                None
+            } else {
+                vmm::granularity(device)
+            },
+            mappings: vmm::Mappings::default(),
             ctx,
         })
     }
@@ -758,6 +768,11 @@ impl Backend for CudaBackend {
                    every buffer and open a new Device"
                 .to_owned(),
         })
+    }
+
+    fn virtual_memory(&self, kind: MemoryKind) -> Option<&dyn crate::backend::VirtualMemory> {
+        (kind == MemoryKind::Device && self.vmm_granule.is_some())
+            .then_some(self as &dyn crate::backend::VirtualMemory)
     }
 
     fn free_memory(&self) -> Option<usize> {

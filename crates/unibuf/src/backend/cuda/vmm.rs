@@ -1,0 +1,143 @@
+//! Virtual memory for device memory: an address range reserved with cuMemAddressReserve and
+//! physical memory mapped into it one granule at a time (cuMemCreate, cuMemMap, cuMemSetAccess),
+//! so that the allocator can return any granule to the driver on its own.
+
+use super::driver::check;
+use super::CudaBackend;
+use crate::backend::{Backend, VirtualMemory};
+use crate::error::{Error, Result};
+use crate::storage::MemoryKind;
+use cudarc::driver::sys::{self, CUresult};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The physical allocation behind each mapped granule, by address.
+#[derive(Default)]
+pub(super) struct Mappings(Mutex<HashMap<u64, sys::CUmemGenericAllocationHandle>>);
+
+/// Device-memory allocation properties for GPU `device`.
+fn properties(device: sys::CUdevice) -> sys::CUmemAllocationProp {
+    // SAFETY: a plain C struct for which all-zero is a valid (empty) value; the fields that
+    // matter are set below.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = device;
+    prop
+}
+
+/// The mapping granularity of GPU `device`, if it supports virtual memory management.
+pub(super) fn granularity(device: sys::CUdevice) -> Option<usize> {
+    let mut supported = 0;
+    // SAFETY: valid out-pointer and device.
+    unsafe {
+        sys::cuDeviceGetAttribute(
+            &mut supported,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+            device,
+        )
+    };
+    if supported == 0 {
+        return None;
+    }
+    let prop = properties(device);
+    let mut g = 0usize;
+    // SAFETY: valid out-pointer and properties.
+    let r = unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut g,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    };
+    (r == CUresult::CUDA_SUCCESS && g.is_power_of_two()).then_some(g)
+}
+
+impl VirtualMemory for CudaBackend {
+    fn granularity(&self) -> usize {
+        self.vmm_granule.unwrap_or(2 << 20)
+    }
+
+    unsafe fn reserve(&self, _kind: MemoryKind, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; alignment is the granule.
+        check(
+            unsafe { sys::cuMemAddressReserve(&mut ptr, bytes, self.granularity(), 0, 0) },
+            "cuMemAddressReserve",
+        )
+        .map_err(|e| e.into_error("reserving device address space"))?;
+        Ok(ptr)
+    }
+
+    unsafe fn map(&self, _kind: MemoryKind, addr: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        let g = self.granularity();
+        let prop = properties(self.ctx.device);
+        let access = sys::CUmemAccessDesc {
+            location: prop.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = 0usize;
+        while done < bytes {
+            let at = addr + done as u64;
+            let mut h: sys::CUmemGenericAllocationHandle = 0;
+            // SAFETY: valid out-pointer and properties; `at..at + g` lies in our reservation
+            // and is unmapped (the contract); access is set on exactly that range.
+            let r = unsafe {
+                check(sys::cuMemCreate(&mut h, g, &prop, 0), "cuMemCreate").and_then(|()| {
+                    let mapped = check(sys::cuMemMap(at, g, 0, h, 0), "cuMemMap").and_then(|()| {
+                        check(sys::cuMemSetAccess(at, g, &access, 1), "cuMemSetAccess")
+                    });
+                    if mapped.is_err() {
+                        sys::cuMemUnmap(at, g);
+                        sys::cuMemRelease(h);
+                    }
+                    mapped
+                })
+            };
+            if let Err(e) = r {
+                drop(handles);
+                // SAFETY: the granules before `at` were mapped by this call and are unused.
+                unsafe { self.unmap(MemoryKind::Device, addr, done) };
+                return Err(match e.code {
+                    CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+                        requested: bytes,
+                        reserved: 0,
+                        free: self.free_memory().unwrap_or(0),
+                        largest_free: 0,
+                    },
+                    _ => e.into_error("mapping device memory"),
+                });
+            }
+            handles.insert(at, h);
+            done += g;
+        }
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, _kind: MemoryKind, addr: u64, bytes: usize) {
+        if self.bind().is_err() {
+            return;
+        }
+        let g = self.granularity();
+        let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
+        for at in (addr..addr + bytes as u64).step_by(g) {
+            if let Some(h) = handles.remove(&at) {
+                // SAFETY: mapped by `map` with this handle; unused (the contract).
+                unsafe {
+                    sys::cuMemUnmap(at, g);
+                    sys::cuMemRelease(h);
+                }
+            }
+        }
+    }
+
+    unsafe fn unreserve(&self, _kind: MemoryKind, base: u64, bytes: usize) {
+        if self.bind().is_ok() {
+            // SAFETY: reserved by `reserve`; nothing is mapped in it (the contract).
+            unsafe { sys::cuMemAddressFree(base, bytes) };
+        }
+    }
+}
