@@ -388,7 +388,7 @@ impl Queue {
                 src: src.alloc.range(r.start, bytes),
                 dst: snapshot.range(0, bytes),
             }],
-            Completion::Queue,
+            Completion::Exact,
         )?;
         self.audit_end(audit, &label, true, fence);
         Ok(PendingDownload {
