@@ -15,10 +15,65 @@
 
 use crate::epoch::FenceSet;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// A set of granule indices as bits: membership changes on every placement and release of
+/// every granule a block spans, so they must cost a few instructions; the rare unmapping pass
+/// scans for the highest members.
+#[derive(Debug)]
+struct GranuleSet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl GranuleSet {
+    fn new(granules: u64) -> GranuleSet {
+        GranuleSet {
+            words: vec![0; granules.div_ceil(64) as usize],
+            len: 0,
+        }
+    }
+    fn insert(&mut self, g: u64) -> bool {
+        let (w, bit) = ((g / 64) as usize, 1u64 << (g % 64));
+        let fresh = self.words[w] & bit == 0;
+        self.words[w] |= bit;
+        self.len += u64::from(fresh);
+        fresh
+    }
+    fn remove(&mut self, g: u64) -> bool {
+        let (w, bit) = ((g / 64) as usize, 1u64 << (g % 64));
+        let present = self.words[w] & bit != 0;
+        self.words[w] &= !bit;
+        self.len -= u64::from(present);
+        present
+    }
+    fn pop_last(&mut self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let w = self.words.iter().rposition(|w| *w != 0)?;
+        let g = w as u64 * 64 + 63 - u64::from(self.words[w].leading_zeros());
+        self.remove(g);
+        Some(g)
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
 use std::ops::Range;
 
 /// Placement granularity: every block starts and ends on a multiple of this.
 pub const BLOCK_ALIGN: u64 = 512;
+
+/// A freed block waiting in the quick list for a request of exactly its size.
+#[derive(Debug)]
+struct QuickBlock {
+    offset: u64,
+    bytes: u64,
+    fences: FenceSet,
+}
+
+/// Quick-list buckets: one per power of two of the size in `BLOCK_ALIGN` units.
+const QUICK_BUCKETS: usize = 48;
 
 /// A free extent: its length and the fences of the work that last used any part of it.
 #[derive(Debug)]
@@ -50,8 +105,14 @@ pub(crate) struct Arena {
     /// Live blocks overlapping each granule.
     refs: Vec<u32>,
     /// Mapped granules that no live block overlaps, ready for reuse or unmapping.
-    cached: BTreeSet<u64>,
+    cached: GranuleSet,
     mapped: u64,
+    /// Freed blocks kept whole for a request of the same size: an alloc/free pair of a size
+    /// in use costs no tree operation. They keep their granules referenced. Bounded by
+    /// `quick_limit` bytes, and flushed into the free space before any granule is unmapped.
+    quick: Vec<Vec<QuickBlock>>,
+    quick_bytes: u64,
+    quick_limit: u64,
 }
 
 impl Arena {
@@ -64,8 +125,11 @@ impl Arena {
             free_by_addr: BTreeMap::new(),
             free_by_size: BTreeSet::new(),
             refs: vec![0; (len / granule) as usize],
-            cached: BTreeSet::new(),
+            cached: GranuleSet::new(len / granule),
             mapped: 0,
+            quick: (0..QUICK_BUCKETS).map(|_| Vec::new()).collect(),
+            quick_bytes: 0,
+            quick_limit: 0,
         };
         a.insert_free(0, len, FenceSet::new());
         a
@@ -79,7 +143,7 @@ impl Arena {
 
     /// Mapped granules no live block uses.
     pub fn cached_granules(&self) -> u64 {
-        self.cached.len() as u64
+        self.cached.len()
     }
 
     /// The granule size.
@@ -111,9 +175,45 @@ impl Arena {
         offset / self.granule..(offset + bytes).div_ceil(self.granule)
     }
 
+    /// Sets the quick list's byte bound; blocks over it go to the free space directly.
+    pub fn set_quick_limit(&mut self, bytes: u64) {
+        self.quick_limit = bytes;
+    }
+
+    /// Bytes waiting in the quick list.
+    pub fn quick_bytes(&self) -> u64 {
+        self.quick_bytes
+    }
+
+    fn quick_bucket(bytes: u64) -> usize {
+        ((u64::BITS - (bytes / BLOCK_ALIGN).leading_zeros()) as usize).min(QUICK_BUCKETS - 1)
+    }
+
+    /// Moves every quick-list block into the free space, so that its granules can be cached
+    /// and unmapped.
+    pub fn flush_quick(&mut self) {
+        for b in 0..QUICK_BUCKETS {
+            for q in std::mem::take(&mut self.quick[b]) {
+                self.release_to_free(q.offset, q.bytes, q.fences);
+            }
+        }
+        self.quick_bytes = 0;
+    }
+
     /// Places a block of `bytes` (rounded up to `BLOCK_ALIGN`); `None` if no extent fits.
     pub fn place(&mut self, bytes: u64) -> Option<Placement> {
         let bytes = bytes.max(1).checked_next_multiple_of(BLOCK_ALIGN)?;
+        let list = &mut self.quick[Self::quick_bucket(bytes)];
+        if let Some(i) = list.iter().rposition(|q| q.bytes == bytes) {
+            let q = list.swap_remove(i);
+            self.quick_bytes -= bytes;
+            return Some(Placement {
+                offset: q.offset,
+                bytes,
+                fences: q.fences,
+                to_map: Vec::new(),
+            });
+        }
         let &(len, start) = self.free_by_size.range((bytes, 0)..).next()?;
         let extent = self.remove_free(start);
         if len > bytes {
@@ -122,7 +222,7 @@ impl Arena {
         let mut to_map: Vec<Range<u64>> = Vec::new();
         for g in self.granules_of(start, bytes) {
             let r = &mut self.refs[g as usize];
-            if *r == 0 && !self.cached.remove(&g) {
+            if *r == 0 && !self.cached.remove(g) {
                 self.mapped += 1;
                 match to_map.last_mut() {
                     Some(last) if last.end == g => last.end = g + 1,
@@ -139,9 +239,22 @@ impl Arena {
         })
     }
 
-    /// Returns a block: it joins the free space (with the fences of its last use) and granules
-    /// no live block overlaps any more become cached.
+    /// Returns a block: to the quick list while it has room, else to the free space (with the
+    /// fences of its last use), where granules no live block overlaps any more become cached.
     pub fn release(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
+        if self.quick_bytes + bytes <= self.quick_limit {
+            self.quick_bytes += bytes;
+            self.quick[Self::quick_bucket(bytes)].push(QuickBlock {
+                offset,
+                bytes,
+                fences,
+            });
+            return;
+        }
+        self.release_to_free(offset, bytes, fences);
+    }
+
+    fn release_to_free(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
         for g in self.granules_of(offset, bytes) {
             self.drop_ref(g);
         }
@@ -297,8 +410,12 @@ mod tests {
         /// Random place/release sequences: blocks never overlap, granule accounting matches a
         /// recount, and releasing everything restores one free extent.
         #[test]
-        fn random_sequences_keep_the_invariants(ops in prop::collection::vec((any::<bool>(), 1u64..(6 << 20)), 1..300)) {
+        fn random_sequences_keep_the_invariants(
+            ops in prop::collection::vec((any::<bool>(), 1u64..(6 << 20)), 1..300),
+            quick_limit in prop_oneof![Just(0u64), Just(8u64 << 20)],
+        ) {
             let mut a = Arena::new(256 * G, G);
+            a.set_quick_limit(quick_limit);
             let mut live: Vec<Placement> = Vec::new();
             for (release, size) in ops {
                 if release && !live.is_empty() {
@@ -308,7 +425,9 @@ mod tests {
                     prop_assert!(p.bytes >= size && p.offset % BLOCK_ALIGN == 0);
                     live.push(p);
                 }
-                let mut sorted: Vec<_> = live.iter().map(|p| (p.offset, p.bytes)).collect();
+                // Quick-list blocks are free for placement but still hold their granules.
+                let quick = a.quick.iter().flatten().map(|q| (q.offset, q.bytes));
+                let mut sorted: Vec<_> = live.iter().map(|p| (p.offset, p.bytes)).chain(quick).collect();
                 sorted.sort_unstable();
                 for w in sorted.windows(2) {
                     prop_assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {:?}", w);
@@ -326,6 +445,8 @@ mod tests {
             for p in live.drain(..) {
                 a.release(p.offset, p.bytes, FenceSet::new());
             }
+            a.flush_quick();
+            prop_assert_eq!(a.quick_bytes(), 0);
             prop_assert_eq!(a.largest_free(), 256 * G);
             a.take_cached(u64::MAX);
             prop_assert_eq!(a.mapped_granules(), 0);

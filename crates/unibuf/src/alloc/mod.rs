@@ -59,6 +59,8 @@ pub(crate) struct Block {
 /// of peak live. On the shared llama decode trace: 1.032, with about one map per 480 events.
 const SLACK_DIVISOR: usize = 50;
 const FLOOR_GRANULES: usize = 2;
+const QUICK_DIVISOR: usize = 128;
+const QUICK_MIN: usize = 2 << 20;
 
 /// One memory kind's arena and the address range it places blocks in.
 struct ArenaPool {
@@ -211,6 +213,10 @@ impl Allocator {
     ) -> Result<Block> {
         let i = self.arena_index(backend, vm, kind)?;
         let granule = self.arenas[i].arena.granule() as usize;
+        // The quick list may hold 1/128 of the largest live total (at least 2 MiB): enough for
+        // the working sizes of a decode step, too little to matter for fragmentation.
+        let quick_limit = (self.peak_requested / QUICK_DIVISOR).max(QUICK_MIN);
+        self.arenas[i].arena.set_quick_limit(quick_limit as u64);
         let mut attempt = 0;
         loop {
             let Some(p) = self.arenas[i].arena.place(requested as u64) else {
@@ -353,10 +359,13 @@ impl Allocator {
         self.stats.cached_count = granules + blocks;
     }
 
+    /// Bytes held in arenas but used by no live block: cached granules and quick-list blocks.
     fn cached_granule_bytes(&self) -> usize {
         self.arenas
             .iter()
-            .map(|a| (a.arena.cached_granules() * a.arena.granule()) as usize)
+            .map(|a| {
+                (a.arena.cached_granules() * a.arena.granule() + a.arena.quick_bytes()) as usize
+            })
             .sum()
     }
 
@@ -380,6 +389,7 @@ impl Allocator {
             let Some(vm) = backend.virtual_memory(pool.kind) else {
                 continue;
             };
+            pool.arena.flush_quick();
             let g = pool.arena.granule();
             while budget_bytes > 0 && pool.arena.cached_granules() > 0 {
                 let want = (budget_bytes as u64).div_ceil(g);
@@ -558,6 +568,13 @@ impl Allocator {
                 .expect("arena blocks come from an arena of their kind");
             pool.arena
                 .release(block.raw.addr - pool.base, class as u64, block.fences);
+            if self.stats.active_count == 0 {
+                // Nothing live: the quick list serves no working set, so its blocks go back to
+                // the free space and their granules become plainly cached.
+                for a in &mut self.arenas {
+                    a.arena.flush_quick();
+                }
+            }
             self.enforce_bound(backend);
             self.refresh_cache_stats();
             return;
