@@ -48,6 +48,7 @@ pub struct CpuBackend {
     queues: Arc<RwLock<Vec<Arc<CpuQueue>>>>,
     pipelines: Arc<Pipelines>,
     clock: Instant,
+    next_wrap: std::sync::atomic::AtomicU64,
 }
 
 impl CpuBackend {
@@ -70,6 +71,7 @@ impl CpuBackend {
             queues: Arc::new(RwLock::new(Vec::new())),
             pipelines: Arc::new(Pipelines::default()),
             clock: Instant::now(),
+            next_wrap: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -170,7 +172,13 @@ impl Backend for CpuBackend {
     ) -> Result<RawAlloc> {
         Ok(RawAlloc {
             addr: ptr.as_ptr() as u64,
-            handle: ptr.as_ptr() as u64,
+            // Two wraps can cover the same pages: a handle of its own for each, so that
+            // residency (keyed by handle) tells them apart. The high bit keeps these apart from
+            // the addresses other kinds use as handles.
+            handle: (1 << 63)
+                | self
+                    .next_wrap
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             bytes,
             kind: MemoryKind::HostRegistered,
         })

@@ -70,6 +70,9 @@ const FILL64: KernelSource = KernelSource {
     cpu: None,
 };
 
+/// On a lone queue, every this-many-th submission records an event (see `submit`).
+const COMPLETION_STRIDE: u64 = 64;
+
 /// Caller memory registered for the device: the host address and the registrations it holds.
 struct Wrapped {
     host: usize,
@@ -623,33 +626,38 @@ impl Backend for CudaBackend {
         self.recycle(fresh);
         // One queue: no event unless the caller will wait for this submission alone (a staging
         // chunk), since a stream synchronisation would also wait for everything after it.
-        let event = if submission.exact_completion || self.multi_queue.load(Ordering::SeqCst) {
-            let recorded = self.take_event().and_then(|ev| {
-                // SAFETY: a pooled event and a live stream.
-                match check(
-                    unsafe { sys::cuEventRecord(ev.0, q.stream) },
-                    "cuEventRecord",
-                ) {
-                    Ok(()) => Ok(ev),
+        // One event in `COMPLETION_STRIDE` submissions even on a lone queue, so that completion
+        // advances (and cached memory, deferred releases and the in-flight record drain) while
+        // the stream never goes idle.
+        let periodic = (st.submitted + 1) % COMPLETION_STRIDE == 0;
+        let event =
+            if submission.exact_completion || periodic || self.multi_queue.load(Ordering::SeqCst) {
+                let recorded = self.take_event().and_then(|ev| {
+                    // SAFETY: a pooled event and a live stream.
+                    match check(
+                        unsafe { sys::cuEventRecord(ev.0, q.stream) },
+                        "cuEventRecord",
+                    ) {
+                        Ok(()) => Ok(ev),
+                        Err(e) => {
+                            self.recycle(vec![ev]);
+                            Err(e)
+                        }
+                    }
+                });
+                match recorded {
+                    Ok(ev) => Some(ev),
                     Err(e) => {
-                        self.recycle(vec![ev]);
-                        Err(e)
+                        // The commands are on the stream but would be untracked: finish them before
+                        // reporting the failure, as for an encoding error.
+                        // SAFETY: a live stream.
+                        unsafe { sys::cuStreamSynchronize(q.stream) };
+                        return Err(e.into_error("recording an event"));
                     }
                 }
-            });
-            match recorded {
-                Ok(ev) => Some(ev),
-                Err(e) => {
-                    // The commands are on the stream but would be untracked: finish them before
-                    // reporting the failure, as for an encoding error.
-                    // SAFETY: a live stream.
-                    unsafe { sys::cuStreamSynchronize(q.stream) };
-                    return Err(e.into_error("recording an event"));
-                }
-            }
-        } else {
-            None
-        };
+            } else {
+                None
+            };
         Ok(CudaQueue::push(&mut st, submission.label, event))
     }
 

@@ -3,7 +3,8 @@
 //! While the device has one queue, no events are recorded for ordinary work: completion is read
 //! with cuStreamQuery (all-or-nothing, so the completed epoch may lag but is never ahead) and
 //! waits use cuStreamSynchronize. Submissions that ask for exact completion (staging chunks,
-//! which the transfer engine waits for one by one while later ones run) get an event. Once a second queue exists, every submission records a pooled event,
+//! which the transfer engine waits for one by one while later ones run) get an event, and so
+//! does one submission in 64, so that completion advances while the stream stays busy. Once a second queue exists, every submission records a pooled event,
 //! so that completion is exact per epoch and cross-queue waits are cuStreamWaitEvent on the
 //! producer's event, never a device-wide sync.
 
