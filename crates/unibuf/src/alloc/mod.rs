@@ -15,7 +15,7 @@
 //! When the backend refuses an allocation, recovery is staged: release cached blocks that are
 //! idle, then wait for the rest and release them too, then fail with the figures.
 
-mod arena;
+pub(crate) mod arena;
 pub(crate) mod replay;
 mod size_class;
 mod stats;

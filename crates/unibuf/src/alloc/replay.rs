@@ -229,3 +229,84 @@ impl VirtualMemory for SimulatedMemory {
     unsafe fn unmap(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) {}
     unsafe fn unreserve(&self, _kind: MemoryKind, _base: u64, _bytes: usize) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    proptest! {
+        // 8 sequences of 125,000 operations: a million allocator operations per run.
+        #![proptest_config(ProptestConfig::with_cases(8))]
+
+        /// Random allocation sequences through the allocator over simulated virtual memory:
+        /// live blocks never overlap, blocks are aligned and large enough, the accounting
+        /// matches the live set at every step, and everything returns to zero at the end.
+        #[test]
+        fn a_million_random_operations_keep_the_invariants(seed in any::<u64>(), budget_mib in prop_oneof![Just(0usize), Just(512usize)]) {
+            let backend = SimulatedMemory::new();
+            let budget = Budget {
+                memory_limit: (budget_mib > 0).then_some(budget_mib << 20),
+                cache_limit: None,
+            };
+            let mut alloc = Allocator::new(budget);
+            let mut rng = seed | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut live: Vec<(Block, usize)> = Vec::new();
+            let mut spans: BTreeMap<u64, u64> = BTreeMap::new();
+            let (mut live_bytes, mut live_requested) = (0usize, 0usize);
+            for _ in 0..125_000 {
+                if live.is_empty() || (live.len() < 300 && next() % 2 == 0) {
+                    // Sizes log-uniform from 1 B to 16 MiB.
+                    let size = (1usize << (next() % 24)) + (next() % 4096) as usize;
+                    match alloc.allocate(&backend, MemoryKind::Device, size) {
+                        Ok(b) => {
+                            let (addr, bytes) = (b.raw.addr, b.raw.bytes as u64);
+                            prop_assert!(b.raw.bytes >= size);
+                            prop_assert_eq!(addr % super::super::arena::BLOCK_ALIGN, 0);
+                            if let Some((&a, &l)) = spans.range(..addr).next_back() {
+                                prop_assert!(a + l <= addr, "overlaps the block below");
+                            }
+                            if let Some((&a, _)) = spans.range(addr..).next() {
+                                prop_assert!(addr + bytes <= a, "overlaps the block above");
+                            }
+                            spans.insert(addr, bytes);
+                            live_bytes += b.raw.bytes;
+                            live_requested += size;
+                            live.push((b, size));
+                        }
+                        Err(Error::BudgetExceeded { .. }) | Err(Error::NeverFits { .. }) => {
+                            prop_assert!(budget_mib > 0, "only a budget refuses");
+                        }
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                } else {
+                    let k = (next() % live.len() as u64) as usize;
+                    let (b, size) = live.swap_remove(k);
+                    spans.remove(&b.raw.addr);
+                    live_bytes -= b.raw.bytes;
+                    live_requested -= size;
+                    alloc.free(&backend, b, size);
+                }
+                let s = alloc.stats();
+                prop_assert_eq!((s.active_bytes, s.requested_bytes, s.active_count), (live_bytes, live_requested, live.len()));
+                if let Some(limit) = budget.memory_limit {
+                    prop_assert!(s.reserved_bytes <= limit, "{} over the budget", s.reserved_bytes);
+                }
+            }
+            for (b, size) in live.drain(..) {
+                alloc.free(&backend, b, size);
+            }
+            alloc.release_cached(&backend, usize::MAX, true);
+            let s = alloc.stats();
+            prop_assert_eq!((s.active_bytes, s.requested_bytes, s.reserved_bytes, s.cached_bytes), (0, 0, 0, 0));
+            alloc.shutdown(&backend);
+        }
+    }
+}
