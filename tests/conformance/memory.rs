@@ -152,3 +152,46 @@ fn residency_follows_the_epoch_rule() {
     );
     assert!(!dev.evict(&b).unwrap(), "no longer resident");
 }
+
+/// Memory is attributed to the labels given at allocation, and the attribution ends with the
+/// allocation (not with a view).
+#[test]
+fn memory_is_owned_by_label() {
+    let dev = device();
+    let w = dev
+        .alloc_labelled("weights", DType::F32, &[1 << 20], StorageMode::Private)
+        .unwrap();
+    let kv: Vec<_> = (0..3)
+        .map(|_| {
+            dev.alloc_labelled("kv", DType::F16, &[1000], StorageMode::Private)
+                .unwrap()
+        })
+        .collect();
+    let ext = buffer(
+        &dev,
+        StorageMode::External,
+        DType::U8,
+        &[10_000],
+        "mapped file",
+    );
+    let owners = dev.memory_by_label();
+    assert_eq!(owners[0].0, "weights");
+    assert!(owners[0].1 >= 4 << 20 && owners[0].2 == 1);
+    let kv_row = owners.iter().find(|o| o.0 == "kv").unwrap();
+    assert_eq!(kv_row.2, 3);
+    assert!(kv_row.1 >= 6000);
+    assert!(owners.iter().any(|o| o.0 == "mapped file" && o.1 >= 10_000));
+    let view = w.slice(0..10).unwrap();
+    drop(w);
+    assert!(
+        dev.memory_by_label().iter().any(|o| o.0 == "weights"),
+        "the view keeps it"
+    );
+    drop((view, kv, ext));
+    dev.drain().unwrap();
+    assert!(
+        dev.memory_by_label().is_empty(),
+        "{:?}",
+        dev.memory_by_label()
+    );
+}

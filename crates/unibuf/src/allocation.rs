@@ -46,6 +46,7 @@ impl Allocation {
             .host_ptr(&block.raw)
             .map(|p| p.as_ptr() as usize);
         let uses = Mutex::new(UseState::inherited(block.fences.clone()));
+        device.own(&label, block.raw.bytes);
         Allocation {
             device,
             block: Some(block),
@@ -89,6 +90,7 @@ impl Drop for Allocation {
         };
         let uses = self.uses.get_mut().unwrap_or_else(|e| e.into_inner());
         block.fences = uses.all_fences();
+        self.device.disown(&self.label, block.raw.bytes);
         match self.owner.take() {
             Some(owner) => self.device.release_external(block, owner),
             None => self.device.free_block(block, self.requested),

@@ -57,6 +57,8 @@ pub(crate) struct DeviceInner {
     queues: Mutex<Vec<(String, Epoch)>>,
     fault: Mutex<Option<Error>>,
     deferred: Mutex<Vec<DeferredRelease>>,
+    /// Live bytes and allocations per label.
+    owners: Mutex<std::collections::HashMap<String, (usize, usize)>>,
     pub residency: Residency,
     pub default_queue: QueueId,
 }
@@ -85,6 +87,7 @@ impl DeviceInner {
             queues: Mutex::new(vec![("default".to_owned(), 0)]),
             fault: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            owners: Mutex::new(std::collections::HashMap::new()),
             residency: Residency::default(),
             default_queue,
             backend,
@@ -204,6 +207,42 @@ impl DeviceInner {
             writable,
             Some(owner),
         ))
+    }
+
+    /// Counts an allocation's bytes for its label.
+    pub fn own(&self, label: &str, bytes: usize) {
+        let mut o = lock(&self.owners);
+        match o.get_mut(label) {
+            Some(e) => {
+                e.0 += bytes;
+                e.1 += 1;
+            }
+            None => {
+                o.insert(label.to_owned(), (bytes, 1));
+            }
+        }
+    }
+
+    /// Stops counting an allocation's bytes for its label.
+    pub fn disown(&self, label: &str, bytes: usize) {
+        let mut o = lock(&self.owners);
+        if let Some(e) = o.get_mut(label) {
+            e.0 -= bytes;
+            e.1 -= 1;
+            if e.1 == 0 {
+                o.remove(label);
+            }
+        }
+    }
+
+    /// Live bytes and allocations per label, most bytes first.
+    pub fn owners(&self) -> Vec<(String, usize, usize)> {
+        let mut v: Vec<_> = lock(&self.owners)
+            .iter()
+            .map(|(l, (b, n))| (l.clone(), *b, *n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
     }
 
     pub fn free_block(&self, block: Block, requested: usize) {

@@ -278,6 +278,21 @@ impl Device {
         self.inner.memory_stats()
     }
 
+    /// Memory held by live allocations, per label given at allocation (or wrapping): label,
+    /// bytes (after rounding) and allocations, most bytes first. A view counts with its
+    /// allocation.
+    ///
+    /// ```
+    /// use unibuf::{DType, Device, StorageMode};
+    /// let dev = Device::open("cpu")?;
+    /// let _kv = dev.alloc_labelled("kv cache", DType::F16, &[4096], StorageMode::Private)?;
+    /// assert_eq!(dev.memory_by_label()[0].0, "kv cache");
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn memory_by_label(&self) -> Vec<(String, usize, usize)> {
+        self.inner.owners()
+    }
+
     /// Releases cached blocks and idle staging chunks to the backend; returns bytes released.
     pub fn trim(&self) -> usize {
         self.inner.trim()
