@@ -4,7 +4,7 @@
 //! views over Shared, Private and External storage; transfers that stage only where the
 //! hardware needs it; a caching allocator; queues whose completion epochs make asynchronous
 //! reuse and host access safe; a kernel registry; and a copy ledger that accounts for every
-//! byte moved. One API over Metal, CUDA and the CPU.
+//! byte moved. One API over every backend: CUDA and the CPU in this release.
 //!
 //! ```
 //! use unibuf::{DType, Device, FillPattern, StorageMode};

@@ -7,7 +7,7 @@
 //! so (`MemoryStats::virtual_memory` is false).
 //!
 //! Either way, freed memory carries the fences of the work that last touched it. Reuse needs no wait here: the new owner inherits those fences
-//! as pending writes (see [`UseState::inherited`](crate::epoch::UseState)), so the hazard
+//! as pending writes (`UseState::inherited` in `epoch.rs`), so the hazard
 //! tracker orders its first use after them — for free on the same queue, by a device-side wait
 //! on another, by a blocking wait for host access. Memory goes back to the backend only once its
 //! fences have completed.
