@@ -195,3 +195,65 @@ fn memory_is_owned_by_label() {
         dev.memory_by_label()
     );
 }
+
+/// Growable buffers keep their contents (and, with virtual memory, their address and earlier
+/// views) as they grow; growing past the capacity or shrinking is refused; everything is
+/// released with the last view.
+#[test]
+fn growable_buffers_grow_in_place_or_by_copy() {
+    let dev = device();
+    let mut rng = Rng::new("growable_buffers_grow_in_place_or_by_copy");
+    for mode in [StorageMode::Private, StorageMode::Shared] {
+        let mut g = dev
+            .alloc_growable("kv", DType::U32, 1000, 3 << 20, mode)
+            .unwrap();
+        let head: Vec<u32> = rng.elements(1000);
+        dev.queue().upload(g.buffer(), &head).unwrap();
+        let early = g.buffer().clone();
+        g.grow((5 << 20) / 4).unwrap(); // past two 2 MiB granules
+        assert_eq!(g.len(), (5 << 20) / 4);
+        let tail: Vec<u32> = rng.elements(g.len() - 1000);
+        dev.queue()
+            .upload(&g.buffer().slice(1000..g.len()).unwrap(), &tail)
+            .unwrap();
+        let all: Vec<u32> = g.buffer().to_vec().unwrap();
+        assert!(
+            all[..1000] == head[..] && all[1000..] == tail[..],
+            "{mode:?}"
+        );
+        if g.address_stable() {
+            assert_eq!(g.buffer().device_address(), early.device_address());
+            assert!(early.shares_memory_with(g.buffer()));
+            assert_eq!(g.reallocations(), 0);
+        } else {
+            assert_eq!(g.reallocations(), 1);
+        }
+        assert_eq!(
+            early.to_vec::<u32>().unwrap(),
+            head,
+            "{mode:?}: an earlier view keeps its bytes"
+        );
+        let err = g.grow((3 << 20) + 1).unwrap_err();
+        assert!(matches!(err, unibuf::Error::OutOfBounds { .. }), "{err}");
+        let err = g.grow(10).unwrap_err();
+        assert!(
+            matches!(err, unibuf::Error::OutOfBounds { .. }),
+            "shrinking: {err}"
+        );
+        let s = dev.memory_stats();
+        assert!(
+            !g.address_stable() || (s.growable_count == 1 && s.growable_bytes >= 5 << 20),
+            "{s}"
+        );
+        assert!(dev
+            .memory_by_label()
+            .iter()
+            .any(|o| o.0 == "kv" && o.1 >= 5 << 20));
+        drop((g, early));
+        dev.drain().unwrap();
+        let s = dev.memory_stats();
+        assert_eq!((s.growable_bytes, s.growable_count), (0, 0), "{s}");
+    }
+    dev.trim();
+    assert_eq!(dev.memory_stats().reserved_bytes, 0);
+}

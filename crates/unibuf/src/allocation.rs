@@ -16,6 +16,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The owner of wrapped caller memory, kept alive as long as the allocation (and its work).
 pub(crate) type Owner = Box<dyn Any + Send + Sync>;
 
+/// Bytes an allocation holds for its label: a growable region's mapped part, else all of it.
+fn owned_bytes(raw: &RawAlloc, owner: Option<&Owner>) -> usize {
+    owner
+        .and_then(|o| o.downcast_ref::<Arc<crate::buffer::GrowableRegion>>())
+        .map_or(raw.bytes, |r| r.mapped())
+}
+
 pub(crate) struct Allocation {
     pub device: Arc<DeviceInner>,
     /// The memory; `None` only during drop.
@@ -46,7 +53,7 @@ impl Allocation {
             .host_ptr(&block.raw)
             .map(|p| p.as_ptr() as usize);
         let uses = Mutex::new(UseState::inherited(block.fences.clone()));
-        device.own(&label, block.raw.bytes);
+        device.own(&label, owned_bytes(&block.raw, owner.as_ref()));
         Allocation {
             device,
             block: Some(block),
@@ -90,7 +97,8 @@ impl Drop for Allocation {
         };
         let uses = self.uses.get_mut().unwrap_or_else(|e| e.into_inner());
         block.fences = uses.all_fences();
-        self.device.disown(&self.label, block.raw.bytes);
+        self.device
+            .disown(&self.label, owned_bytes(&block.raw, self.owner.as_ref()));
         match self.owner.take() {
             Some(owner) => self.device.release_external(block, owner),
             None => self.device.free_block(block, self.requested),

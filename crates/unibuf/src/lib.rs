@@ -44,7 +44,7 @@ mod transfer;
 pub use alloc::{Budget, MemoryStats};
 pub use backend::cpu::{CpuKernelArgs, CpuKernelFn};
 pub use backend::{BackendOptions, DeviceInfo, FillPattern, KernelCacheStats, LaunchDims};
-pub use buffer::{Buffer, HostMemory, HostRead, HostWrite, PageBuffer};
+pub use buffer::{Buffer, GrowableBuffer, HostMemory, HostRead, HostWrite, PageBuffer};
 pub use device::{backends, BackendStatus, Device, DeviceBuilder, BACKEND_ENV};
 pub use dtype::{DType, Element};
 pub use epoch::{Access, Fence, QueueId};

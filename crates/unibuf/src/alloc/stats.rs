@@ -39,6 +39,10 @@ pub struct MemoryStats {
     pub external_count: usize,
     /// Bytes of pinned staging chunks held by the transfer engine.
     pub staging_bytes: usize,
+    /// Bytes mapped for growable buffers (reserved address space is not counted).
+    pub growable_bytes: usize,
+    /// Growable buffers alive.
+    pub growable_count: usize,
 }
 
 impl MemoryStats {
@@ -69,10 +73,12 @@ impl std::fmt::Display for MemoryStats {
         )?;
         writeln!(
             f,
-            "external  {:>12} in {} regions; staging {}",
+            "external  {:>12} in {} regions; staging {}; growable {} in {} buffers",
             fmt_bytes(self.external_bytes as u64),
             self.external_count,
-            fmt_bytes(self.staging_bytes as u64)
+            fmt_bytes(self.staging_bytes as u64),
+            fmt_bytes(self.growable_bytes as u64),
+            self.growable_count
         )?;
         write!(
             f,

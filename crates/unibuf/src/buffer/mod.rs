@@ -5,10 +5,13 @@
 //! allocation (and, for External storage, the caller's memory) alive.
 
 mod external;
+mod growable;
 mod host;
 mod page_buffer;
 
 pub use external::HostMemory;
+pub use growable::GrowableBuffer;
+pub(crate) use growable::GrowableRegion;
 pub use host::{HostRead, HostWrite};
 pub use page_buffer::PageBuffer;
 
@@ -138,6 +141,12 @@ impl Buffer {
             offset,
             len,
         }
+    }
+
+    /// The same allocation as a 1-D view of `len` elements from its start (a growable buffer
+    /// after growing; the caller checked the memory is there).
+    pub(crate) fn with_len(&self, len: usize) -> Buffer {
+        self.view(self.offset, self.dtype, vec![len], len)
     }
 
     /// A 1-D view of the elements `range` of the flattened buffer.

@@ -5,6 +5,7 @@
 use crate::alloc::{Allocator, Block, Budget, MemoryStats};
 use crate::allocation::{Allocation, Owner};
 use crate::backend::{fence_retired, Backend, Command, DeviceInfo, RawAlloc, Submission};
+use crate::buffer::GrowableRegion;
 use crate::epoch::{Access, Epoch, Fence, FenceSet, QueueId};
 use crate::error::{Error, Result};
 use crate::kernel::KernelRegistry;
@@ -223,6 +224,13 @@ impl DeviceInner {
         }
     }
 
+    /// Adds bytes to a label's count (a growable buffer that grew).
+    pub fn own_bytes(&self, label: &str, bytes: usize) {
+        if let Some(e) = lock(&self.owners).get_mut(label) {
+            e.0 += bytes;
+        }
+    }
+
     /// Stops counting an allocation's bytes for its label.
     pub fn disown(&self, label: &str, bytes: usize) {
         let mut o = lock(&self.owners);
@@ -286,7 +294,142 @@ impl DeviceInner {
             .apply_removals(&*self.backend, |f| self.fences_complete(f));
     }
 
+    /// Reserves address space for a growable buffer of up to `capacity` bytes and maps its
+    /// first `initial` bytes; `None` where the backend has no virtual memory for `mode`.
+    pub fn reserve_region(
+        self: &Arc<Self>,
+        mode: StorageMode,
+        capacity: usize,
+        initial: usize,
+        label: &str,
+    ) -> Result<Option<(Allocation, Arc<GrowableRegion>)>> {
+        self.check_fault()?;
+        let kind = mode.memory_kind();
+        let Some(vm) = self.backend.virtual_memory(kind) else {
+            return Ok(None);
+        };
+        let g = vm.granularity();
+        let too_big = || Error::NeverFits {
+            requested: capacity,
+            limit: self.info.max_buffer_len,
+            limit_name: "maximum buffer length",
+        };
+        let reserved = capacity
+            .max(1)
+            .checked_next_multiple_of(g)
+            .ok_or_else(too_big)?;
+        if reserved > self.info.max_buffer_len.saturating_mul(2) {
+            return Err(too_big());
+        }
+        let mapped = initial.next_multiple_of(g);
+        self.check_budget(mapped)?;
+        // SAFETY: released by `finish_release` (unreserve) after unmapping what was mapped.
+        let base = unsafe { vm.reserve(kind, reserved)? };
+        if mapped > 0 {
+            // SAFETY: inside the fresh reservation, nothing mapped yet.
+            if let Err(e) = unsafe { vm.map(kind, base, mapped) } {
+                // SAFETY: nothing is mapped in it.
+                unsafe { vm.unreserve(kind, base, reserved) };
+                return Err(e);
+            }
+        }
+        {
+            let mut a = lock(&self.alloc);
+            let s = a.stats_mut();
+            s.growable_bytes += mapped;
+            s.growable_count += 1;
+        }
+        let region = Arc::new(GrowableRegion {
+            kind,
+            base,
+            reserved,
+            mapped: std::sync::atomic::AtomicUsize::new(mapped),
+        });
+        let block = Block {
+            raw: RawAlloc {
+                addr: base,
+                handle: base,
+                bytes: reserved,
+                kind,
+            },
+            fences: FenceSet::new(),
+            in_arena: false,
+        };
+        let owner: Owner = Box::new(region.clone());
+        let alloc = Allocation::new(
+            self.clone(),
+            block,
+            initial,
+            mode,
+            label.to_owned(),
+            true,
+            Some(owner),
+        );
+        Ok(Some((alloc, region)))
+    }
+
+    /// Maps more of a growable region so that its first `bytes` are backed.
+    pub fn grow_region(&self, region: &GrowableRegion, bytes: usize, label: &str) -> Result<()> {
+        self.check_fault()?;
+        let vm = self
+            .backend
+            .virtual_memory(region.kind)
+            .ok_or_else(|| Error::invalid("grow", "the backend lost its virtual memory"))?;
+        let need = bytes.next_multiple_of(vm.granularity());
+        let have = region.mapped();
+        if need <= have {
+            return Ok(());
+        }
+        self.check_budget(need - have)?;
+        // SAFETY: `have..need` lies inside the region's reservation (need <= reserved, since
+        // `bytes` <= capacity) and is not mapped yet; only the buffer's `&mut` handle grows it.
+        unsafe { vm.map(region.kind, region.base + have as u64, need - have)? };
+        region
+            .mapped
+            .store(need, std::sync::atomic::Ordering::Release);
+        lock(&self.alloc).stats_mut().growable_bytes += need - have;
+        self.own_bytes(label, need - have);
+        Ok(())
+    }
+
+    /// Refuses `more` bytes past the memory budget (allocator reservations plus growable
+    /// buffers count against it).
+    fn check_budget(&self, more: usize) -> Result<()> {
+        let a = lock(&self.alloc);
+        if let Some(budget) = a.budget().memory_limit {
+            let s = a.stats();
+            let in_use = s.reserved_bytes + s.growable_bytes;
+            if in_use + more > budget {
+                return Err(Error::BudgetExceeded {
+                    which: "memory",
+                    requested: more,
+                    in_use,
+                    budget,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn unwrap_external(&self, r: DeferredRelease) {
+        if let Some(region) = r.owner.downcast_ref::<Arc<GrowableRegion>>() {
+            let mapped = region.mapped();
+            if let Some(vm) = self.backend.virtual_memory(region.kind) {
+                // SAFETY: every view of the region is gone and every fence that used it has
+                // completed; `mapped` bytes from the base are exactly what was mapped.
+                unsafe {
+                    if mapped > 0 {
+                        vm.unmap(region.kind, region.base, mapped);
+                    }
+                    vm.unreserve(region.kind, region.base, region.reserved);
+                }
+            }
+            let mut a = lock(&self.alloc);
+            let s = a.stats_mut();
+            s.growable_bytes -= mapped;
+            s.growable_count -= 1;
+            return;
+        }
         let mut a = lock(&self.alloc);
         let s = a.stats_mut();
         s.external_bytes -= r.raw.bytes;
