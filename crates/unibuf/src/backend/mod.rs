@@ -296,6 +296,20 @@ pub trait ResidencyHooks: Send + Sync {
     fn resident_bytes(&self) -> usize;
 }
 
+/// The queue `id` of a backend's queue list, or an error naming the queues there are.
+pub(crate) fn queue_by_id<Q>(
+    queues: &std::sync::RwLock<Vec<std::sync::Arc<Q>>>,
+    id: QueueId,
+) -> Result<std::sync::Arc<Q>> {
+    let queues = queues.read().unwrap_or_else(|e| e.into_inner());
+    queues.get(id.0 as usize).cloned().ok_or_else(|| {
+        crate::Error::invalid(
+            "queue",
+            format!("{id} does not exist ({} queues)", queues.len()),
+        )
+    })
+}
+
 /// Whether `fence` has retired: its queue completed it, or its queue faulted, so that the work
 /// will never run and the memory it named is no longer in use. For freeing and reuse.
 pub(crate) fn fence_retired(backend: &dyn Backend, fence: Fence) -> bool {

@@ -76,13 +76,7 @@ impl CpuBackend {
     }
 
     fn queue(&self, id: QueueId) -> Result<Arc<CpuQueue>> {
-        let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
-        queues.get(id.0 as usize).cloned().ok_or_else(|| {
-            Error::invalid(
-                "queue",
-                format!("{id} does not exist ({} queues)", queues.len()),
-            )
-        })
+        crate::backend::queue_by_id(&self.queues, id)
     }
 }
 

@@ -215,13 +215,7 @@ impl CudaBackend {
     }
 
     fn queue(&self, id: QueueId) -> Result<Arc<CudaQueue>> {
-        let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
-        queues.get(id.0 as usize).cloned().ok_or_else(|| {
-            Error::invalid(
-                "queue",
-                format!("{id} does not exist ({} queues)", queues.len()),
-            )
-        })
+        crate::backend::queue_by_id(&self.queues, id)
     }
 
     fn take_event(&self) -> Result<Event, CuError> {
