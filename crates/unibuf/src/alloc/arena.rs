@@ -13,7 +13,7 @@
 //! reaches 4.8. The arena is pure policy: it says which granules to map and unmap, and the
 //! allocator asks the backend to do it.
 
-use crate::epoch::FenceSet;
+use crate::epoch::{Fence, FenceSet};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A set of granule indices as bits: membership changes on every placement and release of
@@ -191,17 +191,24 @@ impl Arena {
 
     /// Moves every quick-list block into the free space, so that its granules can be cached
     /// and unmapped.
-    pub fn flush_quick(&mut self) {
+    pub fn flush_quick(&mut self, retired: &mut dyn FnMut(Fence) -> bool) {
         for b in 0..QUICK_BUCKETS {
             for q in std::mem::take(&mut self.quick[b]) {
-                self.release_to_free(q.offset, q.bytes, q.fences);
+                self.release_to_free(q.offset, q.bytes, q.fences, retired);
             }
         }
         self.quick_bytes = 0;
     }
 
     /// Places a block of `bytes` (rounded up to `BLOCK_ALIGN`); `None` if no extent fits.
-    pub fn place(&mut self, bytes: u64) -> Option<Placement> {
+    ///
+    /// `retired` says whether a fence's work has completed: those fences are dropped from the
+    /// extent the block is cut from, so that memory no pending work touches inherits no wait.
+    pub fn place(
+        &mut self,
+        bytes: u64,
+        retired: &mut dyn FnMut(Fence) -> bool,
+    ) -> Option<Placement> {
         let bytes = bytes.max(1).checked_next_multiple_of(BLOCK_ALIGN)?;
         let list = &mut self.quick[Self::quick_bucket(bytes)];
         if let Some(i) = list.iter().rposition(|q| q.bytes == bytes) {
@@ -215,7 +222,8 @@ impl Arena {
             });
         }
         let &(len, start) = self.free_by_size.range((bytes, 0)..).next()?;
-        let extent = self.remove_free(start);
+        let mut extent = self.remove_free(start);
+        extent.fences.retain_pending(&mut *retired);
         if len > bytes {
             self.insert_free(start + bytes, len - bytes, extent.fences.clone());
         }
@@ -241,7 +249,13 @@ impl Arena {
 
     /// Returns a block: to the quick list while it has room, else to the free space (with the
     /// fences of its last use), where granules no live block overlaps any more become cached.
-    pub fn release(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
+    pub fn release(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        fences: FenceSet,
+        retired: &mut dyn FnMut(Fence) -> bool,
+    ) {
         if self.quick_bytes + bytes <= self.quick_limit {
             self.quick_bytes += bytes;
             self.quick[Self::quick_bucket(bytes)].push(QuickBlock {
@@ -251,14 +265,20 @@ impl Arena {
             });
             return;
         }
-        self.release_to_free(offset, bytes, fences);
+        self.release_to_free(offset, bytes, fences, retired);
     }
 
-    fn release_to_free(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
+    fn release_to_free(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        fences: FenceSet,
+        retired: &mut dyn FnMut(Fence) -> bool,
+    ) {
         for g in self.granules_of(offset, bytes) {
             self.drop_ref(g);
         }
-        self.free_range(offset, bytes, fences);
+        self.free_range(offset, bytes, fences, retired);
     }
 
     /// Undoes a placement whose mapping failed: the granules it would have mapped count as
@@ -272,7 +292,7 @@ impl Arena {
                 self.drop_ref(g);
             }
         }
-        self.free_range(p.offset, p.bytes, p.fences);
+        self.free_range(p.offset, p.bytes, p.fences, &mut |_| false);
     }
 
     /// Puts granules taken for unmapping back in the cache (their work is still running).
@@ -292,8 +312,15 @@ impl Arena {
         }
     }
 
-    /// Adds `offset..offset + bytes` to the free space, coalescing with its neighbours.
-    fn free_range(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
+    /// Adds `offset..offset + bytes` to the free space, coalescing with its neighbours; fences
+    /// that `retired` says completed are dropped from the merged extent.
+    fn free_range(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        fences: FenceSet,
+        retired: &mut dyn FnMut(Fence) -> bool,
+    ) {
         let (mut start, mut len, mut merged) = (offset, bytes, fences);
         if let Some((&prev, e)) = self.free_by_addr.range(..offset).next_back() {
             if prev + e.len == offset {
@@ -308,20 +335,28 @@ impl Arena {
             len += e.len;
             merged.extend(&e.fences);
         }
+        merged.retain_pending(&mut *retired);
         self.insert_free(start, len, merged);
     }
 
     /// Picks up to `max` cached granules to unmap, highest addresses first (best-fit fills low
     /// addresses, so those are the least likely to be reused), each with the fences that must
     /// complete before it is unmapped. They stop counting as mapped.
-    pub fn take_cached(&mut self, max: u64) -> Vec<(Range<u64>, FenceSet)> {
+    pub fn take_cached(
+        &mut self,
+        max: u64,
+        retired: &mut dyn FnMut(Fence) -> bool,
+    ) -> Vec<(Range<u64>, FenceSet)> {
         let mut out: Vec<(Range<u64>, FenceSet)> = Vec::new();
-        while (out.iter().map(|(r, _)| r.end - r.start).sum::<u64>()) < max {
+        let mut taken = 0;
+        while taken < max {
             let Some(g) = self.cached.pop_last() else {
                 break;
             };
             self.mapped -= 1;
-            let fences = self.fences_at(g * self.granule);
+            taken += 1;
+            let mut fences = self.fences_at(g * self.granule);
+            fences.retain_pending(&mut *retired);
             match out.last_mut() {
                 Some((r, f)) if r.start == g + 1 => {
                     r.start = g;
@@ -359,9 +394,9 @@ mod tests {
     #[test]
     fn neighbours_share_granules_and_frees_coalesce() {
         let mut a = Arena::new(64 * G, G);
-        let p1 = a.place(3 * G / 2).unwrap(); // granules 0 and 1
+        let p1 = a.place(3 * G / 2, &mut |_| false).unwrap(); // granules 0 and 1
         assert_eq!((p1.offset, p1.to_map.clone()), (0, vec![0..2]));
-        let p2 = a.place(G).unwrap(); // 1.5 G .. 2.5 G: granules 1 and 2
+        let p2 = a.place(G, &mut |_| false).unwrap(); // 1.5 G .. 2.5 G: granules 1 and 2
         assert_eq!(p2.offset, 3 * G / 2);
         assert_eq!(
             p2.to_map,
@@ -369,24 +404,32 @@ mod tests {
             "granule 1 is shared with the first block"
         );
         assert_eq!(a.mapped_granules(), 3);
-        a.release(p1.offset, p1.bytes, FenceSet::new());
+        a.release(p1.offset, p1.bytes, FenceSet::new(), &mut |_| false);
         assert_eq!(
             a.cached_granules(),
             1,
             "granule 1 still holds the second block's head"
         );
-        a.release(p2.offset, p2.bytes, FenceSet::new());
+        a.release(p2.offset, p2.bytes, FenceSet::new(), &mut |_| false);
         assert_eq!(a.cached_granules(), 3);
         assert_eq!(a.largest_free(), 64 * G, "everything coalesced");
-        let p3 = a.place(2 * G).unwrap();
+        let p3 = a.place(2 * G, &mut |_| false).unwrap();
         assert!(
             p3.to_map.is_empty(),
             "cached granules are reused before mapping new ones"
         );
-        let taken: Vec<_> = a.take_cached(10).into_iter().map(|(r, _)| r).collect();
+        let taken: Vec<_> = a
+            .take_cached(10, &mut |_| false)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
         assert_eq!(taken, vec![2..3], "only the granule no live block uses");
-        a.release(p3.offset, p3.bytes, FenceSet::new());
-        let taken: Vec<_> = a.take_cached(10).into_iter().map(|(r, _)| r).collect();
+        a.release(p3.offset, p3.bytes, FenceSet::new(), &mut |_| false);
+        let taken: Vec<_> = a
+            .take_cached(10, &mut |_| false)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
         assert_eq!(taken, vec![0..2]);
         assert_eq!(a.mapped_granules(), 0);
     }
@@ -396,11 +439,21 @@ mod tests {
         let mut a = Arena::new(64 * G, G);
         let blocks: Vec<_> = [4096u64, 8192, 4096, 16384, 4096]
             .iter()
-            .map(|b| a.place(*b).unwrap())
+            .map(|b| a.place(*b, &mut |_| false).unwrap())
             .collect();
-        a.release(blocks[1].offset, blocks[1].bytes, FenceSet::new()); // 8 KiB hole
-        a.release(blocks[3].offset, blocks[3].bytes, FenceSet::new()); // 16 KiB hole
-        let p = a.place(6000).unwrap();
+        a.release(
+            blocks[1].offset,
+            blocks[1].bytes,
+            FenceSet::new(),
+            &mut |_| false,
+        ); // 8 KiB hole
+        a.release(
+            blocks[3].offset,
+            blocks[3].bytes,
+            FenceSet::new(),
+            &mut |_| false,
+        ); // 16 KiB hole
+        let p = a.place(6000, &mut |_| false).unwrap();
         assert_eq!(p.offset, blocks[1].offset);
         assert_eq!(p.bytes, 6144);
     }
@@ -420,8 +473,8 @@ mod tests {
             for (release, size) in ops {
                 if release && !live.is_empty() {
                     let p = live.swap_remove((size as usize) % live.len());
-                    a.release(p.offset, p.bytes, FenceSet::new());
-                } else if let Some(p) = a.place(size) {
+                    a.release(p.offset, p.bytes, FenceSet::new(), &mut |_| false);
+                } else if let Some(p) = a.place(size, &mut |_| false) {
                     prop_assert!(p.bytes >= size && p.offset % BLOCK_ALIGN == 0);
                     live.push(p);
                 }
@@ -443,12 +496,12 @@ mod tests {
                 prop_assert_eq!(a.mapped_granules(), used + a.cached_granules());
             }
             for p in live.drain(..) {
-                a.release(p.offset, p.bytes, FenceSet::new());
+                a.release(p.offset, p.bytes, FenceSet::new(), &mut |_| false);
             }
-            a.flush_quick();
+            a.flush_quick(&mut |_| false);
             prop_assert_eq!(a.quick_bytes(), 0);
             prop_assert_eq!(a.largest_free(), 256 * G);
-            a.take_cached(u64::MAX);
+            a.take_cached(u64::MAX, &mut |_| false);
             prop_assert_eq!(a.mapped_granules(), 0);
         }
     }

@@ -80,6 +80,8 @@ struct Cached {
 pub(crate) struct Allocator {
     cache: BTreeMap<(MemoryKind, usize), Vec<Cached>>,
     arenas: Vec<ArenaPool>,
+    /// Kinds whose address range could not be reserved: they cache whole blocks instead.
+    no_arena: Vec<MemoryKind>,
     stats: MemoryStats,
     budget: Budget,
     free_counter: u64,
@@ -105,6 +107,7 @@ impl Allocator {
         Allocator {
             cache: BTreeMap::new(),
             arenas: Vec::new(),
+            no_arena: Vec::new(),
             stats: MemoryStats::default(),
             budget,
             free_counter: 0,
@@ -157,8 +160,17 @@ impl Allocator {
                 });
             }
         }
-        let block = if let Some(vm) = backend.virtual_memory(kind) {
-            self.allocate_in_arena(backend, vm, kind, requested)?
+        let arena_vm = backend
+            .virtual_memory(kind)
+            .filter(|_| !self.no_arena.contains(&kind));
+        let block = if let Some(vm) = arena_vm {
+            match self.allocate_in_arena_or_blocks(backend, vm, kind, requested) {
+                Err(_) if self.no_arena.contains(&kind) => {
+                    // The address range could not be reserved: whole blocks for this kind.
+                    self.allocate_new(backend, kind, class)?
+                }
+                other => other?,
+            }
         } else {
             match self.take_cached(kind, class) {
                 Some(b) => {
@@ -187,14 +199,27 @@ impl Allocator {
             return Ok(i);
         }
         // Twice the device's memory of address space (capped at 64 TiB): address space is
-        // cheap, and room to spare keeps placement from running out before memory does.
+        // cheap, and room to spare keeps placement from running out before memory does. Where
+        // the process may not reserve that much (an address-space limit), smaller ranges are
+        // tried down to the device's memory; below that the caller falls back to caching whole
+        // blocks for this kind.
         let granule = vm.granularity() as u64;
-        let len = (backend.info().total_memory as u64)
-            .saturating_mul(2)
-            .clamp(granule, 1 << 46)
+        let total = (backend.info().total_memory as u64)
+            .clamp(granule, 1 << 45)
             .next_multiple_of(granule);
-        // SAFETY: released by `shutdown` once nothing is mapped.
-        let base = unsafe { vm.reserve(kind, len as usize)? };
+        let mut len = total * 2;
+        let base = loop {
+            // SAFETY: released by `shutdown` once nothing is mapped.
+            match unsafe { vm.reserve(kind, len as usize) } {
+                Ok(base) => break base,
+                Err(e) if len <= total => {
+                    self.no_arena.push(kind);
+                    return Err(e);
+                }
+                // Halve towards the device's memory; both are granule multiples, so this ends.
+                Err(_) => len = (len / 2).next_multiple_of(granule).max(total),
+            }
+        };
         self.arenas.push(ArenaPool {
             kind,
             base,
@@ -204,7 +229,7 @@ impl Allocator {
         Ok(self.arenas.len() - 1)
     }
 
-    fn allocate_in_arena(
+    fn allocate_in_arena_or_blocks(
         &mut self,
         backend: &dyn Backend,
         vm: &dyn VirtualMemory,
@@ -219,7 +244,18 @@ impl Allocator {
         self.arenas[i].arena.set_quick_limit(quick_limit as u64);
         let mut attempt = 0;
         loop {
-            let Some(p) = self.arenas[i].arena.place(requested as u64) else {
+            let Some(p) = self.arenas[i]
+                .arena
+                .place(requested as u64, &mut |f| fence_retired(backend, f))
+            else {
+                if attempt == 0 && self.arenas[i].arena.quick_bytes() > 0 {
+                    // The quick list holds blocks out of the free space: return them and retry.
+                    self.arenas[i]
+                        .arena
+                        .flush_quick(&mut |f| fence_retired(backend, f));
+                    attempt += 1;
+                    continue;
+                }
                 self.stats.ooms += 1;
                 return Err(self.out_of_memory(backend, requested));
             };
@@ -235,9 +271,12 @@ impl Allocator {
             if !over_budget && new_bytes > 0 {
                 // Unmap cached granules elsewhere first if the new ones would pass the bound,
                 // so that memory held never peaks above what is needed.
-                let requested_after = self.stats.requested_bytes + requested;
-                self.peak_requested = self.peak_requested.max(requested_after);
-                self.enforce_bound_before_mapping(backend, new_bytes);
+                // The bound counts this request, but the high-water mark only rises once the
+                // allocation succeeds (a failed probe must not inflate it for good).
+                let peak = self
+                    .peak_requested
+                    .max(self.stats.requested_bytes + requested);
+                self.enforce_bound_for(backend, new_bytes, peak);
             }
             let mapped = if over_budget {
                 Ok(())
@@ -268,9 +307,17 @@ impl Allocator {
             }
             self.arenas[i].arena.unplace(p);
             // Staged recovery: unmap idle cached granules, then wait for busy ones, then fail.
-            if attempt < 2 && self.cached_granule_bytes() > 0 {
+            if attempt < 2 && self.cached_granule_bytes() + self.cached_block_bytes() > 0 {
                 self.stats.oom_retries += 1;
-                self.release_cached(backend, usize::MAX, attempt == 1);
+                // First the shortfall from idle cache; then everything, waiting for busy work.
+                let shortfall = match (over_budget, self.budget.memory_limit) {
+                    (true, Some(limit)) => {
+                        (self.stats.reserved_bytes + new_bytes).saturating_sub(limit)
+                    }
+                    _ => usize::MAX,
+                };
+                let want = if attempt == 0 { shortfall } else { usize::MAX };
+                self.release_cached(backend, want, attempt == 1);
                 attempt += 1;
                 continue;
             }
@@ -389,11 +436,13 @@ impl Allocator {
             let Some(vm) = backend.virtual_memory(pool.kind) else {
                 continue;
             };
-            pool.arena.flush_quick();
+            pool.arena.flush_quick(&mut |f| fence_retired(backend, f));
             let g = pool.arena.granule();
             while budget_bytes > 0 && pool.arena.cached_granules() > 0 {
                 let want = (budget_bytes as u64).div_ceil(g);
-                let taken = pool.arena.take_cached(want);
+                let taken = pool
+                    .arena
+                    .take_cached(want, &mut |f| fence_retired(backend, f));
                 if taken.is_empty() {
                     break;
                 }
@@ -432,6 +481,11 @@ impl Allocator {
 
     /// As `enforce_bound`, counting `incoming` bytes about to be mapped.
     fn enforce_bound_before_mapping(&mut self, backend: &dyn Backend, incoming: usize) {
+        self.enforce_bound_for(backend, incoming, self.peak_requested);
+    }
+
+    /// The bound computed from `peak` live bytes rather than the recorded high-water mark.
+    fn enforce_bound_for(&mut self, backend: &dyn Backend, incoming: usize, peak: usize) {
         let cached = self.cached_granule_bytes();
         if cached == 0 {
             return;
@@ -442,8 +496,7 @@ impl Allocator {
             .map(|a| a.arena.granule() as usize)
             .max()
             .unwrap_or(0);
-        let bound =
-            self.peak_requested + self.peak_requested / SLACK_DIVISOR + FLOOR_GRANULES * granule;
+        let bound = peak + peak / SLACK_DIVISOR + FLOOR_GRANULES * granule;
         let mut excess = (self.stats.reserved_bytes + incoming).saturating_sub(bound);
         if let Some(limit) = self.budget.cache_limit {
             excess = excess.max((cached + self.cached_block_bytes()).saturating_sub(limit));
@@ -566,13 +619,17 @@ impl Allocator {
                 .iter_mut()
                 .find(|a| a.kind == block.raw.kind)
                 .expect("arena blocks come from an arena of their kind");
-            pool.arena
-                .release(block.raw.addr - pool.base, class as u64, block.fences);
+            pool.arena.release(
+                block.raw.addr - pool.base,
+                class as u64,
+                block.fences,
+                &mut |f| fence_retired(backend, f),
+            );
             if self.stats.active_count == 0 {
                 // Nothing live: the quick list serves no working set, so its blocks go back to
                 // the free space and their granules become plainly cached.
                 for a in &mut self.arenas {
-                    a.arena.flush_quick();
+                    a.arena.flush_quick(&mut |f| fence_retired(backend, f));
                 }
             }
             self.enforce_bound(backend);

@@ -76,23 +76,38 @@ pub(crate) fn replay(
     let mut result = Ok(());
     for ev in &trace.events {
         match *ev {
-            TraceEvent::Alloc { id, size, .. } => match alloc.allocate(backend, kind, size) {
-                Ok(block) => {
-                    live[id as usize] = Some((block, size));
-                    live_bytes += size;
-                    peak_live = peak_live.max(live_bytes);
-                }
-                Err(e) => {
-                    result = Err(e);
+            TraceEvent::Alloc { id, size, .. } => {
+                // Traces built by hand (the fields are public) are checked as parsing would.
+                if live.get(id as usize).is_none_or(Option::is_some) {
+                    result = Err(bad_slot(
+                        id,
+                        trace.slots,
+                        "allocated while live or out of range",
+                    ));
                     break;
                 }
-            },
-            TraceEvent::Free { id } => {
-                if let Some((block, size)) = live[id as usize].take() {
+                match alloc.allocate(backend, kind, size) {
+                    Ok(block) => {
+                        live[id as usize] = Some((block, size));
+                        live_bytes += size;
+                        peak_live = peak_live.max(live_bytes);
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            TraceEvent::Free { id } => match live.get_mut(id as usize).and_then(Option::take) {
+                Some((block, size)) => {
                     alloc.free(backend, block, size);
                     live_bytes -= size;
                 }
-            }
+                None => {
+                    result = Err(bad_slot(id, trace.slots, "freed but not live"));
+                    break;
+                }
+            },
         }
     }
     let elapsed = started.elapsed();
@@ -113,6 +128,13 @@ pub(crate) fn replay(
     })
 }
 
+fn bad_slot(id: u64, slots: usize, what: &str) -> Error {
+    Error::Format {
+        what: "trace".to_owned(),
+        detail: format!("slot {id} (of {slots}) is {what}"),
+    }
+}
+
 /// Replays `trace` on simulated memory: the allocator's policy alone, no device, no bytes.
 ///
 /// ```
@@ -131,6 +153,8 @@ pub fn replay_simulated(trace: &Trace, budget: Budget) -> Result<ReplayReport> {
 struct SimulatedMemory {
     info: DeviceInfo,
     next: AtomicU64,
+    /// Reservations larger than this fail (an address-space limit), for tests.
+    reserve_limit: u64,
 }
 
 impl SimulatedMemory {
@@ -147,6 +171,7 @@ impl SimulatedMemory {
                 timestamps: false,
             },
             next: AtomicU64::new(1 << 20),
+            reserve_limit: u64::MAX,
         }
     }
 
@@ -218,6 +243,14 @@ impl VirtualMemory for SimulatedMemory {
         2 << 20
     }
     unsafe fn reserve(&self, _kind: MemoryKind, bytes: usize) -> Result<u64> {
+        if bytes as u64 > self.reserve_limit {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                reserved: 0,
+                free: 0,
+                largest_free: 0,
+            });
+        }
         Ok(self
             .next
             .fetch_add(bytes as u64, Ordering::Relaxed)
@@ -307,6 +340,72 @@ mod tests {
             let s = alloc.stats();
             prop_assert_eq!((s.active_bytes, s.requested_bytes, s.reserved_bytes, s.cached_bytes), (0, 0, 0, 0));
             alloc.shutdown(&backend);
+        }
+    }
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+
+    #[test]
+    fn without_address_space_the_allocator_caches_whole_blocks() {
+        for limit in [0u64, 1 << 40] {
+            let mem = SimulatedMemory {
+                reserve_limit: limit,
+                ..SimulatedMemory::new()
+            };
+            let mut a = Allocator::new(Budget::default());
+            let b = a
+                .allocate(&mem, MemoryKind::Device, 3000)
+                .expect("falls back, does not fail");
+            assert_eq!(a.stats().virtual_memory, limit > 0, "limit {limit}");
+            a.free(&mem, b, 3000);
+            a.release_cached(&mem, usize::MAX, true);
+            a.shutdown(&mem);
+            assert_eq!(a.stats().reserved_bytes, 0);
+        }
+    }
+
+    #[test]
+    fn hand_built_traces_are_checked() {
+        for (events, slots, needle) in [
+            (
+                vec![TraceEvent::Free { id: 3 }],
+                0usize,
+                "freed but not live",
+            ),
+            (
+                vec![
+                    TraceEvent::Alloc {
+                        id: 0,
+                        size: 8,
+                        stream: 0,
+                    },
+                    TraceEvent::Alloc {
+                        id: 0,
+                        size: 8,
+                        stream: 0,
+                    },
+                ],
+                1,
+                "allocated while live",
+            ),
+            (
+                vec![TraceEvent::Alloc {
+                    id: 9,
+                    size: 8,
+                    stream: 0,
+                }],
+                1,
+                "out of range",
+            ),
+        ] {
+            let e = replay_simulated(&Trace { events, slots }, Budget::default()).unwrap_err();
+            assert!(
+                matches!(e, Error::Format { .. }) && e.to_string().contains(needle),
+                "{e}"
+            );
         }
     }
 }
