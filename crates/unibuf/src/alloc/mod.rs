@@ -213,6 +213,11 @@ impl Allocator {
             match unsafe { vm.reserve(kind, len as usize) } {
                 Ok(base) => break base,
                 Err(e) if len <= total => {
+                    tracing::warn!(
+                        ?kind,
+                        bytes = len,
+                        "address space for the allocator could not be reserved ({e}); caching whole blocks"
+                    );
                     self.no_arena.push(kind);
                     return Err(e);
                 }
@@ -317,6 +322,12 @@ impl Allocator {
                     _ => usize::MAX,
                 };
                 let want = if attempt == 0 { shortfall } else { usize::MAX };
+                tracing::debug!(
+                    requested,
+                    attempt,
+                    want,
+                    "allocation failed; releasing cached memory and retrying"
+                );
                 self.release_cached(backend, want, attempt == 1);
                 attempt += 1;
                 continue;

@@ -116,7 +116,13 @@ impl DeviceInner {
     /// Passes an error through, keeping device faults as the sticky state.
     pub fn note<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e @ Error::DeviceFault { .. }) = &r {
-            lock(&self.fault).get_or_insert_with(|| e.clone());
+            lock(&self.fault).get_or_insert_with(|| {
+                tracing::error!(
+                    device = self.id,
+                    "device fault, the device stays faulted until reset: {e}"
+                );
+                e.clone()
+            });
         }
         r
     }

@@ -164,6 +164,12 @@ impl DeviceBuilder {
             .staging
             .unwrap_or_else(|| StagingConfig::for_device(backend.info().unified_memory));
         let inner = DeviceInner::open(backend, self.budget, staging, self.ledger_capacity)?;
+        tracing::info!(
+            device = inner.id,
+            backend = inner.info.backend,
+            name = %inner.info.name,
+            "device opened"
+        );
         Ok(Device { inner })
     }
 }
