@@ -89,12 +89,6 @@ pub(crate) struct Allocator {
     peak_requested: usize,
 }
 
-fn all_complete(backend: &dyn Backend, fences: &FenceSet) -> bool {
-    fences
-        .iter()
-        .all(|f| crate::backend::fence_retired(backend, f))
-}
-
 fn wait_all(backend: &dyn Backend, fences: &FenceSet) {
     for f in fences.iter() {
         // A faulted queue never runs the work again: the memory is no longer in use.
@@ -691,7 +685,7 @@ impl Allocator {
                 break;
             }
             let c = &self.cache[&(kind, class)][i];
-            if wait || all_complete(backend, &c.fences) {
+            if wait || crate::backend::fences_retired(backend, &c.fences) {
                 chosen.push((kind, class, freed_at));
                 released += class;
             }

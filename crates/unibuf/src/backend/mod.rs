@@ -322,6 +322,11 @@ pub(crate) fn fence_retired(backend: &dyn Backend, fence: Fence) -> bool {
         }
 }
 
+/// Whether every fence of `fences` has retired (see `fence_retired`).
+pub(crate) fn fences_retired(backend: &dyn Backend, fences: &crate::epoch::FenceSet) -> bool {
+    fences.iter().all(|f| fence_retired(backend, f))
+}
+
 /// A platform's memory, queues and kernels.
 pub trait Backend: Send + Sync {
     /// What the device is.

@@ -4,7 +4,7 @@
 
 use crate::alloc::{Allocator, Block, Budget, MemoryStats};
 use crate::allocation::{Allocation, Owner};
-use crate::backend::{fence_retired, Backend, Command, DeviceInfo, RawAlloc, Submission};
+use crate::backend::{fences_retired, Backend, Command, DeviceInfo, RawAlloc, Submission};
 use crate::buffer::GrowableRegion;
 use crate::epoch::{Access, Epoch, Fence, FenceSet, QueueId};
 use crate::error::{Error, Result};
@@ -275,7 +275,7 @@ impl DeviceInner {
     }
 
     fn fences_complete(&self, fences: &FenceSet) -> bool {
-        fences.iter().all(|f| fence_retired(&*self.backend, f))
+        fences_retired(&*self.backend, fences)
     }
 
     /// Unwraps External regions whose work has completed; also applies residency removals
