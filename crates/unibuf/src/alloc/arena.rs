@@ -46,6 +46,25 @@ impl GranuleSet {
         self.len -= u64::from(present);
         present
     }
+    /// Sets (`on`) or clears every member of `r` a word at a time; the inner granules of a
+    /// large block change together on every quick-list release and reuse.
+    fn set_range(&mut self, r: Range<u64>, on: bool) {
+        let mut g = r.start;
+        while g < r.end {
+            let (w, lo) = ((g / 64) as usize, g % 64);
+            let n = (r.end - g).min(64 - lo);
+            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+            let before = self.words[w];
+            self.words[w] = if on { before | mask } else { before & !mask };
+            let changed = u64::from((before ^ self.words[w]).count_ones());
+            self.len = if on {
+                self.len + changed
+            } else {
+                self.len - changed
+            };
+            g += n;
+        }
+    }
     fn pop_last(&mut self) -> Option<u64> {
         if self.len == 0 {
             return None;
@@ -108,11 +127,16 @@ pub(crate) struct Arena {
     cached: GranuleSet,
     mapped: u64,
     /// Freed blocks kept whole for a request of the same size: an alloc/free pair of a size
-    /// in use costs no tree operation. They keep their granules referenced. Bounded by
-    /// `quick_limit` bytes, and flushed into the free space before any granule is unmapped.
+    /// in use costs no tree operation. They drop their granule references (so their granules
+    /// count as cached in the stats), stay out of the free space, and are flushed into it
+    /// before any granule is unmapped. Bounded by `quick_limit` bytes.
     quick: Vec<Vec<QuickBlock>>,
     quick_bytes: u64,
     quick_limit: u64,
+    /// The last freed block too large for the quick list, kept whole the same way: a hot
+    /// alloc/free pair of a large size (a per-step activation) then costs no tree operation
+    /// either. A separate slot, so that it never crowds the small blocks out of the list.
+    large: Option<QuickBlock>,
 }
 
 impl Arena {
@@ -130,6 +154,7 @@ impl Arena {
             quick: (0..QUICK_BUCKETS).map(|_| Vec::new()).collect(),
             quick_bytes: 0,
             quick_limit: 0,
+            large: None,
         };
         a.insert_free(0, len, FenceSet::new());
         a
@@ -180,9 +205,9 @@ impl Arena {
         self.quick_limit = bytes;
     }
 
-    /// Bytes waiting in the quick list.
+    /// Bytes waiting in the quick list and the large slot.
     pub fn quick_bytes(&self) -> u64 {
-        self.quick_bytes
+        self.quick_bytes + self.large.as_ref().map_or(0, |q| q.bytes)
     }
 
     fn quick_bucket(bytes: u64) -> usize {
@@ -192,12 +217,16 @@ impl Arena {
     /// Moves every quick-list block into the free space, so that its granules can be cached
     /// and unmapped.
     pub fn flush_quick(&mut self, retired: &mut dyn FnMut(Fence) -> bool) {
+        // Their granule references were dropped on release: only the free space changes.
         for b in 0..QUICK_BUCKETS {
             for q in std::mem::take(&mut self.quick[b]) {
-                self.release_to_free(q.offset, q.bytes, q.fences, retired);
+                self.free_range(q.offset, q.bytes, q.fences, retired);
             }
         }
         self.quick_bytes = 0;
+        if let Some(q) = self.large.take() {
+            self.free_range(q.offset, q.bytes, q.fences, retired);
+        }
     }
 
     /// Places a block of `bytes` (rounded up to `BLOCK_ALIGN`); `None` if no extent fits.
@@ -210,10 +239,21 @@ impl Arena {
         retired: &mut dyn FnMut(Fence) -> bool,
     ) -> Option<Placement> {
         let bytes = bytes.max(1).checked_next_multiple_of(BLOCK_ALIGN)?;
+        if self.large.as_ref().is_some_and(|q| q.bytes == bytes) {
+            let q = self.large.take().expect("checked above");
+            self.take_refs(q.offset, bytes);
+            return Some(Placement {
+                offset: q.offset,
+                bytes,
+                fences: q.fences,
+                to_map: Vec::new(),
+            });
+        }
         let list = &mut self.quick[Self::quick_bucket(bytes)];
         if let Some(i) = list.iter().rposition(|q| q.bytes == bytes) {
             let q = list.swap_remove(i);
             self.quick_bytes -= bytes;
+            self.take_refs(q.offset, bytes);
             return Some(Placement {
                 offset: q.offset,
                 bytes,
@@ -256,6 +296,14 @@ impl Arena {
         fences: FenceSet,
         retired: &mut dyn FnMut(Fence) -> bool,
     ) {
+        let keep_whole = self.quick_bytes + bytes <= self.quick_limit
+            // A zero limit turns whole-block keeping off altogether (the large slot included).
+            || (self.quick_limit > 0 && bytes > self.quick_limit);
+        if !keep_whole {
+            self.release_to_free(offset, bytes, fences, retired);
+            return;
+        }
+        self.drop_block_refs(offset, bytes);
         if self.quick_bytes + bytes <= self.quick_limit {
             self.quick_bytes += bytes;
             self.quick[Self::quick_bucket(bytes)].push(QuickBlock {
@@ -265,7 +313,56 @@ impl Arena {
             });
             return;
         }
-        self.release_to_free(offset, bytes, fences, retired);
+        let block = QuickBlock {
+            offset,
+            bytes,
+            fences,
+        };
+        if let Some(q) = self.large.replace(block) {
+            self.free_range(q.offset, q.bytes, q.fences, retired);
+        }
+    }
+
+    /// Re-references the granules of a block taken back from the quick list: they are still
+    /// mapped (granules are unmapped only after the list is flushed), so nothing is mapped.
+    fn take_refs(&mut self, offset: u64, bytes: u64) {
+        let (head, inner, tail) = self.split_granules(offset, bytes);
+        for g in head.chain(tail) {
+            let r = &mut self.refs[g as usize];
+            if *r == 0 {
+                self.cached.remove(g);
+            }
+            *r += 1;
+        }
+        self.refs[inner.start as usize..inner.end as usize].fill(1);
+        self.cached.set_range(inner, false);
+    }
+
+    /// Drops a block's granule references; those left unreferenced become cached.
+    fn drop_block_refs(&mut self, offset: u64, bytes: u64) {
+        let (head, inner, tail) = self.split_granules(offset, bytes);
+        for g in head.chain(tail) {
+            self.drop_ref(g);
+        }
+        self.refs[inner.start as usize..inner.end as usize].fill(0);
+        self.cached.set_range(inner, true);
+    }
+
+    /// A block's granules as (partial head, inner, partial tail). Blocks never overlap, so the
+    /// inner granules, wholly inside the block, are referenced by it alone: their counts are 1
+    /// or 0 together and change as a range.
+    fn split_granules(&self, offset: u64, bytes: u64) -> (Range<u64>, Range<u64>, Range<u64>) {
+        let all = self.granules_of(offset, bytes);
+        let first_whole = offset.div_ceil(self.granule);
+        let end_whole = (offset + bytes) / self.granule;
+        if first_whole >= end_whole {
+            return (all, 0..0, 0..0);
+        }
+        (
+            all.start..first_whole,
+            first_whole..end_whole,
+            end_whole..all.end,
+        )
     }
 
     fn release_to_free(
@@ -275,9 +372,7 @@ impl Arena {
         fences: FenceSet,
         retired: &mut dyn FnMut(Fence) -> bool,
     ) {
-        for g in self.granules_of(offset, bytes) {
-            self.drop_ref(g);
-        }
+        self.drop_block_refs(offset, bytes);
         self.free_range(offset, bytes, fences, retired);
     }
 
@@ -347,6 +442,8 @@ impl Arena {
         max: u64,
         retired: &mut dyn FnMut(Fence) -> bool,
     ) -> Vec<(Range<u64>, FenceSet)> {
+        // Quick-list blocks lie on cached granules outside the free space: return them first.
+        self.flush_quick(&mut *retired);
         let mut out: Vec<(Range<u64>, FenceSet)> = Vec::new();
         let mut taken = 0;
         while taken < max {
@@ -478,15 +575,16 @@ mod tests {
                     prop_assert!(p.bytes >= size && p.offset % BLOCK_ALIGN == 0);
                     live.push(p);
                 }
-                // Quick-list blocks are free for placement but still hold their granules.
-                let quick = a.quick.iter().flatten().map(|q| (q.offset, q.bytes));
+                // Quick-list blocks stay out of the free space (no live block may overlap
+                // them) but hold no granule references.
+                let quick = a.quick.iter().flatten().chain(&a.large).map(|q| (q.offset, q.bytes));
                 let mut sorted: Vec<_> = live.iter().map(|p| (p.offset, p.bytes)).chain(quick).collect();
                 sorted.sort_unstable();
                 for w in sorted.windows(2) {
                     prop_assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {:?}", w);
                 }
                 let mut refs = vec![0u32; 256];
-                for (o, b) in &sorted {
+                for (o, b) in live.iter().map(|p| (p.offset, p.bytes)) {
                     for g in o / G..(o + b).div_ceil(G) {
                         refs[g as usize] += 1;
                     }

@@ -242,22 +242,33 @@ impl Allocator {
         let quick_limit = (self.peak_requested / QUICK_DIVISOR).max(QUICK_MIN);
         self.arenas[i].arena.set_quick_limit(quick_limit as u64);
         let mut attempt = 0;
+        let mut quick_flushed = false;
         loop {
             let Some(p) = self.arenas[i]
                 .arena
                 .place(requested as u64, &mut |f| fence_retired(backend, f))
             else {
-                if attempt == 0 && self.arenas[i].arena.quick_bytes() > 0 {
+                if !quick_flushed && self.arenas[i].arena.quick_bytes() > 0 {
                     // The quick list holds blocks out of the free space: return them and retry.
                     self.arenas[i]
                         .arena
                         .flush_quick(&mut |f| fence_retired(backend, f));
-                    attempt += 1;
+                    quick_flushed = true;
                     continue;
                 }
                 self.stats.ooms += 1;
                 return Err(self.out_of_memory(backend, requested));
             };
+            if !quick_flushed && !p.to_map.is_empty() && self.arenas[i].arena.quick_bytes() > 0 {
+                // Kept-whole blocks must never make a request map fresh memory: return them to
+                // the free space (where the request may fit in their granules) and place again.
+                self.arenas[i].arena.unplace(p);
+                self.arenas[i]
+                    .arena
+                    .flush_quick(&mut |f| fence_retired(backend, f));
+                quick_flushed = true;
+                continue;
+            }
             let new_bytes: usize = p
                 .to_map
                 .iter()
@@ -411,13 +422,12 @@ impl Allocator {
         self.stats.cached_count = granules + blocks;
     }
 
-    /// Bytes held in arenas but used by no live block: cached granules and quick-list blocks.
+    /// Bytes held in arenas but used by no live block: cached granules (quick-list blocks hold
+    /// no granule references, so theirs are among them).
     fn cached_granule_bytes(&self) -> usize {
         self.arenas
             .iter()
-            .map(|a| {
-                (a.arena.cached_granules() * a.arena.granule() + a.arena.quick_bytes()) as usize
-            })
+            .map(|a| (a.arena.cached_granules() * a.arena.granule()) as usize)
             .sum()
     }
 
@@ -630,13 +640,6 @@ impl Allocator {
                 block.fences,
                 &mut |f| fence_retired(backend, f),
             );
-            if self.stats.active_count == 0 {
-                // Nothing live: the quick list serves no working set, so its blocks go back to
-                // the free space and their granules become plainly cached.
-                for a in &mut self.arenas {
-                    a.arena.flush_quick(&mut |f| fence_retired(backend, f));
-                }
-            }
             self.enforce_bound(backend);
             self.refresh_cache_stats();
             return;
