@@ -119,7 +119,7 @@ fn on_cpu() -> bool {
 
 /// Whether the test kernel `SCALE` has a source for the backend under test.
 fn can_launch() -> bool {
-    matches!(backend_name().as_str(), "cpu" | "cuda")
+    matches!(backend_name().as_str(), "cpu" | "cuda" | "metal")
 }
 
 /// Page-aligned memory holding `values`.
@@ -1088,7 +1088,14 @@ const SCALE: KernelSource = KernelSource {
     name: "bad_input_scale",
     params: SCALE_PARAMS,
     cuda: Some(SCALE_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+kernel void bad_input_scale(const device float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                            constant float& factor [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    y[i] = x[i] * factor;
+}"#,
+    ),
     cpu: Some(scale_cpu),
 };
 

@@ -21,7 +21,15 @@ static SAXPY: KernelSource = KernelSource {
     if (i < n) y[i] = a * x[i] + y[i];
 }"#,
     ),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+kernel void conf_saxpy_f32(const device float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                           constant float& a [[buffer(2)]], constant uint& n [[buffer(3)]],
+                           uint i [[thread_position_in_grid]]) {
+    if (i < n) y[i] = a * x[i] + y[i];
+}"#,
+    ),
     cpu: Some(|args| {
         let x = args.input::<f32>(0)?;
         let a = args.f32(2)?;
@@ -51,7 +59,19 @@ extern "C" __global__ void conf_scale_i32(const int* src, int* dst, unsigned int
         dst[i] = src[i] * FACTOR;
 }"#,
     ),
-    msl: None,
+    // FACTOR is a function constant on Metal; 1 where the pipeline is not specialised with it.
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+constant int FACTOR [[function_constant(0)]];
+constant int factor = is_function_constant_defined(FACTOR) ? FACTOR : 1;
+kernel void conf_scale_i32(const device int* src [[buffer(0)]], device int* dst [[buffer(1)]],
+                           constant uint& n [[buffer(2)]], uint gid [[thread_position_in_grid]],
+                           uint grid [[threads_per_grid]]) {
+    for (uint i = gid; i < n; i += grid)
+        dst[i] = src[i] * factor;
+}"#,
+    ),
     cpu: Some(|args| {
         let factor = args.constant("FACTOR").unwrap_or(1) as i32;
         let src = args.input::<i32>(0)?;

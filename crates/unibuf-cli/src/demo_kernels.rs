@@ -37,7 +37,36 @@ pub static RMS_NORM: KernelSource = KernelSource {
         Param::scalar("eps", ScalarType::F32),
     ],
     cuda: Some(RMS_NORM_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+
+// One threadgroup of a power-of-two number of threads (at most 1024) normalises the whole vector.
+kernel void rms_norm_f32(const device float* x [[buffer(0)]], const device float* weight [[buffer(1)]],
+                         device float* out [[buffer(2)]], constant uint& n [[buffer(3)]],
+                         constant float& eps [[buffer(4)]],
+                         uint tid [[thread_position_in_threadgroup]],
+                         uint threads [[threads_per_threadgroup]]) {
+    threadgroup float partial[1024];
+    float acc = 0.0f;
+    for (uint i = tid; i < n; i += threads) {
+        acc += x[i] * x[i];
+    }
+    partial[tid] = acc;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint stride = threads / 2; stride > 0; stride /= 2) {
+        if (tid < stride) {
+            partial[tid] += partial[tid + stride];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    const float scale = rsqrt(partial[0] / float(n) + eps);
+    for (uint i = tid; i < n; i += threads) {
+        out[i] = x[i] * scale * weight[i];
+    }
+}
+"#,
+    ),
     cpu: Some(rms_norm_cpu),
 };
 
@@ -52,7 +81,33 @@ pub static MATVEC: KernelSource = KernelSource {
         Param::scalar("cols", ScalarType::U32),
     ],
     cuda: Some(MATVEC_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+
+// One SIMD-group per output row, grid-stride over rows: the lanes read consecutive columns and
+// simd_sum adds them. The threadgroup size must be a multiple of the SIMD width, so that all
+// lanes of a SIMD-group share one row (and so take every branch together).
+kernel void matvec_f32(const device float* w [[buffer(0)]], const device float* x [[buffer(1)]],
+                       device float* y [[buffer(2)]], constant uint& rows [[buffer(3)]],
+                       constant uint& cols [[buffer(4)]], uint gid [[thread_position_in_grid]],
+                       uint grid [[threads_per_grid]], uint lane [[thread_index_in_simdgroup]],
+                       uint width [[threads_per_simdgroup]]) {
+    const ulong groups = grid / width;
+    for (ulong r = gid / width; r < rows; r += groups) {
+        const device float* row = w + r * cols;
+        float acc = 0.0f;
+        for (uint c = lane; c < cols; c += width) {
+            acc += row[c] * x[c];
+        }
+        acc = simd_sum(acc);
+        if (lane == 0) {
+            y[r] = acc;
+        }
+    }
+}
+"#,
+    ),
     cpu: Some(matvec_cpu),
 };
 
@@ -66,7 +121,20 @@ pub static SILU_MUL: KernelSource = KernelSource {
         Param::scalar("n", ScalarType::U32),
     ],
     cuda: Some(SILU_MUL_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+
+kernel void silu_mul_f32(const device float* gate [[buffer(0)]], const device float* up [[buffer(1)]],
+                         device float* out [[buffer(2)]], constant uint& n [[buffer(3)]],
+                         uint gid [[thread_position_in_grid]], uint grid [[threads_per_grid]]) {
+    for (uint i = gid; i < n; i += grid) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + exp(-g)) * up[i];
+    }
+}
+"#,
+    ),
     cpu: Some(silu_mul_cpu),
 };
 
@@ -80,7 +148,19 @@ pub static ADD: KernelSource = KernelSource {
         Param::scalar("n", ScalarType::U32),
     ],
     cuda: Some(ADD_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+
+kernel void add_f32(const device float* a [[buffer(0)]], const device float* b [[buffer(1)]],
+                    device float* out [[buffer(2)]], constant uint& n [[buffer(3)]],
+                    uint gid [[thread_position_in_grid]], uint grid [[threads_per_grid]]) {
+    for (uint i = gid; i < n; i += grid) {
+        out[i] = a[i] + b[i];
+    }
+}
+"#,
+    ),
     cpu: Some(add_cpu),
 };
 
@@ -471,12 +551,15 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_has_cuda_source_with_its_entry_point() {
+    fn every_kernel_has_cuda_and_msl_source_with_its_entry_point() {
         for k in ALL {
             let src = k.cuda.expect("CUDA source");
             let entry = format!("extern \"C\" __global__ void {}(", k.name);
             assert!(src.contains(&entry), "{} lacks `{entry}`", k.name);
-            assert!(k.cpu.is_some() && k.msl.is_none(), "{}", k.name);
+            let msl = k.msl.expect("MSL source");
+            let entry = format!("kernel void {}(", k.name);
+            assert!(msl.contains(&entry), "{} lacks `{entry}`", k.name);
+            assert!(k.cpu.is_some(), "{}", k.name);
         }
     }
 }

@@ -2,7 +2,7 @@
 
 /// Where a buffer's bytes live and who can touch them.
 ///
-/// | mode | Metal (backend not in this release) | CUDA | CPU |
+/// | mode | Metal | CUDA | CPU |
 /// |---|---|---|---|
 /// | Shared | StorageModeShared | pinned host memory mapped into the device | host memory |
 /// | Private | StorageModePrivate | device memory | host memory the API refuses to map |

@@ -21,7 +21,14 @@ pub static NOOP: KernelSource = KernelSource {
         Param::scalar("n", ScalarType::U32),
     ],
     cuda: Some(NOOP_CUDA),
-    msl: None,
+    msl: Some(
+        r#"#include <metal_stdlib>
+using namespace metal;
+kernel void unibuf_bench_noop(device uint* out [[buffer(0)]], constant uint& n [[buffer(1)]],
+                              uint tid [[thread_position_in_threadgroup]]) {
+    if (n != 0u && tid == 0u) out[0] = n;
+}"#,
+    ),
     cpu: Some(|args| {
         let n = args.u32(1)?;
         if n != 0 {

@@ -11,6 +11,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+pub mod metal;
 
 use crate::epoch::{Epoch, Fence, QueueId};
 use crate::error::Result;

@@ -97,6 +97,10 @@ impl Device {
     /// memory's own address and covers `dtype` x `shape`, which must fit in it. `memory` is
     /// kept alive until every view is dropped and every submission that used it completed.
     ///
+    /// Where the backend cannot address the memory (Metal wraps only whole pages from mmap or
+    /// vm_allocate), the bytes are copied into a Shared buffer instead: never silently, the copy
+    /// is an upload in the ledger and a `tracing` warning, and the buffer's mode says Shared.
+    ///
     /// ```
     /// use unibuf::{DType, Device};
     /// let dev = Device::open("cpu")?;
@@ -151,13 +155,76 @@ impl Device {
         let writable = memory.writable();
         let base_ptr = NonNull::new(base as *mut u8)
             .ok_or_else(|| Error::invalid("wrap_external", "memory lies in the null page"))?;
-        let alloc = self.inner.wrap(
+        match self.inner.wrap(
             Box::new(memory),
             base_ptr,
             end - base,
             writable,
             label.to_owned(),
-        )?;
-        Buffer::from_allocation(alloc, addr - base, dtype, shape)
+        ) {
+            Ok(alloc) => Buffer::from_allocation(alloc, addr - base, dtype, shape),
+            // The backend cannot address this memory (Metal refuses memory that is not whole
+            // pages from mmap or vm_allocate): copy it instead, in the open.
+            Err((Error::Unsupported { backend, what }, owner)) => {
+                tracing::warn!(
+                    backend,
+                    label,
+                    bytes,
+                    reason = %what,
+                    "wrap_external: memory cannot be wrapped; copied into a Shared buffer"
+                );
+                // SAFETY: `owner` keeps the memory alive and unmoved (HostMemory's contract)
+                // until it is dropped below; `addr..addr + bytes` lies inside it (checked above).
+                let src = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
+                let copy = self.copy_instead_of_wrapping(label, src, dtype, shape);
+                drop(owner);
+                copy
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// A Shared buffer holding a copy of `src`, recorded in the ledger as an upload: what
+    /// `wrap_external` returns when the backend cannot wrap the memory.
+    #[track_caller]
+    fn copy_instead_of_wrapping(
+        &self,
+        label: &str,
+        src: &[u8],
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Buffer> {
+        let copy = self.alloc_labelled(label, dtype, shape, crate::StorageMode::Shared)?;
+        let q = self.queue();
+        let fence = q.upload_bytes(&copy, src, true)?;
+        self.wait(fence)?;
+        Ok(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Device, StorageMode};
+
+    /// The fallback for memory a backend refuses to wrap copies it, and the ledger says so.
+    #[test]
+    fn memory_that_cannot_be_wrapped_is_copied_in_the_ledger() {
+        let dev = Device::open("cpu").unwrap();
+        let values: Vec<f32> = (0..1001).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let before = dev.ledger().total();
+        let b = dev
+            .copy_instead_of_wrapping(
+                "refused",
+                bytemuck::cast_slice(&values),
+                DType::F32,
+                &[7, 143],
+            )
+            .unwrap();
+        assert_eq!(b.mode(), StorageMode::Shared);
+        assert_eq!(b.shape(), &[7, 143]);
+        assert_eq!(b.read::<f32>().unwrap().to_vec(), values);
+        let after = dev.ledger().total();
+        assert_eq!(after.count, before.count + 1, "one copy recorded");
+        assert_eq!(after.bytes, before.bytes + 4004);
     }
 }

@@ -181,6 +181,8 @@ impl DeviceInner {
         ))
     }
 
+    /// Wraps host memory kept alive by `owner`. On failure the owner comes back with the
+    /// error, so that the caller can still copy the memory when the backend refuses it.
     pub fn wrap(
         self: &Arc<Self>,
         owner: Owner,
@@ -188,13 +190,18 @@ impl DeviceInner {
         bytes: usize,
         writable: bool,
         label: String,
-    ) -> Result<Allocation> {
-        self.check_fault()?;
+    ) -> std::result::Result<Allocation, (Error, Owner)> {
+        if let Err(e) = self.check_fault() {
+            return Err((e, owner));
+        }
         self.poll_deferred();
         // SAFETY: the caller (wrap_external) passes a page-rounded region inside pages that
         // `owner` keeps mapped; `owner` is stored in the allocation and dropped only after
         // `release`, which happens once all work using the region completed.
-        let raw = unsafe { self.backend.wrap_host(base, bytes, writable)? };
+        let raw = match unsafe { self.backend.wrap_host(base, bytes, writable) } {
+            Ok(raw) => raw,
+            Err(e) => return Err((e, owner)),
+        };
         let mut a = lock(&self.alloc);
         let s = a.stats_mut();
         s.external_bytes += raw.bytes;

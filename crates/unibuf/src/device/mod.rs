@@ -57,7 +57,10 @@ pub fn backends() -> Vec<BackendStatus> {
     v
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // only GPU backends take options
+#[cfg_attr(
+    not(any(feature = "cuda", all(feature = "metal", target_vendor = "apple"))),
+    allow(unused_variables)
+)] // only GPU backends take options
 fn open_backend(name: &str, options: &BackendOptions) -> Result<Box<dyn Backend>> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend::new()?)),
@@ -71,6 +74,16 @@ fn open_backend(name: &str, options: &BackendOptions) -> Result<Box<dyn Backend>
             name: name.to_owned(),
             reason: "not compiled into this build (enable the cargo feature `cuda`)".to_owned(),
         }),
+        #[cfg(all(feature = "metal", target_vendor = "apple"))]
+        "metal" => Ok(Box::new(crate::backend::metal::MetalBackend::new(options)?)),
+        #[cfg(all(feature = "metal", not(target_vendor = "apple")))]
+        "metal" => Err(Error::BackendUnavailable {
+            name: name.to_owned(),
+            reason: "not compiled into this build (the `metal` feature builds the backend on \
+                     Apple targets only)"
+                .to_owned(),
+        }),
+        #[cfg(not(feature = "metal"))]
         "metal" => Err(Error::BackendUnavailable {
             name: name.to_owned(),
             reason: format!("not compiled into this build (enable the cargo feature `{name}`)"),

@@ -253,10 +253,18 @@ impl Backend for CpuBackend {
         (kind != MemoryKind::HostRegistered).then_some(self as &dyn VirtualMemory)
     }
 
+    #[cfg(target_os = "linux")]
     fn free_memory(&self) -> Option<usize> {
         // SAFETY: sysconf has no preconditions.
         let pages = unsafe { libc::sysconf(libc::_SC_AVPHYS_PAGES) };
         usize::try_from(pages).ok().map(|p| p * self.info.page_size)
+    }
+
+    // `_SC_AVPHYS_PAGES` is Linux-only (macOS has no sysconf for free memory): elsewhere the
+    // figure is unknown, as the trait allows.
+    #[cfg(not(target_os = "linux"))]
+    fn free_memory(&self) -> Option<usize> {
+        None
     }
 }
 
