@@ -13,3 +13,4 @@ mod model;
 mod queues;
 mod transfers;
 mod views;
+mod weights;

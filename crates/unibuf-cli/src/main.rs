@@ -13,6 +13,7 @@ mod bench;
 mod demo;
 mod demo_kernels;
 mod info;
+mod load;
 mod replay;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Command {
     Info(info::Args),
     /// Runs a small MLP decoder stack on random weights and checks it against an f64 reference.
     Demo(demo::Args),
+    /// Loads a safetensors file onto the device: progress, GB/s, a table by dtype, checksums.
+    Load(load::Args),
     /// Replays an allocation trace through the allocator and reports fragmentation and speed.
     Replay(replay::Args),
     /// Benchmarks, each beside the platform's own ceiling measured in the same run.
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args, &mut out),
         Command::Bench(cmd) => bench::run(cmd, &mut out),
         Command::Replay(args) => replay::run(args, &mut out),
+        Command::Load(args) => load::run(args, &mut out),
     };
     // Flush before reporting so that stdout and the error line appear in order on a terminal.
     let result = result.and_then(|()| out.flush().map_err(Failure::from));

@@ -4,7 +4,8 @@
 //! views over Shared, Private and External storage; transfers that stage only where the
 //! hardware needs it; a caching allocator; queues whose completion epochs make asynchronous
 //! reuse and host access safe; a kernel registry; and a copy ledger that accounts for every
-//! byte moved. One API over every backend: CUDA and the CPU in this release.
+//! byte moved. One API over every backend: CUDA, the CPU and Metal (Apple targets, feature
+//! `metal`; type-checked in CI, not yet run on a Mac) in this release.
 //!
 //! ```
 //! use unibuf::{DType, Device, FillPattern, StorageMode};
@@ -40,6 +41,7 @@ mod queue;
 mod residency;
 mod storage;
 mod transfer;
+pub mod weights;
 
 pub use alloc::{Budget, MemoryStats};
 pub use backend::cpu::{CpuKernelArgs, CpuKernelFn};

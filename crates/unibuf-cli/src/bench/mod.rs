@@ -3,6 +3,7 @@
 pub mod alloc;
 pub mod ceiling;
 pub mod launch;
+pub mod load;
 pub mod transfers;
 
 use crate::{open_device, Context, Failure};
@@ -19,6 +20,8 @@ pub enum Command {
     Launch(LaunchArgs),
     /// The allocator on synthetic workloads, on the device and simulated.
     Alloc(AllocArgs),
+    /// Loading a safetensors file from the page cache, beside the pinned copy ceiling.
+    Load(load::Args),
 }
 
 /// Options of `unibuf bench alloc`.
@@ -83,6 +86,7 @@ pub fn run(cmd: &Command, out: &mut dyn Write) -> Result<(), Failure> {
         Command::Transfers(args) => run_transfers(args, out),
         Command::Launch(args) => run_launch(args, out),
         Command::Alloc(args) => run_alloc(args, out),
+        Command::Load(args) => load::run(args, out),
     }
 }
 

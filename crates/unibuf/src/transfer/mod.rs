@@ -12,6 +12,7 @@
 
 mod host_copy;
 pub(crate) mod staging;
+pub(crate) mod stream_in;
 
 use crate::allocation::Allocation;
 use crate::backend::{Command, FillPattern};
@@ -136,7 +137,14 @@ impl Queue {
                 got: data.len().to_string(),
             });
         }
-        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.upload_bytes(dst, bytemuck::cast_slice(data), sync)
+    }
+
+    /// Uploads raw bytes into `dst` (exactly its byte length; the caller checked the dtype),
+    /// recorded in the ledger like every upload.
+    #[track_caller]
+    pub(crate) fn upload_bytes(&self, dst: &Buffer, bytes: &[u8], sync: bool) -> Result<Fence> {
+        debug_assert_eq!(bytes.len(), dst.byte_len());
         let audit = self.audit_start(Direction::HostToDevice, None, Some(dst), bytes.len());
         let label = self.transfer_label(dst);
         let direct = dst.is_host_accessible()

@@ -1,0 +1,153 @@
+//! End-to-end tests of `unibuf load` and `unibuf bench load` on generated safetensors files.
+//!
+//! The tests inherit `UNIBUF_BACKEND`, so on a GPU machine they exercise that backend.
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The binary under test: cargo's build of it, or the one in `../bin` beside this test
+/// executable where the tests were copied elsewhere (see `tests/cli.rs`).
+fn binary() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_unibuf"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("bin").join("unibuf"))
+        .unwrap_or(built)
+}
+
+fn unibuf(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("the unibuf binary runs")
+}
+
+/// A file removed on drop.
+struct Temp(PathBuf);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp(tag: &str) -> Temp {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    Temp(std::env::temp_dir().join(format!(
+        "unibuf-cli-load-{tag}-{}-{nanos}.safetensors",
+        std::process::id()
+    )))
+}
+
+/// A few tensors of several dtypes with bytes from a simple generator.
+fn write_file(path: &Path) -> usize {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let specs = [
+        ("layers.0.attn.wq", Dtype::BF16, vec![33, 17]),
+        ("layers.0.norm", Dtype::F32, vec![17]),
+        ("layers.0.mask", Dtype::BOOL, vec![5, 3]),
+        ("embed", Dtype::F16, vec![101, 7]),
+        ("head.q", Dtype::I8, vec![999]),
+    ];
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|(_, d, s)| bytes(s.iter().product::<usize>() * d.bitsize() / 8))
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = specs
+        .iter()
+        .zip(&data)
+        .map(|((n, d, s), b)| (*n, TensorView::new(*d, s.clone(), b).expect("a valid view")))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("serialize");
+    specs.len()
+}
+
+#[test]
+fn load_verifies_every_tensor_and_reports_json() {
+    let f = temp("ok");
+    let n = write_file(&f.0);
+    let path = f.0.to_str().expect("a UTF-8 temp path");
+    for route in ["auto", "staged", "zero-copy"] {
+        let o = unibuf(&["load", path, "--verify", "--json", "--route", route]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{route}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains(&format!("\"tensors\":{n}")), "{out}");
+        assert_eq!(out.matches("\"ok\":true").count(), n, "{out}");
+        assert!(!out.contains("\"ok\":false"), "{out}");
+        assert!(out.contains("\"dtype\":\"BOOL\""), "{out}");
+    }
+    let o = unibuf(&["load", path, "--verify", "--only", "layers.0."]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("loaded 3 tensors"), "{out}");
+    assert!(out.contains("GB/s"), "{out}");
+    assert!(out.contains("verified 3 tensors"), "{out}");
+}
+
+#[test]
+fn bad_files_fail_with_one_error_line_naming_the_tensor() {
+    let f = temp("bad");
+    write_file(&f.0);
+    let mut bytes = std::fs::read(&f.0).expect("read back");
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(&f.0, &bytes).expect("rewrite");
+    let o = unibuf(&["load", f.0.to_str().expect("UTF-8")]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: opening the weights file: format error"),
+        "{err}"
+    );
+    assert!(err.contains("tensor '"), "{err}");
+    let o = unibuf(&["load", "/nonexistent/x.safetensors"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("I/O error"));
+}
+
+#[test]
+fn bench_load_reports_the_rate_beside_the_ceiling() {
+    let f = temp("bench");
+    write_file(&f.0);
+    let json = temp("bench-json");
+    let o = unibuf(&[
+        "bench",
+        "load",
+        f.0.to_str().expect("UTF-8"),
+        "--samples",
+        "1",
+        "--json",
+        json.0.to_str().expect("UTF-8"),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("unibuf load ("), "{out}");
+    assert!(out.contains("ceiling"), "{out}");
+    let j = std::fs::read_to_string(&json.0).expect("the JSON file");
+    assert!(
+        j.contains("\"gbps\":") && j.contains("\"ceiling_gbps\":"),
+        "{j}"
+    );
+}
