@@ -215,6 +215,67 @@ fn a_second_start_compiles_nothing() {
         assert_eq!(s1.compiled, 1);
     }
     let third = open();
-    assert_eq!(third.warm_all().unwrap(), 2);
+    // Every registered kernel: these two and the built-in ops' kernels.
+    let names = third.kernel_names();
+    assert!(names.contains(&"conf_saxpy_f32") && names.contains(&"conf_scale_i32"));
+    assert_eq!(third.warm_all().unwrap(), names.len());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Labelled submissions are counted per label with their encode, wait and device times.
+#[test]
+fn submission_stats_count_and_time_each_label() {
+    let dev = builder().gpu_timing(true).open().unwrap();
+    dev.register_kernel(SAXPY).unwrap();
+    let k = dev.kernel("conf_saxpy_f32").unwrap();
+    let n = 1 << 16;
+    let x = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
+    let y = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
+    let q = dev.queue();
+    q.fill(&x, unibuf::FillPattern::of(1.0f32)).unwrap();
+    q.fill(&y, unibuf::FillPattern::of(2.0f32)).unwrap();
+    dev.drain().unwrap();
+    dev.reset_submission_stats();
+    let step = q.labelled("decode step");
+    let args = [
+        KernelArg::from(&x),
+        KernelArg::from(&y),
+        0.5f32.into(),
+        (n as u32).into(),
+    ];
+    let mut fence = None;
+    for _ in 0..5 {
+        fence = Some(
+            step.launch(&k, LaunchDims::linear(blocks(n), 256), &args)
+                .unwrap(),
+        );
+    }
+    q.wait(fence.unwrap()).unwrap();
+    let other = q
+        .launch(&k, LaunchDims::linear(blocks(n), 256), &args)
+        .unwrap();
+    q.wait(other).unwrap();
+    let stats = dev.submission_stats();
+    let s = stats.get("decode step").expect("the label is counted");
+    assert_eq!(s.count, 5);
+    assert!(s.encode_ns > 0);
+    assert_eq!(s.waits, 1, "one wait named a fence of this label");
+    assert!(stats.gpu_timing, "gpu_timing(true) was asked for");
+    assert_eq!(s.timed, 5, "every completed submission has a device time");
+    assert!(s.gpu_ns > 0);
+    let unlabelled = stats
+        .get("conf_saxpy_f32")
+        .expect("the kernel name labels it");
+    assert_eq!((unlabelled.count, unlabelled.waits), (1, 1));
+    let table = stats.to_string();
+    assert!(
+        table.contains("decode step") && table.contains("conf_saxpy_f32"),
+        "{table}"
+    );
+    assert_eq!(
+        q.download::<f32>(&y.slice(0..1).unwrap()).unwrap(),
+        [2.0 + 6.0 * 0.5]
+    );
+    dev.reset_submission_stats();
+    assert!(dev.submission_stats().labels.is_empty());
 }

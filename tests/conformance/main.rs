@@ -10,6 +10,8 @@ mod kernels;
 mod ledger;
 mod memory;
 mod model;
+mod ops_norm;
+mod ops_q4_sample;
 mod queues;
 mod transfers;
 mod views;

@@ -257,3 +257,47 @@ fn growable_buffers_grow_in_place_or_by_copy() {
     dev.trim();
     assert_eq!(dev.memory_stats().reserved_bytes, 0);
 }
+
+/// The snapshot shows live memory as used ranges, freed blocks as kept or free, and tiles each
+/// segment's address space.
+#[test]
+fn the_snapshot_accounts_for_every_byte() {
+    let dev = device();
+    let mut rng = Rng::new("the_snapshot_accounts_for_every_byte");
+    let mut live = Vec::new();
+    for _ in 0..40 {
+        let n = rng.range(1, 3 << 20);
+        live.push(dev.alloc(DType::U8, &[n], StorageMode::Private).unwrap());
+    }
+    for i in (0..live.len()).rev().step_by(3) {
+        live.swap_remove(i);
+    }
+    let stats = dev.memory_stats();
+    let snap = dev.memory_snapshot();
+    if stats.virtual_memory {
+        assert!(!snap.segments.is_empty());
+        let mut used = 0;
+        for s in &snap.segments {
+            let mut at = 0;
+            for r in &s.ranges {
+                assert_eq!(r.offset, at, "ranges tile the segment:\n{snap}");
+                at += r.bytes;
+            }
+            assert_eq!(at, s.address_space);
+            used += s.bytes_in(unibuf::alloc::RangeState::Used);
+            assert_eq!(s.mapped_bytes() % s.granule, 0);
+        }
+        assert_eq!(used as usize, stats.active_bytes, "{snap}");
+        let mapped: u64 = snap.segments.iter().map(|s| s.mapped_bytes()).sum();
+        assert!(mapped as usize <= stats.reserved_bytes);
+    } else {
+        let cached: usize = snap.cached_blocks.iter().map(|b| b.bytes).sum();
+        assert_eq!(cached, stats.cached_bytes, "{snap}");
+    }
+    let listing = snap.to_string();
+    assert_eq!(
+        listing.matches("segment ").count(),
+        snap.segments.len(),
+        "{listing}"
+    );
+}

@@ -258,3 +258,43 @@ fn bench_rejects_sizes_that_are_not_sizes() {
     let o = unibuf(&["bench", "transfers", "--samples", "0"]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn bench_kernels_times_every_op_on_the_device() {
+    let json = scratch("bench-kernels.json");
+    let o = unibuf(&[
+        "bench",
+        "kernels",
+        "--small",
+        "--iters",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_success(&o);
+    let out = stdout(&o);
+    for op in [
+        "rms_norm f16",
+        "rms_norm bf16",
+        "rms_norm f32",
+        "rms_norm+residual f16",
+        "softmax f16",
+        "softmax f32",
+        "swiglu f16",
+        "rope neox f16",
+        "q4 matvec",
+        "sample top-k 50",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(op)),
+            "{op} measured:\n{out}"
+        );
+    }
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert_eq!(text.matches("\"op\":").count(), 11, "{text}");
+    assert!(
+        !text.contains("\"device_us\":null"),
+        "the CPU backend times every submission: {text}"
+    );
+    let _ = std::fs::remove_file(json);
+}

@@ -259,6 +259,15 @@ pub(crate) struct KernelRegistry {
 }
 
 impl KernelRegistry {
+    /// A registry holding the ops' kernels (`crate::ops`).
+    pub fn with_ops() -> Result<KernelRegistry> {
+        let mut r = KernelRegistry::default();
+        for k in crate::ops::kernels() {
+            r.register(*k)?;
+        }
+        Ok(r)
+    }
+
     pub fn register(&mut self, source: KernelSource) -> Result<()> {
         check_signature(&source)?;
         if self.sources.contains_key(source.name) {

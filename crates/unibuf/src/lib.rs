@@ -37,6 +37,7 @@ pub mod epoch;
 mod error;
 mod kernel;
 pub mod ledger;
+pub mod ops;
 mod queue;
 mod residency;
 mod storage;
@@ -55,7 +56,7 @@ pub use kernel::{
     Constants, Kernel, KernelArg, KernelSource, Param, ParamKind, ScalarArg, ScalarType,
 };
 pub use ledger::{CopyRecord, Direction, LedgerReport};
-pub use queue::Queue;
+pub use queue::{LabelStats, Queue, SubmissionStats};
 pub use residency::ResidencyStats;
 pub use storage::{MemoryKind, StorageMode};
 pub use transfer::PendingDownload;

@@ -2,6 +2,7 @@
 
 pub mod alloc;
 pub mod ceiling;
+pub mod kernels;
 pub mod launch;
 pub mod load;
 pub mod transfers;
@@ -22,6 +23,8 @@ pub enum Command {
     Alloc(AllocArgs),
     /// Loading a safetensors file from the page cache, beside the pinned copy ceiling.
     Load(load::Args),
+    /// The fused ops at inference sizes, beside the device's copy bandwidth.
+    Kernels(kernels::Args),
 }
 
 /// Options of `unibuf bench alloc`.
@@ -87,6 +90,7 @@ pub fn run(cmd: &Command, out: &mut dyn Write) -> Result<(), Failure> {
         Command::Launch(args) => run_launch(args, out),
         Command::Alloc(args) => run_alloc(args, out),
         Command::Load(args) => load::run(args, out),
+        Command::Kernels(args) => kernels::run(args, out),
     }
 }
 

@@ -13,6 +13,7 @@
 //! reaches 4.8. The arena is pure policy: it says which granules to map and unmap, and the
 //! allocator asks the backend to do it.
 
+use super::snapshot::{RangeSnapshot, RangeState};
 use crate::epoch::{Fence, FenceSet};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,6 +65,9 @@ impl GranuleSet {
             };
             g += n;
         }
+    }
+    fn contains(&self, g: u64) -> bool {
+        self.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0
     }
     fn pop_last(&mut self) -> Option<u64> {
         if self.len == 0 {
@@ -478,6 +482,70 @@ impl Arena {
     pub fn len(&self) -> u64 {
         self.len
     }
+
+    /// Used, kept and free ranges in address order, covering the address space.
+    pub fn ranges(&self) -> Vec<RangeSnapshot> {
+        let mut marked: Vec<RangeSnapshot> = self
+            .free_by_addr
+            .iter()
+            .map(|(&offset, e)| RangeSnapshot {
+                offset,
+                bytes: e.len,
+                state: RangeState::Free,
+            })
+            .chain(
+                self.quick
+                    .iter()
+                    .flatten()
+                    .chain(&self.large)
+                    .map(|q| RangeSnapshot {
+                        offset: q.offset,
+                        bytes: q.bytes,
+                        state: RangeState::Kept,
+                    }),
+            )
+            .collect();
+        marked.sort_unstable_by_key(|r| r.offset);
+        // Whatever lies between free and kept ranges is live blocks.
+        let mut out = Vec::with_capacity(marked.len() * 2 + 1);
+        let mut at = 0;
+        for r in marked {
+            if r.offset > at {
+                out.push(RangeSnapshot {
+                    offset: at,
+                    bytes: r.offset - at,
+                    state: RangeState::Used,
+                });
+            }
+            at = r.offset + r.bytes;
+            out.push(r);
+        }
+        if at < self.len {
+            out.push(RangeSnapshot {
+                offset: at,
+                bytes: self.len - at,
+                state: RangeState::Used,
+            });
+        }
+        out
+    }
+
+    /// Runs of mapped granules (live or cached), as byte ranges.
+    pub fn mapped_ranges(&self) -> Vec<Range<u64>> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (g, r) in self.refs.iter().enumerate() {
+            let g = g as u64;
+            if *r == 0 && !self.cached.contains(g) {
+                continue;
+            }
+            let (start, end) = (g * self.granule, (g + 1) * self.granule);
+            match out.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => out.push(start..end),
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -592,6 +660,21 @@ mod tests {
                 prop_assert_eq!(&refs, &a.refs);
                 let used = refs.iter().filter(|r| **r > 0).count() as u64;
                 prop_assert_eq!(a.mapped_granules(), used + a.cached_granules());
+                // The snapshot's ranges tile the address space and agree with the model.
+                let ranges = a.ranges();
+                let mut at = 0;
+                for r in &ranges {
+                    prop_assert_eq!(r.offset, at);
+                    at += r.bytes;
+                }
+                prop_assert_eq!(at, a.len());
+                let in_state = |s: RangeState| -> u64 {
+                    ranges.iter().filter(|r| r.state == s).map(|r| r.bytes).sum()
+                };
+                prop_assert_eq!(in_state(RangeState::Used), live.iter().map(|p| p.bytes).sum::<u64>());
+                prop_assert_eq!(in_state(RangeState::Kept), a.quick_bytes());
+                let mapped: u64 = a.mapped_ranges().iter().map(|r| r.end - r.start).sum();
+                prop_assert_eq!(mapped, a.mapped_granules() * G);
             }
             for p in live.drain(..) {
                 a.release(p.offset, p.bytes, FenceSet::new(), &mut |_| false);

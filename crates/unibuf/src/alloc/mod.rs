@@ -18,11 +18,15 @@
 pub(crate) mod arena;
 pub(crate) mod replay;
 mod size_class;
+mod snapshot;
 mod stats;
 mod trace;
 
 pub use replay::{replay_simulated, ReplayReport};
 pub use size_class::size_class;
+pub use snapshot::{
+    CachedBlockSnapshot, MemorySnapshot, RangeSnapshot, RangeState, SegmentSnapshot,
+};
 pub use stats::MemoryStats;
 pub use trace::{Trace, TraceEvent};
 
@@ -106,6 +110,35 @@ impl Allocator {
             budget,
             free_counter: 0,
             peak_requested: 0,
+        }
+    }
+
+    /// Segments and cached blocks as they are now.
+    pub fn snapshot(&self) -> MemorySnapshot {
+        MemorySnapshot {
+            segments: self
+                .arenas
+                .iter()
+                .map(|a| SegmentSnapshot {
+                    kind: a.kind,
+                    base: a.base,
+                    address_space: a.arena.len(),
+                    granule: a.arena.granule(),
+                    mapped: a.arena.mapped_ranges(),
+                    ranges: a.arena.ranges(),
+                })
+                .collect(),
+            cached_blocks: self
+                .cache
+                .iter()
+                .flat_map(|((kind, class), list)| {
+                    list.iter().map(|c| CachedBlockSnapshot {
+                        kind: *kind,
+                        addr: c.raw.addr,
+                        bytes: *class,
+                    })
+                })
+                .collect(),
         }
     }
 

@@ -235,6 +235,9 @@ pub struct GpuSpan {
 pub struct BackendOptions {
     /// The kernel cache directory: `None` for the default, `Some(None)` for no disk cache.
     pub kernel_cache_dir: Option<Option<std::path::PathBuf>>,
+    /// Record device-side times of every submission where that costs extra (CUDA: two timing
+    /// events per submission). Backends that time for free (CPU, Metal) always do.
+    pub gpu_timing: bool,
 }
 
 /// Counts of the pipeline cache's layers.

@@ -10,6 +10,7 @@ use crate::epoch::{Access, Epoch, Fence, FenceSet, QueueId};
 use crate::error::{Error, Result};
 use crate::kernel::KernelRegistry;
 use crate::ledger::Ledger;
+use crate::queue::StatsCollector;
 use crate::residency::Residency;
 use crate::storage::StorageMode;
 use crate::transfer::staging::{StagingConfig, StagingPool};
@@ -51,6 +52,8 @@ pub(crate) struct DeviceInner {
     pub staging: StagingPool,
     pub ledger: Ledger,
     pub kernels: RwLock<KernelRegistry>,
+    /// Per-label counts and times of submissions.
+    pub submission_stats: StatsCollector,
     /// Serialises hazard analysis, submission and use recording, so that two threads submitting
     /// work on the same memory from different queues cannot both miss each other's use.
     submit_lock: Mutex<()>,
@@ -83,7 +86,8 @@ impl DeviceInner {
             alloc: Mutex::new(Allocator::new(budget)),
             staging: StagingPool::new(staging),
             ledger: Ledger::new(ledger_capacity),
-            kernels: RwLock::new(KernelRegistry::default()),
+            kernels: RwLock::new(KernelRegistry::with_ops()?),
+            submission_stats: StatsCollector::default(),
             submit_lock: Mutex::new(()),
             queues: Mutex::new(vec![("default".to_owned(), 0)]),
             fault: Mutex::new(None),
@@ -468,6 +472,11 @@ impl DeviceInner {
     }
 
     /// Releases every cached block and idle staging chunk back to the backend.
+    pub fn memory_snapshot(&self) -> crate::alloc::MemorySnapshot {
+        self.poll_deferred();
+        lock(&self.alloc).snapshot()
+    }
+
     pub fn trim(&self) -> usize {
         self.poll_deferred();
         let released = lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);
@@ -552,13 +561,11 @@ impl DeviceInner {
             q.1 = epoch;
         }
         drop(_serial);
-        self.ledger.record_submission(
-            fence,
-            label,
-            wait_count,
-            started,
-            self.ledger.now_ns() - started,
-        );
+        let encode_ns = self.ledger.now_ns() - started;
+        self.ledger
+            .record_submission(fence, label, wait_count, started, encode_ns);
+        self.submission_stats
+            .submitted(&*self.backend, fence, label, encode_ns);
         self.poll_deferred();
         Ok(fence)
     }
@@ -592,7 +599,11 @@ impl DeviceInner {
         if fence.epoch == 0 {
             return self.check_fault();
         }
-        self.note(self.backend.wait(fence.queue, fence.epoch))
+        let started = std::time::Instant::now();
+        let r = self.note(self.backend.wait(fence.queue, fence.epoch));
+        self.submission_stats
+            .waited(fence, started.elapsed().as_nanos() as u64);
+        r
     }
 
     pub fn wait_all(&self, fences: &FenceSet) -> Result<()> {

@@ -7,12 +7,12 @@ pub(crate) use inner::{Completion, DeviceInner, Use};
 use crate::alloc::{Budget, MemoryStats};
 use crate::backend::{cpu::CpuBackend, Backend, BackendOptions, DeviceInfo, KernelCacheStats};
 use crate::buffer::Buffer;
-use crate::dtype::DType;
+use crate::dtype::{DType, Element};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::kernel::{Constants, Kernel, KernelSource};
 use crate::ledger::{Ledger, LedgerReport};
-use crate::queue::Queue;
+use crate::queue::{Queue, SubmissionStats};
 use crate::residency::ResidencyStats;
 use crate::storage::StorageMode;
 use crate::transfer::staging::StagingConfig;
@@ -120,6 +120,13 @@ impl DeviceBuilder {
     /// cache directory); `None` turns the disk cache off.
     pub fn kernel_cache_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.options.kernel_cache_dir = Some(dir);
+        self
+    }
+    /// Records the device-side time of every submission for [`Device::submission_stats`] and
+    /// Chrome traces where that costs extra (CUDA: two timing events, about a microsecond of
+    /// CPU per submission). The CPU and Metal backends always time submissions.
+    pub fn gpu_timing(mut self, on: bool) -> Self {
+        self.options.gpu_timing = on;
         self
     }
     /// Picks the backend by name ("cpu", "cuda", "metal"); without it, [`Device::new`]'s rule.
@@ -292,6 +299,55 @@ impl Device {
         Buffer::from_allocation(alloc, 0, dtype, shape)
     }
 
+    /// A new buffer (`StorageMode::Auto`) of `shape` holding `data`, uploaded on the default
+    /// queue; `data` must have exactly as many elements as `shape`.
+    ///
+    /// ```
+    /// let dev = unibuf::Device::open("cpu")?;
+    /// let w = dev.from_slice("w", &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    /// assert_eq!(dev.queue().download::<f32>(&w.rows(1..2)?)?, [4.0, 5.0, 6.0]);
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn from_slice<T: Element>(
+        &self,
+        label: &str,
+        data: &[T],
+        shape: &[usize],
+    ) -> Result<Buffer> {
+        let b = self.alloc_labelled(label, T::DTYPE, shape, StorageMode::Auto)?;
+        self.queue().upload(&b, data)?;
+        Ok(b)
+    }
+
+    /// Per-label submission stats: count, CPU encode and wait time, device time (see
+    /// [`DeviceBuilder::gpu_timing`] for CUDA). Labels are a queue handle's label, else what
+    /// was submitted (a kernel's name, "upload", ...). Print it for a table.
+    ///
+    /// ```
+    /// use unibuf::{DType, Device, FillPattern, StorageMode};
+    /// let dev = Device::open("cpu")?;
+    /// let b = dev.alloc(DType::F32, &[1 << 16], StorageMode::Private)?;
+    /// let q = dev.queue().labelled("clear cache");
+    /// for _ in 0..3 {
+    ///     q.fill(&b, FillPattern::of(0.0f32))?;
+    /// }
+    /// let stats = dev.submission_stats();
+    /// let clear = stats.get("clear cache").unwrap();
+    /// assert_eq!(clear.count, 3);
+    /// assert_eq!(clear.timed, 3, "the CPU backend times every submission");
+    /// println!("{stats}");
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn submission_stats(&self) -> SubmissionStats {
+        self.inner.submission_stats.snapshot(&*self.inner.backend)
+    }
+
+    /// Forgets the submission stats counted so far (to measure one phase of a program).
+    pub fn reset_submission_stats(&self) {
+        self.inner.submission_stats.clear();
+    }
+
     /// Memory accounting.
     pub fn memory_stats(&self) -> MemoryStats {
         self.inner.memory_stats()
@@ -310,6 +366,24 @@ impl Device {
     /// ```
     pub fn memory_by_label(&self) -> Vec<(String, usize, usize)> {
         self.inner.owners()
+    }
+
+    /// The allocator's segments (used, kept and free ranges, mapped granules) and cached
+    /// blocks as they are now. Print it for a listing.
+    ///
+    /// ```
+    /// use unibuf::alloc::RangeState;
+    /// use unibuf::{DType, Device, StorageMode};
+    /// let dev = Device::open("cpu")?;
+    /// let a = dev.alloc(DType::F32, &[1 << 20], StorageMode::Private)?;
+    /// let snap = dev.memory_snapshot();
+    /// let used: u64 = snap.segments.iter().map(|s| s.bytes_in(RangeState::Used)).sum();
+    /// assert!(used >= 4 << 20);
+    /// # drop(a);
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn memory_snapshot(&self) -> crate::alloc::MemorySnapshot {
+        self.inner.memory_snapshot()
     }
 
     /// Releases cached blocks and idle staging chunks to the backend; returns bytes released.

@@ -15,6 +15,7 @@ mod compile;
 mod driver;
 mod memory;
 mod stream;
+mod timing;
 mod vmm;
 
 use crate::backend::{BackendOptions, KernelCacheStats};
@@ -97,6 +98,8 @@ pub struct CudaBackend {
     /// The virtual-memory granule for device memory, where the GPU supports the VMM API.
     vmm_granule: Option<usize>,
     mappings: vmm::Mappings,
+    /// Timing events around every submission, when `BackendOptions::gpu_timing` asked for them.
+    timer: Option<timing::Timer>,
     /// Declared last: dropped after everything above has been destroyed with it current.
     ctx: Context,
 }
@@ -168,6 +171,11 @@ impl CudaBackend {
         let mut total = 0usize;
         // SAFETY: valid out-pointer and device.
         unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) };
+        let timer = if options.gpu_timing {
+            Some(timing::Timer::new().map_err(|e| e.into_error("creating the timing base event"))?)
+        } else {
+            None
+        };
         Ok(CudaBackend {
             info: DeviceInfo {
                 name,
@@ -177,7 +185,7 @@ impl CudaBackend {
                 page_size: crate::backend::cpu::host_page_size(),
                 max_buffer_len: total,
                 alloc_alignment: 256,
-                timestamps: false,
+                timestamps: timer.is_some(),
             },
             compute_capability: cc,
             queues: RwLock::new(Vec::new()),
@@ -199,6 +207,7 @@ impl CudaBackend {
                 vmm::granularity(device)
             },
             mappings: vmm::Mappings::default(),
+            timer,
             ctx,
         })
     }
@@ -605,6 +614,13 @@ impl Backend for CudaBackend {
         if let Some(f) = CudaQueue::fault_state(&st) {
             return Err(f);
         }
+        let timed_start = match &self.timer {
+            Some(t) => Some(
+                t.mark(q.stream)
+                    .map_err(|e| e.into_error("recording a timing event"))?,
+            ),
+            None => None,
+        };
         let mut fresh = Vec::new();
         for cmd in submission.commands {
             // SAFETY: the trait's contract covers every range of the commands.
@@ -614,10 +630,25 @@ impl Backend for CudaBackend {
                 // SAFETY: a live stream.
                 unsafe { sys::cuStreamSynchronize(q.stream) };
                 self.recycle(fresh);
+                if let (Some(t), Some(start)) = (&self.timer, timed_start) {
+                    t.recycle([start]);
+                }
                 return Err(e);
             }
         }
         self.recycle(fresh);
+        // The end mark goes before the completion event: both complete with the same work.
+        let timed = match (&self.timer, timed_start) {
+            (Some(t), Some(start)) => match t.mark(q.stream) {
+                Ok(end) => Some((t, start, end)),
+                Err(_) => {
+                    // Timing is best effort: the submission itself is on the stream and stands.
+                    t.recycle([start]);
+                    None
+                }
+            },
+            _ => None,
+        };
         // One queue: no event unless the caller will wait for this submission alone (a staging
         // chunk), since a stream synchronisation would also wait for everything after it.
         // One event in `COMPLETION_STRIDE` submissions even on a lone queue, so that completion
@@ -652,7 +683,11 @@ impl Backend for CudaBackend {
             } else {
                 None
             };
-        Ok(CudaQueue::push(&mut st, submission.label, event))
+        let epoch = CudaQueue::push(&mut st, submission.label, event);
+        if let Some((t, start, end)) = timed {
+            t.keep(queue, epoch, start, end);
+        }
+        Ok(epoch)
     }
 
     fn completed(&self, queue: QueueId) -> Result<Epoch> {
@@ -701,8 +736,10 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn gpu_span(&self, _queue: QueueId, _epoch: Epoch) -> Option<GpuSpan> {
-        None
+    fn gpu_span(&self, queue: QueueId, epoch: Epoch) -> Option<GpuSpan> {
+        let timer = self.timer.as_ref()?;
+        self.bind().ok()?;
+        timer.span(queue, epoch)
     }
 
     fn compile(&self, kernel: &KernelSource, constants: &Constants) -> Result<PipelineId> {

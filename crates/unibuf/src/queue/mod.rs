@@ -1,5 +1,10 @@
 //! Queues: in-order streams of submissions, each with its own completion epochs.
 
+mod stats;
+
+pub(crate) use stats::StatsCollector;
+pub use stats::{LabelStats, SubmissionStats};
+
 use crate::backend::{Command, LaunchArg, LaunchDims};
 use crate::buffer::Buffer;
 use crate::device::{Completion, DeviceInner, Use};
@@ -50,6 +55,13 @@ impl Queue {
         Queue {
             label: Some(label.into()),
             ..self.clone()
+        }
+    }
+
+    /// The device this queue belongs to.
+    pub fn device(&self) -> crate::Device {
+        crate::Device {
+            inner: self.device.clone(),
         }
     }
 

@@ -1,0 +1,369 @@
+//! `unibuf bench kernels`: the fused ops at inference sizes, each beside the memory bandwidth
+//! the device's own copy reaches in the same run.
+//!
+//! Every case is launched `--iters` times on a queue labelled with its name after warm-up
+//! launches; the device time per launch is the mean of the submissions' device times (timing
+//! events on CUDA, the device opened with `gpu_timing(true)`), and the CPU time per launch is
+//! the mean encode time of the same submissions: the launch overhead of the op. The effective
+//! bandwidth counts the bytes an op must move at least once (inputs read, outputs written);
+//! the ceiling is the driver's device-to-device copy of 1 GiB (read + write) on CUDA, a host
+//! memcpy on the CPU. The peer measurement is `bench/peers/torch_kernels.py`.
+
+use crate::load::json_str;
+use crate::{Context, Failure};
+use std::io::Write;
+use unibuf::ops::{self, Q4Matrix, RopeStyle, Sampling};
+use unibuf::{Buffer, DType, Device, Element, Fence, Queue, StorageMode};
+
+/// Options of `unibuf bench kernels`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The backend (default: $UNIBUF_BACKEND, else the best found).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Timed launches per case (after 3 warm-up launches).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    iters: u32,
+    /// Small shapes (a smoke run that finishes in seconds on the CPU backend).
+    #[arg(long)]
+    small: bool,
+    /// Only the cases whose names contain this (e.g. "rms_norm").
+    #[arg(long)]
+    only: Option<String>,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// One measured case.
+struct Row {
+    name: String,
+    bytes: u64,
+    device_us: Option<f64>,
+    encode_us: f64,
+}
+
+type Launch<'a> = Box<dyn Fn(&Queue) -> unibuf::Result<Fence> + 'a>;
+
+/// A case: its name, the bytes it moves at least once, and how to launch it once.
+struct Case<'a> {
+    name: String,
+    bytes: u64,
+    launch: Launch<'a>,
+}
+
+/// Random values in about [-2, 2), from a fixed-seed SplitMix64 stream: the figures do not
+/// depend on the values, only NaN-free non-trivial inputs are needed.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn filled<T: Element>(
+    dev: &Device,
+    label: &str,
+    shape: &[usize],
+    seed: u64,
+    conv: impl Fn(f32) -> T,
+) -> unibuf::Result<Buffer> {
+    let n = shape.iter().product();
+    let data: Vec<T> = values(n, seed).into_iter().map(conv).collect();
+    dev.from_slice(label, &data, shape)
+}
+
+fn half(v: f32) -> half::f16 {
+    half::f16::from_f32(v)
+}
+
+fn bf16(v: f32) -> half::bf16 {
+    half::bf16::from_f32(v)
+}
+
+/// The shapes: full inference sizes, or small ones for a smoke run.
+struct Sizes {
+    rows: usize,
+    hidden: usize,
+    ffn: usize,
+    vocab: usize,
+    heads: usize,
+    head_dim: usize,
+    q4: Vec<(usize, usize)>,
+}
+
+impl Sizes {
+    fn new(small: bool) -> Sizes {
+        if small {
+            Sizes {
+                rows: 16,
+                hidden: 512,
+                ffn: 1408,
+                vocab: 4099,
+                heads: 4,
+                head_dim: 64,
+                q4: vec![(256, 512)],
+            }
+        } else {
+            Sizes {
+                rows: 8192,
+                hidden: 8192,
+                ffn: 14336,
+                vocab: 128_256,
+                heads: 32,
+                head_dim: 128,
+                q4: vec![(8192, 8192), (14336, 4096), (4096, 14336)],
+            }
+        }
+    }
+}
+
+fn cases<'a>(dev: &Device, z: &Sizes) -> unibuf::Result<Vec<Case<'a>>> {
+    let mut cases: Vec<Case<'a>> = Vec::new();
+    let (rows, hidden) = (z.rows, z.hidden);
+    let n = (rows * hidden) as u64;
+    // RMSNorm in each storage dtype, then fused with the residual add.
+    for (dtype, name) in [
+        (DType::F16, "f16"),
+        (DType::BF16, "bf16"),
+        (DType::F32, "f32"),
+    ] {
+        let (x, w) = match dtype {
+            DType::F16 => (
+                filled(dev, "x", &[rows, hidden], 1, half)?,
+                filled(dev, "w", &[hidden], 2, half)?,
+            ),
+            DType::BF16 => (
+                filled(dev, "x", &[rows, hidden], 1, bf16)?,
+                filled(dev, "w", &[hidden], 2, bf16)?,
+            ),
+            _ => (
+                filled(dev, "x", &[rows, hidden], 1, |v| v)?,
+                filled(dev, "w", &[hidden], 2, |v| v)?,
+            ),
+        };
+        let out = dev.alloc_labelled("out", dtype, &[rows, hidden], StorageMode::Auto)?;
+        let size = dtype.size() as u64;
+        cases.push(Case {
+            name: format!("rms_norm {name} {rows}x{hidden}"),
+            bytes: 2 * n * size + hidden as u64 * size,
+            launch: Box::new(move |q| ops::rms_norm_into(q, &x, &w, 1e-6, &out)),
+        });
+    }
+    {
+        let x = filled(dev, "x", &[rows, hidden], 3, half)?;
+        let r = filled(dev, "residual", &[rows, hidden], 4, half)?;
+        let w = filled(dev, "w", &[hidden], 5, half)?;
+        let normed =
+            dev.alloc_labelled("normed", DType::F16, &[rows, hidden], StorageMode::Auto)?;
+        let sum = dev.alloc_labelled("sum", DType::F16, &[rows, hidden], StorageMode::Auto)?;
+        cases.push(Case {
+            name: format!("rms_norm+residual f16 {rows}x{hidden}"),
+            bytes: 4 * n * 2 + hidden as u64 * 2,
+            launch: Box::new(move |q| {
+                ops::rms_norm_residual_into(q, &x, &r, &w, 1e-6, &normed, &sum)
+            }),
+        });
+    }
+    // Softmax: attention-sized rows in f16, decode logits in f32.
+    {
+        let x = filled(dev, "scores", &[rows, hidden], 6, half)?;
+        let out = dev.alloc_labelled("probs", DType::F16, &[rows, hidden], StorageMode::Auto)?;
+        cases.push(Case {
+            name: format!("softmax f16 {rows}x{hidden}"),
+            bytes: 2 * n * 2,
+            launch: Box::new(move |q| ops::softmax_into(q, &x, &out)),
+        });
+        let batch = 32;
+        let logits = filled(dev, "logits", &[batch, z.vocab], 7, |v| v * 4.0)?;
+        let out = dev.alloc_labelled("probs", DType::F32, &[batch, z.vocab], StorageMode::Auto)?;
+        cases.push(Case {
+            name: format!("softmax f32 {batch}x{}", z.vocab),
+            bytes: 2 * (batch * z.vocab) as u64 * 4,
+            launch: Box::new(move |q| ops::softmax_into(q, &logits, &out)),
+        });
+    }
+    // SwiGLU over a prefill's FFN activations.
+    {
+        let tokens = (rows / 4).max(1);
+        let shape = [tokens, z.ffn];
+        let gate = filled(dev, "gate", &shape, 8, half)?;
+        let up = filled(dev, "up", &shape, 9, half)?;
+        let out = dev.alloc_labelled("act", DType::F16, &shape, StorageMode::Auto)?;
+        cases.push(Case {
+            name: format!("swiglu f16 {tokens}x{}", z.ffn),
+            bytes: 3 * (tokens * z.ffn) as u64 * 2,
+            launch: Box::new(move |q| ops::swiglu_into(q, &gate, &up, &out)),
+        });
+    }
+    // Rotary embedding of a prefill's queries.
+    {
+        let tokens = (rows / 2).max(1);
+        let shape = [tokens, z.heads, z.head_dim];
+        let x = filled(dev, "q", &shape, 10, half)?;
+        let positions: Vec<u32> = (0..tokens as u32).collect();
+        let pos = dev.from_slice("positions", &positions, &[tokens])?;
+        let out = dev.alloc_labelled("q_rot", DType::F16, &shape, StorageMode::Auto)?;
+        let elems = (tokens * z.heads * z.head_dim) as u64;
+        cases.push(Case {
+            name: format!("rope neox f16 {tokens}x{}x{}", z.heads, z.head_dim),
+            bytes: 2 * elems * 2 + tokens as u64 * 4,
+            launch: Box::new(move |q| {
+                ops::rope_into(q, &x, &pos, 500_000.0, RopeStyle::Neox, &out)
+            }),
+        });
+    }
+    // The 4-bit matvec of a decode step (batch 1), weight bytes only in the count.
+    for &(out_rows, cols) in &z.q4 {
+        let group = 64;
+        let weights = values(out_rows * cols, 11);
+        let m = Q4Matrix::quantize(dev, "w_q4", &weights, out_rows, cols, group)?;
+        drop(weights);
+        let x = filled(dev, "x", &[cols], 12, half)?;
+        let y = dev.alloc_labelled("y", DType::F32, &[out_rows], StorageMode::Auto)?;
+        let weight_bytes = (out_rows * cols / 2 + out_rows * (cols / group) * 2) as u64;
+        cases.push(Case {
+            name: format!("q4 matvec {out_rows}x{cols} g{group}"),
+            bytes: weight_bytes,
+            launch: Box::new(move |q| ops::q4_matvec_into(q, &m, &x, &y)),
+        });
+    }
+    // Sampling a decode step's logits on the device.
+    for batch in [1usize, 8] {
+        let logits = filled(dev, "logits", &[batch, z.vocab], 13, |v| v * 4.0)?;
+        let out = dev.alloc_labelled("tokens", DType::U32, &[batch], StorageMode::Auto)?;
+        let s = Sampling {
+            temperature: 0.7,
+            top_k: 50,
+            top_p: 0.9,
+            seed: 42,
+        };
+        cases.push(Case {
+            name: format!("sample top-k 50 top-p 0.9 {batch}x{}", z.vocab),
+            bytes: (batch * z.vocab) as u64 * 4,
+            launch: Box::new(move |q| ops::sample_into(q, &logits, &s, 0, &out)),
+        });
+    }
+    Ok(cases)
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
+    let mut b = Device::builder().gpu_timing(true);
+    if let Some(name) = &args.backend {
+        b = b.backend(name);
+    }
+    let dev = b.open().context("opening the device")?;
+    let z = Sizes::new(args.small);
+    let warmed = dev.warm_all().context("compiling the kernels")?;
+    let mut ceiling = super::ceiling_for(&dev);
+    let probe = if args.small { 16 << 20 } else { 1 << 30 };
+    // A copy reads and writes every byte: twice the bytes cross the memory bus.
+    let copy_gbps = ceiling
+        .seconds("d2d_copy", probe, 5)
+        .map(|s| 2.0 * probe as f64 / s / 1e9);
+    let q = dev.queue();
+    let mut rows = Vec::new();
+    let all = cases(&dev, &z).context("preparing the inputs")?;
+    dev.drain().context("uploading the inputs")?;
+    for case in all {
+        if args.only.as_deref().is_some_and(|o| !case.name.contains(o)) {
+            continue;
+        }
+        let labelled = q.labelled(&case.name);
+        for _ in 0..3 {
+            (case.launch)(&labelled).context(&case.name)?;
+        }
+        dev.drain().context(&case.name)?;
+        dev.reset_submission_stats();
+        for _ in 0..args.iters {
+            (case.launch)(&labelled).context(&case.name)?;
+        }
+        dev.drain().context(&case.name)?;
+        let stats = dev.submission_stats();
+        let s = stats
+            .get(&case.name)
+            .ok_or_else(|| Failure::new(format!("no submissions counted for {}", case.name)))?;
+        rows.push(Row {
+            name: case.name,
+            bytes: case.bytes,
+            device_us: s.gpu_mean_ns().map(|ns| ns / 1e3),
+            encode_us: s.encode_ns as f64 / s.count as f64 / 1e3,
+        });
+    }
+    writeln!(
+        out,
+        "unibuf bench kernels on {} ({} backend): {} pipelines warmed; mean of {} launches per \
+         case after 3 warm-up launches",
+        dev.info().name,
+        dev.info().backend,
+        warmed,
+        args.iters
+    )?;
+    match copy_gbps {
+        Some(c) => writeln!(
+            out,
+            "memory bandwidth ceiling: {} d2d copy of {} MiB, {c:.0} GB/s (read + write)",
+            ceiling.name(),
+            probe >> 20
+        )?,
+        None => writeln!(out, "memory bandwidth ceiling: not measured")?,
+    }
+    writeln!(
+        out,
+        "{:<40} {:>11} {:>9} {:>10} {:>12}",
+        "op", "device µs", "GB/s", "of copy", "CPU µs/launch"
+    )?;
+    for r in &rows {
+        let gbps = r.device_us.map(|us| r.bytes as f64 / us / 1e3);
+        writeln!(
+            out,
+            "{:<40} {:>11} {:>9} {:>10} {:>12.2}",
+            r.name,
+            r.device_us
+                .map_or_else(|| "-".to_owned(), |u| format!("{u:.1}")),
+            gbps.map_or_else(|| "-".to_owned(), |g| format!("{g:.0}")),
+            match (gbps, copy_gbps) {
+                (Some(g), Some(c)) => format!("{:.0}%", 100.0 * g / c),
+                _ => "-".to_owned(),
+            },
+            r.encode_us
+        )?;
+    }
+    writeln!(
+        out,
+        "GB/s: the bytes each op must move once (inputs read, outputs written; q4: weight bytes) \
+         over its device time"
+    )?;
+    if let Some(path) = &args.json {
+        let mut json = format!(
+            "{{\"device\":{},\"backend\":{},\"iters\":{},\"copy_gbps\":{},\"rows\":[",
+            json_str(&dev.info().name),
+            json_str(dev.info().backend),
+            args.iters,
+            copy_gbps.map_or_else(|| "null".to_owned(), |c| format!("{c:.2}"))
+        );
+        for (i, r) in rows.iter().enumerate() {
+            json.push_str(&format!(
+                "{}{{\"op\":{},\"bytes\":{},\"device_us\":{},\"encode_us\":{:.3}}}",
+                if i == 0 { "" } else { "," },
+                json_str(&r.name),
+                r.bytes,
+                r.device_us
+                    .map_or_else(|| "null".to_owned(), |u| format!("{u:.3}")),
+                r.encode_us
+            ));
+        }
+        json.push_str("]}\n");
+        std::fs::write(path, json)
+            .map_err(|e| Failure::new(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The 4-bit group-quantised matrix-vector product, with dequantisation fused into the read of
+//! the weights: `y = W x` where `W` is stored as 4-bit codes plus one f16 scale per group of
+//! columns ([`Q4Matrix`]).
+
+use super::{expect_dtype, expect_shape, index_u32, output};
+use crate::backend::cpu::CpuKernelArgs;
+use crate::backend::LaunchDims;
+use crate::buffer::Buffer;
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::epoch::Fence;
+use crate::error::{Error, Result};
+use crate::kernel::{Constants, KernelSource, Param, ScalarType};
+use crate::queue::Queue;
+use half::f16;
+
+/// The group sizes (columns per scale) a [`Q4Matrix`] may have.
+pub const Q4_GROUPS: [usize; 3] = [32, 64, 128];
+
+/// The most rows of `x` (the batch) one [`q4_matvec`] takes.
+pub const Q4_MAX_BATCH: usize = 8;
+
+const F32_KERNEL: &str = "unibuf_q4_matvec_f32";
+const F16_KERNEL: &str = "unibuf_q4_matvec_f16";
+
+/// Rows of `W` one CUDA warp computes at once (`UB_Q4_ROWS` in `cuda/q4.cu`).
+const ROWS_PER_WARP: u32 = 4;
+/// Threads per block of the CUDA and Metal kernels (8 warps / SIMD-groups).
+const THREADS: u32 = 256;
+/// The grid is capped here; the kernels grid-stride over the remaining rows.
+const MAX_BLOCKS: u32 = 65_535;
+
+const fn params(x: DType) -> [Param; 8] {
+    [
+        Param::input("packed", DType::U8),
+        Param::input("scales", DType::F16),
+        Param::input("x", x),
+        Param::output("y", DType::F32),
+        Param::scalar("rows", ScalarType::U32),
+        Param::scalar("cols", ScalarType::U32),
+        Param::scalar("group", ScalarType::U32),
+        Param::scalar("batch", ScalarType::U32),
+    ]
+}
+
+const PARAMS_F32: [Param; 8] = params(DType::F32);
+const PARAMS_F16: [Param; 8] = params(DType::F16);
+
+const CUDA: &str = concat!(include_str!("cuda/common.cuh"), include_str!("cuda/q4.cu"));
+const MSL: &str = include_str!("msl/q4.metal");
+
+pub(crate) const KERNELS: &[KernelSource] = &[
+    KernelSource {
+        name: F32_KERNEL,
+        params: &PARAMS_F32,
+        cuda: Some(CUDA),
+        msl: Some(MSL),
+        cpu: Some(q4_cpu::<f32>),
+    },
+    KernelSource {
+        name: F16_KERNEL,
+        params: &PARAMS_F16,
+        cuda: Some(CUDA),
+        msl: Some(MSL),
+        cpu: Some(q4_cpu::<f16>),
+    },
+];
+
+/// A matrix of `rows x cols` weights quantised to 4 bits, symmetric per group of `group`
+/// consecutive columns of a row: `w = (code - 8) * scale`.
+///
+/// - `packed`: U8 `[rows, cols / 2]`, two codes (0..=15) per byte, the low nibble the even
+///   column;
+/// - `scales`: F16 `[rows, cols / group]`.
+///
+/// `group` is 32, 64 or 128 ([`Q4_GROUPS`]) and `cols` a multiple of it.
+#[derive(Clone, Debug)]
+pub struct Q4Matrix {
+    packed: Buffer,
+    scales: Buffer,
+    rows: usize,
+    cols: usize,
+    group: usize,
+}
+
+/// Checks the geometry of a quantised matrix.
+fn check_geometry(rows: usize, cols: usize, group: usize) -> Result<()> {
+    if !Q4_GROUPS.contains(&group) {
+        return Err(Error::invalid(
+            "q4 group",
+            format!("group size {group} is not one of 32, 64 or 128"),
+        ));
+    }
+    if rows == 0 || cols == 0 {
+        return Err(Error::invalid(
+            "q4 shape",
+            format!("a {rows} x {cols} matrix is empty"),
+        ));
+    }
+    if cols % group != 0 {
+        return Err(Error::invalid(
+            "q4 cols",
+            format!("{cols} columns are not a multiple of the group size {group}"),
+        ));
+    }
+    index_u32("q4 rows", rows)?;
+    index_u32("q4 cols", cols)?;
+    Ok(())
+}
+
+/// Quantises one group: the f16 scale (max |w| / 7, rounded to f16) and the codes.
+fn quantize_group(w: &[f32], codes: &mut [u8]) -> Result<f16> {
+    let mut max = 0.0f32;
+    for &v in w {
+        if !v.is_finite() {
+            return Err(Error::invalid(
+                "q4 weights",
+                format!("weight {v} is not finite"),
+            ));
+        }
+        max = max.max(v.abs());
+    }
+    let scale = f16::from_f32(max / 7.0);
+    if !scale.is_finite() {
+        return Err(Error::invalid(
+            "q4 weights",
+            format!(
+                "max |w| = {max} of a group needs a scale {} beyond f16",
+                max / 7.0
+            ),
+        ));
+    }
+    let s = scale.to_f32();
+    for (c, &v) in codes.iter_mut().zip(w) {
+        *c = if s == 0.0 {
+            8
+        } else {
+            ((v / s).round() + 8.0).clamp(0.0, 15.0) as u8
+        };
+    }
+    Ok(scale)
+}
+
+impl Q4Matrix {
+    /// Quantises the row-major `rows x cols` `weights` on the host (per group: scale =
+    /// max |w| / 7 rounded to f16, code = clamp(round(w / scale) + 8, 0, 15); an all-zero group
+    /// gets scale 0 and code 8) and uploads the codes and scales to `dev` (buffers labelled
+    /// `label`).
+    ///
+    /// Errors: a group size other than 32/64/128, `cols` not a multiple of it, `weights` not
+    /// `rows * cols` long, a non-finite weight or a scale beyond f16.
+    pub fn quantize(
+        dev: &Device,
+        label: &str,
+        weights: &[f32],
+        rows: usize,
+        cols: usize,
+        group: usize,
+    ) -> Result<Q4Matrix> {
+        check_geometry(rows, cols, group)?;
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| Error::invalid("q4 shape", format!("{rows} x {cols} overflows")))?;
+        if weights.len() != n {
+            return Err(Error::ShapeMismatch {
+                what: "q4 weights",
+                expected: format!("{n} values ({rows} x {cols})"),
+                got: weights.len().to_string(),
+            });
+        }
+        let mut packed = vec![0u8; n / 2];
+        let mut scales = Vec::with_capacity(n / group);
+        let mut codes = vec![0u8; group];
+        for (g, w) in weights.chunks_exact(group).enumerate() {
+            scales.push(quantize_group(w, &mut codes)?);
+            let out = &mut packed[g * group / 2..(g + 1) * group / 2];
+            for (byte, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
+                *byte = pair[0] | (pair[1] << 4);
+            }
+        }
+        let packed = dev.from_slice(label, &packed, &[rows, cols / 2])?;
+        let scales = dev.from_slice(label, &scales, &[rows, cols / group])?;
+        Q4Matrix::from_parts(packed, scales, rows, cols, group)
+    }
+
+    /// A matrix over existing buffers: `packed` U8 `[rows, cols / 2]` and `scales` F16
+    /// `[rows, cols / group]` (views at any offset are fine), checked against the geometry.
+    pub fn from_parts(
+        packed: Buffer,
+        scales: Buffer,
+        rows: usize,
+        cols: usize,
+        group: usize,
+    ) -> Result<Q4Matrix> {
+        check_geometry(rows, cols, group)?;
+        expect_dtype("q4 packed codes", &packed, DType::U8)?;
+        expect_dtype("q4 scales", &scales, DType::F16)?;
+        expect_shape("q4 packed codes", &packed, &[rows, cols / 2])?;
+        expect_shape("q4 scales", &scales, &[rows, cols / group])?;
+        if packed.alloc.device.id != scales.alloc.device.id {
+            return Err(Error::WrongDevice {
+                what: "q4 scales",
+                expected: packed.alloc.device.id,
+                got: scales.alloc.device.id,
+            });
+        }
+        Ok(Q4Matrix {
+            packed,
+            scales,
+            rows,
+            cols,
+            group,
+        })
+    }
+
+    /// The packed codes, U8 `[rows, cols / 2]`.
+    pub fn packed(&self) -> &Buffer {
+        &self.packed
+    }
+    /// The scales, F16 `[rows, cols / group]`.
+    pub fn scales(&self) -> &Buffer {
+        &self.scales
+    }
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Columns per scale.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+    /// Bytes of weights a product reads: the codes plus the scales.
+    pub fn weight_bytes(&self) -> usize {
+        self.packed.byte_len() + self.scales.byte_len()
+    }
+
+    /// The dequantised weights, row-major `rows x cols`, downloaded through `q` (for tests and
+    /// references).
+    pub fn dequantize_host(&self, q: &Queue) -> Result<Vec<f32>> {
+        let packed = q.download::<u8>(&self.packed)?;
+        let scales = q.download::<f16>(&self.scales)?;
+        let ngroups = self.cols / self.group;
+        let mut w = Vec::with_capacity(self.rows * self.cols);
+        for (i, byte) in packed.iter().enumerate() {
+            let (row, col) = (2 * i / self.cols, 2 * i % self.cols);
+            let s = scales[row * ngroups + col / self.group].to_f32();
+            w.push((f32::from(byte & 15) - 8.0) * s);
+            w.push((f32::from(byte >> 4) - 8.0) * s);
+        }
+        Ok(w)
+    }
+}
+
+/// The batch of `x` (`[cols]` or `[batch, cols]`) and the shape of `y` it calls for.
+fn batch_of(m: &Q4Matrix, x: &Buffer) -> Result<(usize, Vec<usize>)> {
+    let (batch, y_shape) = match *x.shape() {
+        [c] if c == m.cols => (1, vec![m.rows]),
+        [b, c] if c == m.cols => (b, vec![b, m.rows]),
+        _ => {
+            return Err(Error::ShapeMismatch {
+                what: "q4_matvec x",
+                expected: format!("[{c}] or [batch, {c}]", c = m.cols),
+                got: format!("{:?}", x.shape()),
+            })
+        }
+    };
+    if batch == 0 || batch > Q4_MAX_BATCH {
+        return Err(Error::invalid(
+            "q4_matvec x",
+            format!("a batch of {batch} rows of x; this op takes 1 to {Q4_MAX_BATCH}"),
+        ));
+    }
+    Ok((batch, y_shape))
+}
+
+fn x_kernel(x: &Buffer) -> Result<&'static str> {
+    match x.dtype() {
+        DType::F32 => Ok(F32_KERNEL),
+        DType::F16 => Ok(F16_KERNEL),
+        other => Err(Error::invalid(
+            "q4_matvec x",
+            format!("'{}' is {other}: this op takes f32 or f16", x.label()),
+        )),
+    }
+}
+
+/// `y = W x` for a 4-bit matrix `W` ([`Q4Matrix`]), into a new f32 buffer: `x` is f32 or f16,
+/// `[cols]` (then `y` is `[rows]`) or `[batch, cols]` with `batch` at most [`Q4_MAX_BATCH`]
+/// (then `y` is `[batch, rows]`). Arithmetic is in f32.
+///
+/// ```
+/// use unibuf::{ops, Device};
+/// let dev = Device::open("cpu")?;
+/// let q = dev.queue();
+/// let (rows, cols) = (2, 64);
+/// let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 15) as f32 - 7.0) / 7.0).collect();
+/// let m = ops::Q4Matrix::quantize(&dev, "w", &w, rows, cols, 32)?;
+/// let x = dev.from_slice("x", &vec![1.0f32; cols], &[cols])?;
+/// let y = q.download::<f32>(&ops::q4_matvec(&q, &m, &x)?)?;
+/// let wq = m.dequantize_host(&q)?;
+/// for r in 0..rows {
+///     let want: f32 = wq[r * cols..(r + 1) * cols].iter().sum();
+///     assert!((y[r] - want).abs() < 1e-4);
+/// }
+/// # Ok::<(), unibuf::Error>(())
+/// ```
+pub fn q4_matvec(q: &Queue, m: &Q4Matrix, x: &Buffer) -> Result<Buffer> {
+    let (_, y_shape) = batch_of(m, x)?;
+    x_kernel(x)?;
+    let y = output(q, "q4_matvec", DType::F32, &y_shape)?;
+    q4_matvec_into(q, m, x, &y)?;
+    Ok(y)
+}
+
+/// [`q4_matvec`] into `y`, f32 `[rows]` for `x` of shape `[cols]`, `[batch, rows]` for
+/// `[batch, cols]`. Returns the submission's fence.
+pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result<Fence> {
+    let (batch, y_shape) = batch_of(m, x)?;
+    let name = x_kernel(x)?;
+    expect_dtype("q4_matvec y", y, DType::F32)?;
+    expect_shape("q4_matvec y", y, &y_shape)?;
+    let rows = index_u32("q4 rows", m.rows)?;
+    let cols = index_u32("q4 cols", m.cols)?;
+    // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
+    let nb = batch.next_power_of_two() as i64;
+    let k = q
+        .device()
+        .kernel_with(name, &Constants::new().with("UB_Q4_NB", nb))?;
+    let rows_per_block = ROWS_PER_WARP * (THREADS / 32);
+    let blocks = rows.div_ceil(rows_per_block).clamp(1, MAX_BLOCKS);
+    q.launch(
+        &k,
+        LaunchDims::linear(blocks, THREADS),
+        &[
+            (&m.packed).into(),
+            (&m.scales).into(),
+            x.into(),
+            y.into(),
+            rows.into(),
+            cols.into(),
+            (m.group as u32).into(),
+            (batch as u32).into(),
+        ],
+    )
+}
+
+/// An element of x as the CPU kernel reads it.
+trait XFloat: crate::dtype::Element + Copy {
+    fn f32(self) -> f32;
+}
+impl XFloat for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+impl XFloat for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+fn q4_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
+    const NAME: &str = "unibuf_q4_matvec";
+    let rows = args.u32(4)? as usize;
+    let cols = args.u32(5)? as usize;
+    let group = args.u32(6)? as usize;
+    let batch = args.u32(7)? as usize;
+    let packed = args.input::<u8>(0)?;
+    let scales = args.input::<f16>(1)?;
+    let x = args.input::<X>(2)?;
+    let y = args.output::<f32>(3)?;
+    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
+        return Err(format!("{NAME}: bad geometry cols {cols}, group {group}"));
+    }
+    if batch == 0 || batch > Q4_MAX_BATCH {
+        return Err(format!("{NAME}: batch {batch} is not 1..={Q4_MAX_BATCH}"));
+    }
+    let ngroups = cols / group;
+    let check = |what: &str, have: usize, want: usize| {
+        if have == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{NAME}: '{what}' has {have} elements, expected {want}"
+            ))
+        }
+    };
+    check("packed", packed.len(), rows * cols / 2)?;
+    check("scales", scales.len(), rows * ngroups)?;
+    check("x", x.len(), batch * cols)?;
+    check("y", y.len(), batch * rows)?;
+    let xf: Vec<f32> = x.iter().map(|v| v.f32()).collect();
+    let mut w = vec![0.0f32; group];
+    for r in 0..rows {
+        let mut acc = vec![0.0f32; batch];
+        for g in 0..ngroups {
+            let s = scales[r * ngroups + g].to_f32();
+            let bytes = &packed[(r * cols + g * group) / 2..(r * cols + (g + 1) * group) / 2];
+            for (pair, byte) in w.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = f32::from(byte & 15) - 8.0;
+                pair[1] = f32::from(byte >> 4) - 8.0;
+            }
+            for (b, a) in acc.iter_mut().enumerate() {
+                let xs = &xf[b * cols + g * group..b * cols + (g + 1) * group];
+                let dot: f32 = w.iter().zip(xs).map(|(w, x)| w * x).sum();
+                *a += s * dot;
+            }
+        }
+        for (b, a) in acc.iter().enumerate() {
+            y[b * rows + r] = *a;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Rotary position embedding (RoPE) of queries or keys `[tokens, heads, head_dim]` at integer
+//! positions, in either of the two layouts models use.
+
+use super::norm::{by_dtype, expect_len, HostFloat};
+use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
+use crate::backend::cpu::CpuKernelArgs;
+use crate::backend::LaunchDims;
+use crate::buffer::Buffer;
+use crate::dtype::DType;
+use crate::epoch::Fence;
+use crate::error::{Error, Result};
+use crate::kernel::{KernelSource, Param, ScalarType};
+use crate::queue::Queue;
+
+/// Which elements of a head rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopeStyle {
+    /// Rotate-half: pair `i` is `(i, i + head_dim / 2)`. The layout of GPT-NeoX, Llama and the
+    /// Hugging Face transformers implementations.
+    Neox,
+    /// Interleaved: pair `i` is `(2i, 2i + 1)`. The layout of GPT-J and the original RoFormer.
+    Interleaved,
+}
+
+impl RopeStyle {
+    /// The kernels' `style` argument.
+    fn code(self) -> u32 {
+        match self {
+            RopeStyle::Neox => 0,
+            RopeStyle::Interleaved => 1,
+        }
+    }
+}
+
+const NAMES: [&str; 3] = ["unibuf_rope_f32", "unibuf_rope_f16", "unibuf_rope_bf16"];
+
+const CUDA: &str = concat!(
+    include_str!("cuda/common.cuh"),
+    include_str!("cuda/rope.cu")
+);
+const MSL: &str = include_str!("msl/rope.metal");
+
+/// Threads per block of the launch.
+const THREADS: u32 = 256;
+
+/// Blocks at most; the kernel grid-strides over the rest.
+const MAX_BLOCKS: u64 = 65_535;
+
+const fn params(dtype: DType) -> [Param; 8] {
+    [
+        Param::input("x", dtype),
+        Param::input("positions", DType::U32),
+        Param::output("out", dtype),
+        Param::scalar("tokens", ScalarType::U32),
+        Param::scalar("heads", ScalarType::U32),
+        Param::scalar("head_dim", ScalarType::U32),
+        Param::scalar("theta_base", ScalarType::F32),
+        Param::scalar("style", ScalarType::U32),
+    ]
+}
+
+const F32: [Param; 8] = params(DType::F32);
+const F16: [Param; 8] = params(DType::F16);
+const BF16: [Param; 8] = params(DType::BF16);
+
+const fn source(
+    name: &'static str,
+    params: &'static [Param],
+    cpu: crate::backend::cpu::CpuKernelFn,
+) -> KernelSource {
+    KernelSource {
+        name,
+        params,
+        cuda: Some(CUDA),
+        msl: Some(MSL),
+        cpu: Some(cpu),
+    }
+}
+
+pub(crate) const KERNELS: &[KernelSource] = &[
+    source(NAMES[0], &F32, rope_cpu::<f32>),
+    source(NAMES[1], &F16, rope_cpu::<half::f16>),
+    source(NAMES[2], &BF16, rope_cpu::<half::bf16>),
+];
+
+/// Rotary embedding of `x` (`[tokens, heads, head_dim]`, f32, f16 or bf16, `head_dim` even)
+/// at `positions` (u32, `[tokens]`), into a fresh buffer of the shape and dtype of `x`.
+///
+/// Pair `i` of each head turns by `pos * theta_base^(-2i / head_dim)` (`theta_base` is 10000
+/// for most models). The inverse frequency and the angle are computed in f32, as the reference
+/// implementations do: the angle's rounding error grows with the position (about 1e-3 rad at
+/// position 8192), so results differ from an exact computation by about that much times the
+/// values' magnitude. Returns once queued.
+pub fn rope(
+    q: &Queue,
+    x: &Buffer,
+    positions: &Buffer,
+    theta_base: f32,
+    style: RopeStyle,
+) -> Result<Buffer> {
+    check(x, positions, theta_base)?;
+    let out = output(q, "rope", x.dtype(), x.shape())?;
+    rope_into(q, x, positions, theta_base, style, &out)?;
+    Ok(out)
+}
+
+/// [`rope`] into `out` (the dtype and shape of `x`, not overlapping the inputs). Returns the
+/// fence of the submission.
+pub fn rope_into(
+    q: &Queue,
+    x: &Buffer,
+    positions: &Buffer,
+    theta_base: f32,
+    style: RopeStyle,
+    out: &Buffer,
+) -> Result<Fence> {
+    let [tokens, heads, head_dim] = check(x, positions, theta_base)?;
+    expect_dtype("rope: out", out, x.dtype())?;
+    expect_shape("rope: out", out, x.shape())?;
+    let k = kernel(q, by_dtype("rope", NAMES, x.dtype())?)?;
+    // One thread per (token, pair); each loops over the heads.
+    let pairs = u64::from(tokens) * u64::from(head_dim / 2);
+    let blocks = pairs.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
+    q.launch(
+        &k,
+        LaunchDims::linear(blocks, THREADS),
+        &[
+            x.into(),
+            positions.into(),
+            out.into(),
+            tokens.into(),
+            heads.into(),
+            head_dim.into(),
+            theta_base.into(),
+            style.code().into(),
+        ],
+    )
+}
+
+/// Validates the inputs; returns [tokens, heads, head_dim] as kernel arguments.
+fn check(x: &Buffer, positions: &Buffer, theta_base: f32) -> Result<[u32; 3]> {
+    expect_float("rope", x)?;
+    let &[tokens, heads, head_dim] = x.shape() else {
+        return Err(Error::ShapeMismatch {
+            what: "rope: x",
+            expected: "[tokens, heads, head_dim]".to_owned(),
+            got: format!("{:?}", x.shape()),
+        });
+    };
+    if tokens == 0 || heads == 0 || head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::invalid(
+            "rope",
+            format!(
+                "'{}' has shape {:?}: tokens, heads and head_dim must be non-zero and head_dim \
+                 even (head_dim = {head_dim})",
+                x.label(),
+                x.shape()
+            ),
+        ));
+    }
+    expect_dtype("rope: positions", positions, DType::U32)?;
+    expect_shape("rope: positions", positions, &[tokens])?;
+    if !(theta_base.is_finite() && theta_base > 0.0) {
+        return Err(Error::invalid(
+            "rope: theta_base",
+            format!("{theta_base} must be finite and positive"),
+        ));
+    }
+    Ok([
+        index_u32("rope: tokens", tokens)?,
+        index_u32("rope: heads", heads)?,
+        index_u32("rope: head_dim", head_dim)?,
+    ])
+}
+
+fn rope_cpu<T: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
+    const NAME: &str = "rope";
+    let tokens = args.u32(3)? as usize;
+    let heads = args.u32(4)? as usize;
+    let head_dim = args.u32(5)? as usize;
+    let theta = args.f32(6)?;
+    let style = args.u32(7)?;
+    let x = args.input::<T>(0)?;
+    let positions = args.input::<u32>(1)?;
+    let out = args.output::<T>(2)?;
+    if head_dim == 0 || head_dim % 2 != 0 || style > 1 {
+        return Err(format!(
+            "{NAME}: head_dim {head_dim} must be even and non-zero, style {style} 0 or 1"
+        ));
+    }
+    let n = tokens
+        .checked_mul(heads)
+        .and_then(|v| v.checked_mul(head_dim))
+        .ok_or_else(|| format!("{NAME}: {tokens} x {heads} x {head_dim} overflows"))?;
+    expect_len(NAME, "x", x.len(), n)?;
+    expect_len(NAME, "positions", positions.len(), tokens)?;
+    expect_len(NAME, "out", out.len(), n)?;
+    let half_dim = head_dim / 2;
+    // The rotation of each pair at each token, the same f32 arithmetic as the GPU kernels.
+    let inv_freq: Vec<f32> = (0..half_dim)
+        .map(|i| theta.powf(-((2 * i) as f32 / head_dim as f32)))
+        .collect();
+    for (t, (xt, yt)) in x
+        .chunks_exact(heads * head_dim)
+        .zip(out.chunks_exact_mut(heads * head_dim))
+        .enumerate()
+    {
+        let pos = positions[t] as f32;
+        let rot: Vec<(f32, f32)> = inv_freq.iter().map(|f| (pos * f).sin_cos()).collect();
+        for (xh, yh) in xt.chunks_exact(head_dim).zip(yt.chunks_exact_mut(head_dim)) {
+            for (i, &(s, c)) in rot.iter().enumerate() {
+                let (a, b) = if style == 0 {
+                    (i, i + half_dim)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (xa, xb) = (xh[a].to_f32(), xh[b].to_f32());
+                yh[a] = T::from_f32(xa * c - xb * s);
+                yh[b] = T::from_f32(xb * c + xa * s);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Labelled submission stats: per label, how many submissions were made, the CPU time spent
+//! encoding them and blocked waiting for them, and the device time they ran.
+//!
+//! Encode time is taken at submission and wait time when a wait returns, both by the core.
+//! Device time comes from the backend (`Backend::gpu_span`: timestamps on Metal and the CPU,
+//! timing events on CUDA when the device was opened with `gpu_timing(true)`), read lazily:
+//! submissions wait in a bounded list until a snapshot (or the list filling up) finds them
+//! complete.
+
+use crate::backend::Backend;
+use crate::epoch::{Epoch, Fence, QueueId};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Mutex;
+
+/// Submissions kept for their device time and for attributing waits; beyond this the oldest
+/// lose their device time (counted as untimed).
+const RECENT_MAX: usize = 1 << 16;
+
+/// The stats of one label.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelStats {
+    /// The submission label (a queue handle's label, else what was submitted: a kernel's name,
+    /// "upload", ...).
+    pub label: String,
+    /// Submissions.
+    pub count: u64,
+    /// CPU time spent checking, encoding and submitting them, ns.
+    pub encode_ns: u64,
+    /// CPU time spent blocked in waits for their fences, ns.
+    pub wait_ns: u64,
+    /// Waits for their fences.
+    pub waits: u64,
+    /// Device time of the timed submissions, ns.
+    pub gpu_ns: u64,
+    /// Submissions whose device time is known (and counted in `gpu_ns`).
+    pub timed: u64,
+}
+
+impl LabelStats {
+    /// Mean device time per timed submission, ns.
+    pub fn gpu_mean_ns(&self) -> Option<f64> {
+        (self.timed > 0).then(|| self.gpu_ns as f64 / self.timed as f64)
+    }
+}
+
+/// Per-label stats of a device's submissions, from [`Device::submission_stats`].
+///
+/// Its `Display` is a table, one row per label, by device time then encode time.
+///
+/// [`Device::submission_stats`]: crate::Device::submission_stats
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubmissionStats {
+    /// One entry per label, by device time then encode time, largest first.
+    pub labels: Vec<LabelStats>,
+    /// Whether the backend records device times (see `DeviceBuilder::gpu_timing`).
+    pub gpu_timing: bool,
+}
+
+impl SubmissionStats {
+    /// The stats of `label`, if anything was submitted under it.
+    pub fn get(&self, label: &str) -> Option<&LabelStats> {
+        self.labels.iter().find(|l| l.label == label)
+    }
+}
+
+impl fmt::Display for SubmissionStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = |ns: u64| ns as f64 / 1e3;
+        writeln!(
+            f,
+            "{:<32} {:>9} {:>11} {:>9} {:>11} {:>12} {:>10}",
+            "label", "count", "encode µs", "mean µs", "wait µs", "device µs", "mean µs"
+        )?;
+        for l in &self.labels {
+            let mean = |total: u64, n: u64| {
+                if n == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.2}", us(total) / n as f64)
+                }
+            };
+            let gpu = if l.timed > 0 {
+                format!("{:.1}", us(l.gpu_ns))
+            } else {
+                "-".to_owned()
+            };
+            writeln!(
+                f,
+                "{:<32} {:>9} {:>11.1} {:>9} {:>11.1} {:>12} {:>10}",
+                l.label,
+                l.count,
+                us(l.encode_ns),
+                mean(l.encode_ns, l.count),
+                us(l.wait_ns),
+                gpu,
+                mean(l.gpu_ns, l.timed),
+            )?;
+        }
+        if !self.gpu_timing {
+            writeln!(
+                f,
+                "(device times off: open the device with gpu_timing(true) to record them)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A submission not yet complete, or whose device time was not read yet.
+struct Recent {
+    fence: Fence,
+    label: usize,
+}
+
+#[derive(Default)]
+struct Collector {
+    index: HashMap<String, usize>,
+    labels: Vec<LabelStats>,
+    recent: VecDeque<Recent>,
+}
+
+impl Collector {
+    fn label_index(&mut self, label: &str) -> usize {
+        // A lookup by &str first: the common case (a label seen before) allocates nothing.
+        if let Some(&i) = self.index.get(label) {
+            return i;
+        }
+        self.labels.push(LabelStats {
+            label: label.to_owned(),
+            ..LabelStats::default()
+        });
+        self.index.insert(label.to_owned(), self.labels.len() - 1);
+        self.labels.len() - 1
+    }
+
+    /// Moves the device time of completed submissions into their labels.
+    fn harvest(&mut self, backend: &dyn Backend) {
+        let mut completed: HashMap<QueueId, Epoch> = HashMap::new();
+        let labels = &mut self.labels;
+        self.recent.retain(|r| {
+            let done = *completed
+                .entry(r.fence.queue)
+                .or_insert_with(|| backend.completed(r.fence.queue).unwrap_or(0));
+            if done < r.fence.epoch {
+                return true;
+            }
+            if let Some(span) = backend.gpu_span(r.fence.queue, r.fence.epoch) {
+                let l = &mut labels[r.label];
+                l.gpu_ns += span.end_ns.saturating_sub(span.start_ns);
+                l.timed += 1;
+            }
+            false
+        });
+    }
+}
+
+/// The collector behind [`SubmissionStats`], one per device.
+#[derive(Default)]
+pub(crate) struct StatsCollector {
+    inner: Mutex<Collector>,
+}
+
+impl StatsCollector {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Collector> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a submission and its encode time.
+    pub fn submitted(&self, backend: &dyn Backend, fence: Fence, label: &str, encode_ns: u64) {
+        let mut c = self.lock();
+        let i = c.label_index(label);
+        let l = &mut c.labels[i];
+        l.count += 1;
+        l.encode_ns += encode_ns;
+        if c.recent.len() >= RECENT_MAX {
+            c.harvest(backend);
+            if c.recent.len() >= RECENT_MAX {
+                c.recent.pop_front();
+            }
+        }
+        c.recent.push_back(Recent { fence, label: i });
+    }
+
+    /// Counts a wait for `fence` that blocked `wait_ns`, for the label of the submission it
+    /// names (or the latest earlier one of its queue still held; else nothing is counted).
+    pub fn waited(&self, fence: Fence, wait_ns: u64) {
+        let mut c = self.lock();
+        let found = c
+            .recent
+            .iter()
+            .rev()
+            .find(|r| r.fence.queue == fence.queue && r.fence.epoch <= fence.epoch)
+            .map(|r| r.label);
+        if let Some(i) = found {
+            let l = &mut c.labels[i];
+            l.waits += 1;
+            l.wait_ns += wait_ns;
+        }
+    }
+
+    /// The stats so far, with the device time of every submission completed by now.
+    pub fn snapshot(&self, backend: &dyn Backend) -> SubmissionStats {
+        let mut c = self.lock();
+        c.harvest(backend);
+        let mut labels = c.labels.clone();
+        labels.sort_by(|a, b| {
+            (b.gpu_ns, b.encode_ns, &a.label).cmp(&(a.gpu_ns, a.encode_ns, &b.label))
+        });
+        SubmissionStats {
+            labels,
+            gpu_timing: backend.info().timestamps,
+        }
+    }
+
+    /// Forgets everything counted so far.
+    pub fn clear(&self) {
+        let mut c = self.lock();
+        c.labels.clear();
+        c.index.clear();
+        c.recent.clear();
+    }
+}

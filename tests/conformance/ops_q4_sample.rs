@@ -1,0 +1,580 @@
+//! The 4-bit quantised matvec and on-device sampling ops against f64 references computed here
+//! from the host copies of their inputs (the quantiser's output is downloaded and dequantised by
+//! the test itself, so the reference does not trust the op's own code).
+
+use half::{bf16, f16};
+use unibuf::ops::{self, Q4Matrix, Sampling, SAMPLE_MAX_K};
+use unibuf::{Buffer, DType, Device, Error, Queue};
+use unibuf_conformance::{device, poison, Rng};
+
+// ---------------------------------------------------------------------------------------------
+// q4 matvec
+
+/// Dequantises packed codes and scales independently of the library.
+fn dequantize(packed: &[u8], scales: &[f16], rows: usize, cols: usize, group: usize) -> Vec<f64> {
+    let mut w = vec![0.0f64; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let byte = packed[r * cols / 2 + c / 2];
+            let code = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+            let s = f64::from(scales[r * (cols / group) + c / group].to_f32());
+            w[r * cols + c] = (f64::from(code) - 8.0) * s;
+        }
+    }
+    w
+}
+
+/// Checks y (f32 [batch, rows]) against the f64 product, relative to sum |w x| per output.
+fn check_product(y: &[f32], w: &[f64], x: &[f64], rows: usize, cols: usize, what: &str) {
+    let batch = x.len() / cols;
+    assert_eq!(y.len(), batch * rows, "{what}");
+    for b in 0..batch {
+        for r in 0..rows {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for c in 0..cols {
+                let p = w[r * cols + c] * x[b * cols + c];
+                want += p;
+                mag += p.abs();
+            }
+            let got = f64::from(y[b * rows + r]);
+            assert!(
+                (got - want).abs() <= 1e-4 * mag + 1e-6,
+                "{what}: y[{b}, {r}] = {got}, want {want} (sum |w x| = {mag})"
+            );
+        }
+    }
+}
+
+/// Uploads x as f32 or f16 and returns it with its exact values.
+fn upload_x(dev: &Device, rng: &mut Rng, dtype: DType, shape: &[usize]) -> (Buffer, Vec<f64>) {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.f32() * 2.0).collect();
+    match dtype {
+        DType::F16 => {
+            let h: Vec<f16> = v.iter().map(|&f| f16::from_f32(f)).collect();
+            let exact = h.iter().map(|h| f64::from(h.to_f32())).collect();
+            (dev.from_slice("x", &h, shape).expect("x"), exact)
+        }
+        _ => {
+            let exact = v.iter().map(|&f| f64::from(f)).collect();
+            (dev.from_slice("x", &v, shape).expect("x"), exact)
+        }
+    }
+}
+
+#[test]
+fn q4_matvec_matches_an_f64_reference() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q4_matvec");
+    for group in [32, 64, 128] {
+        for rows in [1, 7, 33] {
+            for cols in [group, 4096 + group] {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+                let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
+                let packed = q.download::<u8>(m.packed()).expect("packed");
+                let scales = q.download::<f16>(m.scales()).expect("scales");
+                let wq = dequantize(&packed, &scales, rows, cols, group);
+                for batch in [1, 3] {
+                    for xd in [DType::F32, DType::F16] {
+                        let what = format!("{rows}x{cols} group {group} batch {batch} x {xd}");
+                        let shape = if batch == 1 && xd == DType::F32 {
+                            vec![cols]
+                        } else {
+                            vec![batch, cols]
+                        };
+                        let (x, xv) = upload_x(&dev, &mut rng, xd, &shape);
+                        let y_shape = if shape.len() == 1 {
+                            vec![rows]
+                        } else {
+                            vec![batch, rows]
+                        };
+                        let y = dev
+                            .alloc(DType::F32, &y_shape, unibuf::StorageMode::Auto)
+                            .expect("y");
+                        poison(&dev, &y);
+                        ops::q4_matvec_into(&q, &m, &x, &y).expect(&what);
+                        let got = q.download::<f32>(&y).expect("y");
+                        check_product(&got, &wq, &xv, rows, cols, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_matvec_takes_views_at_unaligned_offsets() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q4_views");
+    let (rows, cols, group) = (9, 192, 64);
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+    let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
+    let packed = q.download::<u8>(m.packed()).expect("packed");
+    let scales = q.download::<f16>(m.scales()).expect("scales");
+    let wq = dequantize(&packed, &scales, rows, cols, group);
+    // The same codes and scales one element into larger buffers: not 16-byte aligned.
+    let mut p1 = vec![0x5Au8];
+    p1.extend_from_slice(&packed);
+    let mut s1 = vec![f16::from_f32(3.0)];
+    s1.extend_from_slice(&scales);
+    let pb = dev.from_slice("packed+1", &p1, &[p1.len()]).expect("p");
+    let sb = dev.from_slice("scales+1", &s1, &[s1.len()]).expect("s");
+    let pv = pb
+        .slice(1..p1.len())
+        .unwrap()
+        .reshape(&[rows, cols / 2])
+        .unwrap();
+    let sv = sb
+        .slice(1..s1.len())
+        .unwrap()
+        .reshape(&[rows, cols / group])
+        .unwrap();
+    let m2 = Q4Matrix::from_parts(pv, sv, rows, cols, group).expect("from_parts");
+    for xd in [DType::F32, DType::F16] {
+        let (xb, xv) = upload_x(&dev, &mut rng, xd, &[2 * cols + 1]);
+        let x = xb
+            .slice(1..2 * cols + 1)
+            .unwrap()
+            .reshape(&[2, cols])
+            .unwrap();
+        let y = ops::q4_matvec(&q, &m2, &x).expect("q4_matvec");
+        assert_eq!(y.shape(), &[2, rows]);
+        let got = q.download::<f32>(&y).expect("y");
+        check_product(&got, &wq, &xv[1..], rows, cols, &format!("views, x {xd}"));
+    }
+}
+
+#[test]
+fn q4_quantizer_follows_its_definition() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q4_quantize");
+    let (rows, cols, group) = (3, 128, 32);
+    let mut w: Vec<f32> = (0..rows * cols).map(|_| rng.f32() * 3.0).collect();
+    w[..group].fill(0.0); // an all-zero group
+    let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
+    assert_eq!((m.rows(), m.cols(), m.group()), (rows, cols, group));
+    assert_eq!(m.weight_bytes(), rows * cols / 2 + rows * cols / group * 2);
+    let scales = q.download::<f16>(m.scales()).expect("scales");
+    let deq = m.dequantize_host(&q).expect("dequantize");
+    for (g, chunk) in w.chunks(group).enumerate() {
+        let max = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        assert_eq!(scales[g], f16::from_f32(max / 7.0), "group {g}");
+        let s = scales[g].to_f32();
+        for (i, &v) in chunk.iter().enumerate() {
+            let d = deq[g * group + i];
+            assert!(
+                (d - v).abs() <= s * 0.5 + s * 1e-3 + 1e-7,
+                "w {v} -> {d} (scale {s})"
+            );
+        }
+    }
+    assert!(deq[..group].iter().all(|&d| d == 0.0));
+}
+
+fn expect_invalid<T: std::fmt::Debug>(r: Result<T, Error>, needle: &str) {
+    match r {
+        Err(Error::InvalidArgument { detail, what }) => assert!(
+            detail.contains(needle) || what.contains(needle),
+            "{what}: {detail} lacks '{needle}'"
+        ),
+        other => panic!("expected InvalidArgument ({needle}), got {other:?}"),
+    }
+}
+
+#[test]
+fn q4_rejects_bad_inputs() {
+    let dev = device();
+    let q = dev.queue();
+    let w = vec![0.25f32; 2 * 64];
+    expect_invalid(Q4Matrix::quantize(&dev, "w", &w, 2, 64, 48), "48");
+    expect_invalid(Q4Matrix::quantize(&dev, "w", &w, 1, 128, 256), "256");
+    expect_invalid(Q4Matrix::quantize(&dev, "w", &w[..96], 1, 96, 64), "96");
+    assert!(matches!(
+        Q4Matrix::quantize(&dev, "w", &w, 2, 32, 32),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut bad = w.clone();
+    bad[5] = f32::NAN;
+    expect_invalid(Q4Matrix::quantize(&dev, "w", &bad, 2, 64, 32), "finite");
+    bad[5] = 1e6;
+    expect_invalid(Q4Matrix::quantize(&dev, "w", &bad, 2, 64, 32), "f16");
+
+    let m = Q4Matrix::quantize(&dev, "w", &w, 2, 64, 32).expect("quantize");
+    // from_parts: dtypes and shapes.
+    let as_u16 = m.packed().cast(DType::U16).unwrap();
+    assert!(matches!(
+        Q4Matrix::from_parts(as_u16, m.scales().clone(), 2, 64, 32),
+        Err(Error::DTypeMismatch {
+            expected: DType::U8,
+            got: DType::U16,
+            ..
+        })
+    ));
+    assert!(matches!(
+        Q4Matrix::from_parts(m.packed().clone(), m.scales().clone(), 2, 64, 64),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let f32_scales = dev.from_slice("s", &[1.0f32; 4], &[2, 2]).unwrap();
+    assert!(matches!(
+        Q4Matrix::from_parts(m.packed().clone(), f32_scales, 2, 64, 32),
+        Err(Error::DTypeMismatch {
+            expected: DType::F16,
+            ..
+        })
+    ));
+    // x: length, batch, dtype; y: shape, dtype.
+    let x_short = dev.from_slice("x", &[1.0f32; 63], &[63]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec(&q, &m, &x_short),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let x9 = dev.from_slice("x", &[1.0f32; 9 * 64], &[9, 64]).unwrap();
+    expect_invalid(ops::q4_matvec(&q, &m, &x9), "batch of 9");
+    let x_bf = dev.from_slice("x", &[bf16::ONE; 64], &[64]).unwrap();
+    expect_invalid(ops::q4_matvec(&q, &m, &x_bf), "f32 or f16");
+    let x = dev.from_slice("x", &[1.0f32; 64], &[64]).unwrap();
+    let y_bad = dev.from_slice("y", &[0.0f32; 3], &[3]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_into(&q, &m, &x, &y_bad),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let y_f16 = dev.from_slice("y", &[f16::ZERO; 2], &[2]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_into(&q, &m, &x, &y_f16),
+        Err(Error::DTypeMismatch {
+            expected: DType::F32,
+            ..
+        })
+    ));
+    // Nothing above reached the device.
+    q.drain().expect("no fault");
+}
+
+// ---------------------------------------------------------------------------------------------
+// sampling
+
+/// The exact algorithm in f64 for one row: `Some(token)`, or `None` when a decision lies within
+/// 1e-5 (relative to the mass) of a boundary, where f32 sums on a device may go either way.
+fn reference(row: &[f32], s: &Sampling, u: f32) -> Option<u32> {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    // Distinct or not, equal logits go to the lower id.
+    let by = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    let k = s.candidates(row.len());
+    if s.temperature == 0.0 || k == 1 {
+        return order.iter().copied().min_by(by).map(|i| i as u32);
+    }
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, by);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(by);
+    let v0 = f64::from(row[order[0]]);
+    let mut cum = Vec::with_capacity(k);
+    let mut acc = 0.0f64;
+    for &i in &order {
+        acc += ((f64::from(row[i]) - v0) / f64::from(s.temperature)).exp();
+        cum.push(acc);
+    }
+    let tol = 1e-5 * acc;
+    let cut = f64::from(s.top_p) * acc;
+    if cum.iter().any(|&c| (c - cut).abs() < tol) && s.top_p < 1.0 {
+        return None;
+    }
+    let n = cum.iter().position(|&c| c >= cut).unwrap_or(k - 1) + 1;
+    let thr = f64::from(u) * cum[n - 1];
+    if cum[..n].iter().any(|&c| (c - thr).abs() < tol) {
+        return None;
+    }
+    let pick = cum[..n].iter().position(|&c| c > thr).unwrap_or(n - 1);
+    Some(order[pick] as u32)
+}
+
+/// `rows x vocab` distinct logits: a random permutation of an evenly spaced range of random
+/// width, so that the softmax is neither flat nor one-hot.
+fn distinct_logits(rng: &mut Rng, rows: usize, vocab: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * vocab);
+    for _ in 0..rows {
+        let width = 2.0 + 10.0 * (rng.f32() + 1.0);
+        let mut ids: Vec<usize> = (0..vocab).collect();
+        for i in (1..vocab).rev() {
+            ids.swap(i, rng.range(0, i + 1));
+        }
+        let offset = rng.f32() * 3.0;
+        out.extend(
+            ids.iter()
+                .map(|&i| offset + width * (i as f32 / vocab as f32 - 0.5)),
+        );
+    }
+    out
+}
+
+fn sample_once(q: &Queue, logits: &Buffer, s: &Sampling, step: u64, rows: usize) -> Vec<u32> {
+    let dev = q.device();
+    let out = dev
+        .alloc(DType::U32, &[rows], unibuf::StorageMode::Auto)
+        .expect("out");
+    poison(&dev, &out);
+    ops::sample_into(q, logits, s, step, &out).expect("sample");
+    q.download::<u32>(&out).expect("tokens")
+}
+
+#[test]
+fn sampling_matches_the_exact_algorithm() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("sample_reference");
+    let rows = 3;
+    let (mut checked, mut skipped) = (0usize, 0usize);
+    for vocab in [1usize, 7, 4097, 65536] {
+        let host = distinct_logits(&mut rng, rows, vocab);
+        let logits = dev
+            .from_slice("logits", &host, &[rows, vocab])
+            .expect("logits");
+        for top_k in [1u32, 5, 50, 0] {
+            for top_p in [1.0f32, 0.9, 0.5] {
+                for temperature in [0.0f32, 0.7, 1.3] {
+                    let steps: &[u64] = if vocab > 5000 { &[3] } else { &[0, 11] };
+                    for &step in steps {
+                        let s = Sampling {
+                            temperature,
+                            top_k,
+                            top_p,
+                            seed: rng.next_u64(),
+                        };
+                        let got = sample_once(&q, &logits, &s, step, rows);
+                        for (r, &g) in got.iter().enumerate() {
+                            let row = &host[r * vocab..(r + 1) * vocab];
+                            match reference(row, &s, s.uniform(step, r as u64)) {
+                                Some(want) => {
+                                    checked += 1;
+                                    assert_eq!(g, want, "vocab {vocab} row {r} {s:?} step {step}");
+                                }
+                                None => skipped += 1,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("checked {checked} draws, skipped {skipped} near a boundary");
+    assert!(
+        checked >= 20 * skipped.max(1),
+        "{checked} checked, {skipped} skipped"
+    );
+}
+
+#[test]
+fn greedy_and_top_1_are_the_argmax_for_every_dtype() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("sample_greedy");
+    let (rows, vocab) = (4, 3001);
+    let host: Vec<f32> = (0..rows * vocab).map(|_| rng.f32() * 8.0).collect();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let (logits, widened): (Buffer, Vec<f32>) = match dtype {
+            DType::F16 => {
+                let h: Vec<f16> = host.iter().map(|&v| f16::from_f32(v)).collect();
+                let w = h.iter().map(|v| v.to_f32()).collect();
+                (dev.from_slice("l", &h, &[rows, vocab]).unwrap(), w)
+            }
+            DType::BF16 => {
+                let h: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
+                let w = h.iter().map(|v| v.to_f32()).collect();
+                (dev.from_slice("l", &h, &[rows, vocab]).unwrap(), w)
+            }
+            _ => (
+                dev.from_slice("l", &host, &[rows, vocab]).unwrap(),
+                host.clone(),
+            ),
+        };
+        let argmax: Vec<u32> = widened
+            .chunks(vocab)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect();
+        let greedy = sample_once(&q, &logits, &Sampling::greedy(), 5, rows);
+        assert_eq!(greedy, argmax, "greedy, {dtype}");
+        let top1 = Sampling {
+            temperature: 1.3,
+            top_k: 1,
+            top_p: 0.7,
+            seed: 9,
+        };
+        assert_eq!(
+            sample_once(&q, &logits, &top1, 5, rows),
+            argmax,
+            "top_k 1, {dtype}"
+        );
+        // Sampled draws of the f16/bf16 logits follow the reference over the widened values.
+        let s = Sampling {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 77,
+        };
+        let got = sample_once(&q, &logits, &s, 8, rows);
+        for (r, &g) in got.iter().enumerate() {
+            let row = &widened[r * vocab..(r + 1) * vocab];
+            if let Some(want) = reference(row, &s, s.uniform(8, r as u64)) {
+                assert_eq!(g, want, "{dtype} row {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sampling_orders_ties_by_id_and_never_picks_masked_tokens() {
+    let dev = device();
+    let q = dev.queue();
+    // All equal: greedy and top-1 take token 0; top-2 takes 0 or 1 per the reference.
+    let flat = dev.from_slice("flat", &[0.5f32; 2000], &[2000]).unwrap();
+    assert_eq!(sample_once(&q, &flat, &Sampling::greedy(), 0, 1), [0]);
+    for step in 0..20 {
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 3,
+        };
+        let got = sample_once(&q, &flat, &s, step, 1);
+        let u = s.uniform(step, 0);
+        if (u - 0.5).abs() > 1e-4 {
+            assert_eq!(got, [u32::from(u >= 0.5)], "step {step}, u {u}");
+        }
+    }
+    // Ties straddling the cut: 1500 equal values, k = 1024 of them (the lowest ids).
+    let s = Sampling {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 1,
+    };
+    for step in 0..8 {
+        let t = sample_once(&q, &flat, &s, step, 1)[0];
+        assert!(
+            t < SAMPLE_MAX_K,
+            "token {t} is not among the 1024 lowest ids"
+        );
+    }
+    // -inf (and NaN) logits are never drawn while a finite one exists.
+    let mut masked = vec![f32::NEG_INFINITY; 64];
+    masked[10] = 1.0;
+    masked[40] = 1.5;
+    masked[50] = f32::NAN;
+    let lg = dev.from_slice("masked", &masked, &[64]).unwrap();
+    for step in 0..16 {
+        let s = Sampling {
+            temperature: 2.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 5,
+        };
+        let t = sample_once(&q, &lg, &s, step, 1)[0];
+        assert!(t == 10 || t == 40, "token {t}");
+    }
+}
+
+#[test]
+fn sampling_is_deterministic_and_allocates_its_output() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("sample_determinism");
+    let host = distinct_logits(&mut rng, 2, 500);
+    let lg = dev.from_slice("l", &host, &[2, 500]).unwrap();
+    let s = Sampling {
+        seed: 123,
+        ..Default::default()
+    };
+    let a = ops::sample(&q, &lg, &s, 4).expect("sample");
+    assert_eq!((a.dtype(), a.shape()), (DType::U32, &[2usize][..]));
+    let b = ops::sample(&q, &lg, &s, 4).expect("sample");
+    assert_eq!(
+        q.download::<u32>(&a).unwrap(),
+        q.download::<u32>(&b).unwrap()
+    );
+    let one = ops::sample(&q, &lg.rows(0..1).unwrap().reshape(&[500]).unwrap(), &s, 4).unwrap();
+    assert_eq!(one.shape(), &[1]);
+    assert_eq!(
+        q.download::<u32>(&one).unwrap()[0],
+        q.download::<u32>(&a).unwrap()[0]
+    );
+}
+
+#[test]
+fn sampling_rejects_bad_inputs() {
+    let dev = device();
+    let q = dev.queue();
+    let lg = dev.from_slice("l", &[0.0f32; 12], &[3, 4]).unwrap();
+    let ok = Sampling::default();
+    for (s, needle) in [
+        (
+            Sampling {
+                temperature: -0.5,
+                ..ok
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                temperature: f32::NAN,
+                ..ok
+            },
+            "temperature",
+        ),
+        (Sampling { top_p: 0.0, ..ok }, "top_p"),
+        (Sampling { top_p: 1.5, ..ok }, "top_p"),
+        (
+            Sampling {
+                top_p: f32::NAN,
+                ..ok
+            },
+            "top_p",
+        ),
+        (
+            Sampling {
+                top_k: SAMPLE_MAX_K + 1,
+                ..ok
+            },
+            "top_k",
+        ),
+    ] {
+        expect_invalid(ops::sample(&q, &lg, &s, 0), needle);
+    }
+    let ints = dev.from_slice("i", &[0u32; 12], &[3, 4]).unwrap();
+    expect_invalid(ops::sample(&q, &ints, &ok, 0), "f32, f16 or bf16");
+    let cube = dev.from_slice("c", &[0.0f32; 8], &[2, 2, 2]).unwrap();
+    assert!(matches!(
+        ops::sample(&q, &cube, &ok, 0),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let empty = dev.from_slice::<f32>("e", &[], &[2, 0]).unwrap();
+    assert!(matches!(
+        ops::sample(&q, &empty, &ok, 0),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let out_short = dev.from_slice("o", &[0u32; 2], &[2]).unwrap();
+    assert!(matches!(
+        ops::sample_into(&q, &lg, &ok, 0, &out_short),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let out_f32 = dev.from_slice("o", &[0.0f32; 3], &[3]).unwrap();
+    assert!(matches!(
+        ops::sample_into(&q, &lg, &ok, 0, &out_f32),
+        Err(Error::DTypeMismatch {
+            expected: DType::U32,
+            ..
+        })
+    ));
+    q.drain().expect("no fault");
+}
