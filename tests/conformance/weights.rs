@@ -493,10 +493,15 @@ const FIXTURE_TORCH: &[(&str, &str, &[usize], u32)] = &[
     ("u8", "U8", &[10], 0x0d40421f),
 ];
 
+/// A checked-in fixture: beside the suite's sources where it was built, else under
+/// `tests/conformance/data` of the current directory (bundled binaries run from a repository
+/// root on another machine, where the build path does not exist).
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name);
+    if built.exists() {
+        return built;
+    }
+    Path::new("tests/conformance/data").join(name)
 }
 
 fn crc32(bytes: &[u8]) -> u32 {

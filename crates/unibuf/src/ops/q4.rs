@@ -25,19 +25,21 @@ const F16_KERNEL: &str = "unibuf_q4_matvec_f16";
 
 /// Rows of `W` one row group computes at once (`UB_Q4_R` in `cuda/q4.cu`).
 const ROWS_PER_GROUP: u32 = 4;
+/// 32-code chunks of each row a CUDA thread loads at once (`UB_Q4_CPT` in `cuda/q4.cu`).
+const CHUNKS_PER_THREAD: u32 = 2;
 /// Threads per block of the CUDA and Metal kernels (8 warps / SIMD-groups).
 const THREADS: u32 = 256;
 /// The grid is capped here; the kernels grid-stride over the remaining rows.
 const MAX_BLOCKS: u32 = 65_535;
 
 /// Rows one block computes: a row's 32-code chunks are spread over a power of two of threads
-/// (32 to 256, the fewest that cover them), so narrow matrices fit several row groups in a
+/// (32 to 256, the fewest that cover them two at a time), so narrow matrices fit several row groups in a
 /// block (`ub_q4_group_threads` in `cuda/q4.cu`; the Metal kernel grid-strides on its own
 /// row sets, so any grid is correct there).
 fn rows_per_block(cols: u32) -> u32 {
     let chunks = cols / 32;
     let mut per_group = 32;
-    while per_group < chunks && per_group < THREADS {
+    while per_group * CHUNKS_PER_THREAD < chunks && per_group < THREADS {
         per_group *= 2;
     }
     (THREADS / per_group) * ROWS_PER_GROUP
@@ -343,9 +345,7 @@ pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result
     let k = q
         .device()
         .kernel_with(name, &Constants::new().with("UB_Q4_NB", nb))?;
-    let blocks = rows
-        .div_ceil(rows_per_block(cols))
-        .clamp(1, MAX_BLOCKS);
+    let blocks = rows.div_ceil(rows_per_block(cols)).clamp(1, MAX_BLOCKS);
     q.launch(
         &k,
         LaunchDims::linear(blocks, THREADS),

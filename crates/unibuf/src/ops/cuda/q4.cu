@@ -6,12 +6,15 @@
 // Memory-bound design, for decode (batch 1): the weight stream must keep every SM's memory
 // pipeline full, so the work is split finely and every thread issues its loads up front.
 // - A block of 256 threads owns UB_Q4_R rows per row group; a row's 32-code chunks are spread
-//   over the group's threads (`tpg`, the smallest power of two >= chunks, 32..256), so a row of
-//   8192 columns is one 16-byte load per thread: thousands of blocks, no serial loop per row.
-//   Narrow matrices put several row groups in a block (256 / tpg of them).
-// - Each thread loads its chunk of all UB_Q4_R rows (UB_Q4_R 16-byte loads in flight, streamed
-//   past L1) and the matching 32 values of x (read-only path: every block reads the same x, so
-//   it is served from L1/L2), then reduces over the warp and, through shared memory, the group.
+//   over the group's threads (`tpg`, the smallest power of two with tpg * UB_Q4_CPT >= chunks,
+//   32..256), so a row of 8192 columns is two 16-byte loads per thread: about a thousand
+//   blocks, no long serial loop per row. Narrow matrices put several row groups in a block.
+// - Each thread first loads its UB_Q4_CPT chunks of all UB_Q4_R rows (8 x 16 bytes in flight,
+//   streamed past L1), then walks x 8 values at a time (read-only path: every block reads the
+//   same x, so it is served from L1/L2; 8 at a time keeps registers low enough for 3 blocks per
+//   SM), and reduces over the warp and, through shared memory, the group.
+// Measured on an H200 (bench/tune/q4_variants.cu): this shape beat 1 or 4 chunks per thread,
+// 1, 2 or 8 rows per group, and x held 32 values at a time, by 10-40%.
 // - Codes become floats without integer-to-float conversions: a byte permute puts the code in
 //   the mantissa of 0.5 (f = 0.5 + code / 256), so sum (code - 8) x = 256 sum f x - 136 sum x,
 //   with sum x shared by the rows.
@@ -19,6 +22,7 @@
 // whole number of chunks); else byte loads. Blocks grid-stride over row sets.
 
 #define UB_Q4_R 4
+#define UB_Q4_CPT 2
 #define UB_Q4_THREADS 256
 
 // The batch size a compiled kernel handles at most: a specialisation constant (the launcher
@@ -48,39 +52,33 @@ __device__ __forceinline__ float ub_q4_code(unsigned int nibbles, int i) {
     return __uint_as_float(__byte_perm(nibbles, 0x3f000000u, 0x7054u | ((unsigned int)i << 8)));
 }
 
-// The 32 values of x at x + i (f32: 16-byte aligned when x is; f16: converted).
-__device__ __forceinline__ void ub_q4_x32(const float* x, unsigned long long i, bool vec, float* v) {
+// The 8 values of x at x + i (i a multiple of 8; `vec`: x is 16-byte aligned).
+__device__ __forceinline__ void ub_q4_x8(const float* x, unsigned long long i, bool vec, float* v) {
     if (vec) {
         const float4* p = reinterpret_cast<const float4*>(x + i);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const float4 q = __ldg(p + k);
-            v[4 * k] = q.x; v[4 * k + 1] = q.y; v[4 * k + 2] = q.z; v[4 * k + 3] = q.w;
-        }
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     } else {
 #pragma unroll
-        for (int k = 0; k < 32; ++k) v[k] = __ldg(x + i + k);
+        for (int k = 0; k < 8; ++k) v[k] = __ldg(x + i + k);
     }
 }
-__device__ __forceinline__ void ub_q4_x32(const ub_f16* x, unsigned long long i, bool vec, float* v) {
+__device__ __forceinline__ void ub_q4_x8(const ub_f16* x, unsigned long long i, bool vec, float* v) {
     if (vec) {
-        const uint4* p = reinterpret_cast<const uint4*>(x + i);
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(x + i));
+        const unsigned int w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const uint4 q = __ldg(p + k);
-            const unsigned int w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                ub_f16 lo, hi;
-                lo.bits = (unsigned short)(w[j] & 0xffffu);
-                hi.bits = (unsigned short)(w[j] >> 16);
-                v[8 * k + 2 * j] = ub_to_f32(lo);
-                v[8 * k + 2 * j + 1] = ub_to_f32(hi);
-            }
+        for (int j = 0; j < 4; ++j) {
+            ub_f16 lo, hi;
+            lo.bits = (unsigned short)(w[j] & 0xffffu);
+            hi.bits = (unsigned short)(w[j] >> 16);
+            v[2 * j] = ub_to_f32(lo);
+            v[2 * j + 1] = ub_to_f32(hi);
         }
     } else {
 #pragma unroll
-        for (int k = 0; k < 32; ++k) {
+        for (int k = 0; k < 8; ++k) {
             ub_f16 h;
             h.bits = __ldg(&x[i + k].bits);
             v[k] = ub_to_f32(h);
@@ -88,10 +86,11 @@ __device__ __forceinline__ void ub_q4_x32(const ub_f16* x, unsigned long long i,
     }
 }
 
-// Threads per row group: the smallest power of two >= chunks, from 32 to 256.
+// Threads per row group: the smallest power of two covering the chunks UB_Q4_CPT at a time,
+// from 32 to 256 (mirrored by `rows_per_block` in q4.rs).
 __device__ __forceinline__ unsigned int ub_q4_group_threads(unsigned int chunks) {
     unsigned int t = 32u;
-    while (t < chunks && t < (unsigned int)UB_Q4_THREADS) t <<= 1;
+    while (t * UB_Q4_CPT < chunks && t < (unsigned int)UB_Q4_THREADS) t <<= 1;
     return t;
 }
 
@@ -121,42 +120,56 @@ __device__ __forceinline__ void ub_q4_matvec(const unsigned char* __restrict__ p
 #pragma unroll
             for (int b = 0; b < UB_Q4_NB; ++b) acc[r][b] = 0.0f;
 
-        for (unsigned int c = t; c < chunks; c += tpg) {
-            uint4 w[UB_Q4_R];
-            float s[UB_Q4_R];
+        for (unsigned int c0 = t; c0 < chunks; c0 += tpg * UB_Q4_CPT) {
+            uint4 w[UB_Q4_CPT][UB_Q4_R];
+            float s[UB_Q4_CPT][UB_Q4_R];
 #pragma unroll
-            for (int r = 0; r < UB_Q4_R; ++r) {
-                if (r0 + r < rows) {
-                    w[r] = ub_q4_load_codes<VEC>(packed + (r0 + r) * pitch + 16ull * c);
-                    s[r] = ub_to_f32(scales[(r0 + r) * ngroups + (c >> chunk_shift)]);
-                } else {
-                    w[r] = make_uint4(0u, 0u, 0u, 0u);
-                    s[r] = 0.0f;
+            for (int k = 0; k < UB_Q4_CPT; ++k) {
+                const unsigned int c = c0 + k * tpg;
+#pragma unroll
+                for (int r = 0; r < UB_Q4_R; ++r) {
+                    if (r0 + r < rows && c < chunks) {
+                        w[k][r] = ub_q4_load_codes<VEC>(packed + (r0 + r) * pitch + 16ull * c);
+                        s[k][r] = ub_to_f32(scales[(r0 + r) * ngroups + (c >> chunk_shift)]);
+                    } else {
+                        w[k][r] = make_uint4(0u, 0u, 0u, 0u);
+                        s[k][r] = 0.0f;
+                    }
                 }
             }
 #pragma unroll
-            for (int b = 0; b < UB_Q4_NB; ++b) {
-                if (b >= (int)nb) break;
-                float xv[32];
-                ub_q4_x32(x, (unsigned long long)b * cols + 32ull * c, xvec, xv);
-                float sx = 0.0f;
+            for (int k = 0; k < UB_Q4_CPT; ++k) {
+                const unsigned int c = c0 + k * tpg;
+                if (c >= chunks) break;
 #pragma unroll
-                for (int i = 0; i < 32; ++i) sx += xv[i];
+                for (int b = 0; b < UB_Q4_NB; ++b) {
+                    if (b >= (int)nb) break;
+                    float dot[UB_Q4_R];
 #pragma unroll
-                for (int r = 0; r < UB_Q4_R; ++r) {
-                    const unsigned int words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
-                    float dot = 0.0f;
+                    for (int r = 0; r < UB_Q4_R; ++r) dot[r] = 0.0f;
+                    float sx = 0.0f;
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const unsigned int lo = words[j] & 0x0f0f0f0fu;
-                        const unsigned int hi = (words[j] >> 4) & 0x0f0f0f0fu;
+                        float xv[8];
+                        ub_q4_x8(x, (unsigned long long)b * cols + 32ull * c + 8u * j, xvec, xv);
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            dot = fmaf(ub_q4_code(lo, i), xv[8 * j + 2 * i], dot);
-                            dot = fmaf(ub_q4_code(hi, i), xv[8 * j + 2 * i + 1], dot);
+                        for (int i = 0; i < 8; ++i) sx += xv[i];
+#pragma unroll
+                        for (int r = 0; r < UB_Q4_R; ++r) {
+                            const unsigned int word =
+                                j == 0 ? w[k][r].x : (j == 1 ? w[k][r].y : (j == 2 ? w[k][r].z : w[k][r].w));
+                            const unsigned int lo = word & 0x0f0f0f0fu;
+                            const unsigned int hi = (word >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) {
+                                dot[r] = fmaf(ub_q4_code(lo, i), xv[2 * i], dot[r]);
+                                dot[r] = fmaf(ub_q4_code(hi, i), xv[2 * i + 1], dot[r]);
+                            }
                         }
                     }
-                    acc[r][b] = fmaf(s[r], fmaf(256.0f, dot, -136.0f * sx), acc[r][b]);
+#pragma unroll
+                    for (int r = 0; r < UB_Q4_R; ++r)
+                        acc[r][b] = fmaf(s[k][r], fmaf(256.0f, dot[r], -136.0f * sx), acc[r][b]);
                 }
             }
         }
@@ -214,13 +227,13 @@ __device__ __forceinline__ void ub_q4_entry(const unsigned char* packed, const u
     }
 }
 
-extern "C" __global__ void __launch_bounds__(UB_Q4_THREADS)
+extern "C" __global__ void __launch_bounds__(UB_Q4_THREADS, 3)
 unibuf_q4_matvec_f32(const unsigned char* packed, const ub_f16* scales, const float* x, float* y,
                      unsigned int rows, unsigned int cols, unsigned int group, unsigned int batch) {
     ub_q4_entry<float>(packed, scales, x, y, rows, cols, group, batch);
 }
 
-extern "C" __global__ void __launch_bounds__(UB_Q4_THREADS)
+extern "C" __global__ void __launch_bounds__(UB_Q4_THREADS, 3)
 unibuf_q4_matvec_f16(const unsigned char* packed, const ub_f16* scales, const ub_f16* x, float* y,
                      unsigned int rows, unsigned int cols, unsigned int group, unsigned int batch) {
     ub_q4_entry<ub_f16>(packed, scales, x, y, rows, cols, group, batch);
