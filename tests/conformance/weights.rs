@@ -494,14 +494,20 @@ const FIXTURE_TORCH: &[(&str, &str, &[usize], u32)] = &[
 ];
 
 /// A checked-in fixture: beside the suite's sources where it was built, else under
-/// `tests/conformance/data` of the current directory (bundled binaries run from a repository
-/// root on another machine, where the build path does not exist).
+/// `tests/conformance/data` of the current directory or one of its ancestors (bundled binaries
+/// run inside a repository checkout on another machine, where the build path does not exist).
 fn fixture(name: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name);
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name);
     if built.exists() {
         return built;
     }
-    Path::new("tests/conformance/data").join(name)
+    let cwd = std::env::current_dir().expect("a current directory");
+    cwd.ancestors()
+        .map(|d| d.join("tests/conformance/data").join(name))
+        .find(|p| p.exists())
+        .unwrap_or(built)
 }
 
 fn crc32(bytes: &[u8]) -> u32 {

@@ -71,8 +71,8 @@ pub struct CopyRecord {
 pub struct SubmissionRecord {
     /// Its fence.
     pub fence: Fence,
-    /// Its label.
-    pub label: String,
+    /// Its label (shared between consecutive submissions of the same label).
+    pub label: std::sync::Arc<str>,
     /// Host time at the start of encoding, ns since the device opened.
     pub host_start_ns: u64,
     /// Host time spent encoding and submitting, ns.
@@ -182,9 +182,14 @@ impl Ledger {
         if g.submissions.len() == self.capacity {
             g.submissions.pop_front();
         }
+        // A loop submits the same label again and again: share the last one's string.
+        let label = match g.submissions.back() {
+            Some(last) if *last.label == *label => last.label.clone(),
+            _ => std::sync::Arc::from(label),
+        };
         g.submissions.push_back(SubmissionRecord {
             fence,
-            label: label.to_owned(),
+            label,
             host_start_ns,
             encode_ns,
             waits,

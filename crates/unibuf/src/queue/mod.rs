@@ -71,8 +71,8 @@ impl Queue {
     }
 
     /// The label for a submission: the handle's, else `fallback`.
-    pub(crate) fn submission_label(&self, fallback: &str) -> String {
-        self.label.as_deref().unwrap_or(fallback).to_owned()
+    pub(crate) fn submission_label<'a>(&'a self, fallback: &'a str) -> &'a str {
+        self.label.as_deref().unwrap_or(fallback)
     }
 
     /// Waits for a fence (of any queue of this device).
@@ -203,7 +203,7 @@ impl Queue {
         let label = self.submission_label(kernel.name());
         self.device.submit(
             self.id,
-            &label,
+            label,
             "launch",
             &uses,
             vec![Command::Launch {

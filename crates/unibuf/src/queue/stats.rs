@@ -118,12 +118,19 @@ struct Collector {
     index: HashMap<String, usize>,
     labels: Vec<LabelStats>,
     recent: VecDeque<Recent>,
+    /// The last label's index: loops submit the same label over and over, and a string
+    /// comparison is cheaper than hashing it.
+    last: Option<usize>,
 }
 
 impl Collector {
     fn label_index(&mut self, label: &str) -> usize {
+        if let Some(i) = self.last.filter(|&i| self.labels[i].label == label) {
+            return i;
+        }
         // A lookup by &str first: the common case (a label seen before) allocates nothing.
         if let Some(&i) = self.index.get(label) {
+            self.last = Some(i);
             return i;
         }
         self.labels.push(LabelStats {
@@ -131,6 +138,7 @@ impl Collector {
             ..LabelStats::default()
         });
         self.index.insert(label.to_owned(), self.labels.len() - 1);
+        self.last = Some(self.labels.len() - 1);
         self.labels.len() - 1
     }
 
@@ -219,5 +227,6 @@ impl StatsCollector {
         c.labels.clear();
         c.index.clear();
         c.recent.clear();
+        c.last = None;
     }
 }

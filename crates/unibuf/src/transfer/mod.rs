@@ -105,7 +105,7 @@ impl Queue {
         });
     }
 
-    fn transfer_label(&self, b: &Buffer) -> String {
+    fn transfer_label<'a>(&'a self, b: &'a Buffer) -> &'a str {
         self.submission_label(b.label())
     }
 
@@ -153,9 +153,9 @@ impl Queue {
             self.host_copy_in(dst, bytes)?;
             (Fence::done(self.id()), false)
         } else {
-            (self.staged_upload(dst, bytes, &label)?, true)
+            (self.staged_upload(dst, bytes, label)?, true)
         };
-        self.audit_end(audit, &label, staged, fence);
+        self.audit_end(audit, label, staged, fence);
         Ok(fence)
     }
 
@@ -251,9 +251,9 @@ impl Queue {
             src.alloc.uses().remove_borrow(borrow);
             (Fence::done(self.id()), false)
         } else {
-            (self.staged_download(src, out, &label)?, true)
+            (self.staged_download(src, out, label)?, true)
         };
-        self.audit_end(audit, &label, staged, fence);
+        self.audit_end(audit, label, staged, fence);
         Ok(())
     }
 
@@ -360,7 +360,7 @@ impl Queue {
         let label = self.transfer_label(src);
         if bytes == 0 {
             let fence = Fence::done(self.id());
-            self.audit_end(audit, &label, false, fence);
+            self.audit_end(audit, label, false, fence);
             return Ok(PendingDownload {
                 snapshot: None,
                 fence,
@@ -376,7 +376,7 @@ impl Queue {
         let r = src.byte_range();
         let fence = self.device.submit(
             self.id(),
-            &label,
+            label,
             "download",
             &[
                 Use {
@@ -398,7 +398,7 @@ impl Queue {
             }],
             Completion::Exact,
         )?;
-        self.audit_end(audit, &label, true, fence);
+        self.audit_end(audit, label, true, fence);
         Ok(PendingDownload {
             snapshot: Some(snapshot),
             fence,
@@ -445,7 +445,7 @@ impl Queue {
         } else {
             self.device.submit(
                 self.id(),
-                &label,
+                label,
                 "copy",
                 &[
                     Use {
@@ -468,7 +468,7 @@ impl Queue {
                 Completion::Queue,
             )?
         };
-        self.audit_end(audit, &label, false, fence);
+        self.audit_end(audit, label, false, fence);
         Ok(fence)
     }
 
@@ -517,7 +517,7 @@ impl Queue {
         } else {
             self.device.submit(
                 self.id(),
-                &label,
+                label,
                 "fill",
                 &[Use {
                     alloc: &dst.alloc,
@@ -532,7 +532,7 @@ impl Queue {
                 Completion::Queue,
             )?
         };
-        self.audit_end(audit, &label, false, fence);
+        self.audit_end(audit, label, false, fence);
         Ok(fence)
     }
 }

@@ -145,7 +145,7 @@ impl Queue {
         let label = self.transfer_label(p.dst);
         let submitted = dev.submit(
             self.id(),
-            &label,
+            label,
             "stream",
             &[Use {
                 alloc: &p.dst.alloc,
@@ -161,7 +161,7 @@ impl Queue {
         );
         dev.staging.put(chunk, submitted.as_ref().ok().copied());
         let fence = submitted?;
-        self.audit_end(audit, &label, true, fence);
+        self.audit_end(audit, label, true, fence);
         Ok(fence)
     }
 }

@@ -13,7 +13,7 @@ use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, FaultKind, Result};
 use cudarc::driver::sys::{self, CUresult};
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A raw event handle from the backend's pool.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -24,7 +24,7 @@ unsafe impl Send for Event {}
 
 struct InFlight {
     epoch: Epoch,
-    label: String,
+    label: Arc<str>,
     event: Option<Event>,
 }
 
@@ -33,6 +33,9 @@ pub(super) struct QueueState {
     completed: Epoch,
     in_flight: VecDeque<InFlight>,
     fault: Option<Error>,
+    /// The last submission's label, shared by the next ones that carry the same label (a decode
+    /// loop's), so that recording one costs a comparison, not an allocation.
+    last_label: Arc<str>,
 }
 
 pub(super) struct CudaQueue {
@@ -84,6 +87,7 @@ impl CudaQueue {
                 completed: 0,
                 in_flight: VecDeque::new(),
                 fault: None,
+                last_label: Arc::from(""),
             }),
         })
     }
@@ -97,7 +101,7 @@ impl CudaQueue {
         let first = st
             .in_flight
             .front()
-            .map_or_else(|| "(none)".to_owned(), |f| f.label.clone());
+            .map_or_else(|| "(none)".to_owned(), |f| f.label.to_string());
         let span = match (st.in_flight.front(), st.in_flight.back()) {
             (Some(a), Some(b)) if a.epoch != b.epoch => {
                 format!(" (one of epochs {}..={} of {})", a.epoch, b.epoch, self.id)
@@ -117,9 +121,13 @@ impl CudaQueue {
     /// encoding to here, so epochs follow stream order.
     pub fn push(st: &mut QueueState, label: &str, event: Option<Event>) -> Epoch {
         st.submitted += 1;
+        if *st.last_label != *label {
+            st.last_label = Arc::from(label);
+        }
+        let label = st.last_label.clone();
         st.in_flight.push_back(InFlight {
             epoch: st.submitted,
-            label: label.to_owned(),
+            label,
             event,
         });
         st.submitted

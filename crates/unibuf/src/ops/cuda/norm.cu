@@ -7,8 +7,6 @@
 // - 16-byte loads and stores whenever every pointer is 16-byte aligned and the row length is a
 //   whole number of vectors (then every row start is aligned too); otherwise element loads.
 //   The test is on the actual addresses, so views at any offset take the right path.
-// - Rows are read once and written once: streaming cache hints (evict first) keep them from
-//   pushing the weight row, which every row reads, out of the caches.
 // - In the vector path the row stays in registers between the sum of squares and the write
 //   (up to UB_NORM_REG_VECS vectors per thread; the launcher sizes the block so that rows up to
 //   4096 vectors fit); a longer row is read twice, the second time mostly from L2.
@@ -75,15 +73,15 @@ __device__ __forceinline__ void ub_norm_row_vec(const S* x, const S* residual, c
 #pragma unroll
         for (int k = 0; k < UB_NORM_REG_VECS; ++k) {
             const unsigned int i = threadIdx.x + k * blockDim.x;
-            if (i < nvec) keep[k] = __ldcs(xv + i);  // read once: evict first
+            if (i < nvec) keep[k] = xv[i];
         }
         if (RES) {
 #pragma unroll
             for (int k = 0; k < UB_NORM_REG_VECS; ++k) {
                 const unsigned int i = threadIdx.x + k * blockDim.x;
                 if (i < nvec) {
-                    keep[k] = ub_norm_add<S>(keep[k], __ldcs(rv + i));
-                    __stcs(sv + i, keep[k]);
+                    keep[k] = ub_norm_add<S>(keep[k], rv[i]);
+                    sv[i] = keep[k];
                 }
             }
         }
@@ -107,8 +105,7 @@ __device__ __forceinline__ void ub_norm_row_vec(const S* x, const S* residual, c
 #pragma unroll
         for (int k = 0; k < UB_NORM_REG_VECS; ++k) {
             const unsigned int i = threadIdx.x + k * blockDim.x;
-            // The weight row is read by every row: kept in cache (__ldg); the output streams.
-            if (i < nvec) __stcs(yv + i, ub_norm_scale<S>(keep[k], __ldg(wv + i), scale));
+            if (i < nvec) yv[i] = ub_norm_scale<S>(keep[k], wv[i], scale);
         }
     } else {
         // The same thread wrote sv[i] above, so reading it back needs no barrier.
