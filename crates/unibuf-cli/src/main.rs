@@ -1,8 +1,8 @@
 //! `unibuf`: the command-line tool of the unibuf runtime.
 //!
 //! - `unibuf info` lists the backends and describes the device that would be opened;
-//! - `unibuf demo` runs a small decoder-style stack end to end on random weights and checks the
-//!   result against an independent f64 host reference;
+//! - `unibuf demo` runs a small mixture-of-experts decoder on random weights, its experts
+//!   streamed from a generated safetensors file, and checks it against an f64 host reference;
 //! - `unibuf bench transfers` measures every transfer path beside the platform's own ceiling;
 //! - `unibuf replay TRACE` replays an allocation trace through the allocator.
 //!
@@ -11,7 +11,6 @@
 
 mod bench;
 mod demo;
-mod demo_kernels;
 mod info;
 mod load;
 mod replay;
@@ -35,7 +34,7 @@ struct Cli {
 enum Command {
     /// Lists the backends and describes the device that would be opened.
     Info(info::Args),
-    /// Runs a small MLP decoder stack on random weights and checks it against an f64 reference.
+    /// Runs a small MoE decoder on generated random weights and checks it against an f64 reference.
     Demo(demo::Args),
     /// Loads a safetensors file onto the device: progress, GB/s, a table by dtype, checksums.
     Load(load::Args),

@@ -126,6 +126,11 @@ fn an_absent_backend_in_the_environment_is_an_error_not_a_fallback() {
     assert!(!stdout(&o).contains("check passed"));
 }
 
+/// Flags for a small, fast demo run (a debug build runs the CPU kernels unoptimised).
+const SMALL: [&str; 8] = [
+    "--hidden", "64", "--ffn", "128", "--vocab", "256", "--tokens", "4",
+];
+
 #[test]
 fn demo_passes_its_check_and_prints_the_audit() {
     let o = unibuf(&["demo"]);
@@ -133,37 +138,151 @@ fn demo_passes_its_check_and_prints_the_audit() {
     let out = stdout(&o);
     for line in [
         "random weights: the numbers are a runtime check, not a model",
-        "check passed",
-        "copy audit",
+        "weights   generated",
+        "(temporary, removed at exit)",
         "tokens/s",
+        "experts   hit rate",
+        "prefetch hits",
+        "stall",
+        "pre-gate",
+        "check passed",
+        "submissions (per label)",
+        "expert w1, w3 (q4 matvec)",
+        "expert copies (cache queue)",
+        "sample",
+        "memory (buffers alive)",
+        "copy audit",
         "all memory returned",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
+    // The temporary weights file is gone.
+    let path = out
+        .lines()
+        .find_map(|l| l.strip_prefix("weights   generated "))
+        .and_then(|rest| rest.split(' ').next())
+        .expect("the weights line names the file");
+    assert!(
+        !std::path::Path::new(path).exists(),
+        "{path} was left behind"
+    );
 }
 
 #[test]
-fn demo_handles_shapes_that_fill_no_block_or_chunk_evenly() {
-    let o = unibuf(&["demo", "--hidden", "3", "--layers", "1", "--tokens", "1"]);
+fn demo_handles_odd_shapes_and_budgets_below_the_experts_per_token() {
+    for flags in [
+        &[
+            "--hidden",
+            "32",
+            "--ffn",
+            "32",
+            "--layers",
+            "1",
+            "--experts",
+            "1",
+            "--experts-per-token",
+            "1",
+            "--budget",
+            "1",
+            "--vocab",
+            "1",
+            "--tokens",
+            "1",
+        ][..],
+        &[
+            "--hidden",
+            "96",
+            "--ffn",
+            "160",
+            "--layers",
+            "2",
+            "--experts",
+            "5",
+            "--experts-per-token",
+            "3",
+            "--budget",
+            "2",
+            "--vocab",
+            "37",
+            "--tokens",
+            "3",
+        ][..],
+        &[
+            "--hidden",
+            "64",
+            "--ffn",
+            "64",
+            "--tokens",
+            "3",
+            "--temperature",
+            "0",
+        ][..],
+    ] {
+        let o = unibuf(&[&["demo"][..], flags].concat());
+        assert_success(&o);
+        let out = stdout(&o);
+        assert!(out.contains("check passed"), "{flags:?}:\n{out}");
+        assert!(out.contains("hit rate"), "{flags:?}:\n{out}");
+    }
+}
+
+#[test]
+fn demo_keeps_and_reuses_its_weights_file_only_for_the_same_flags() {
+    let path = scratch("weights.safetensors");
+    let path_arg = path.to_str().expect("a UTF-8 temp path");
+    let run =
+        |extra: &[&str]| unibuf(&[&["demo", "--weights", path_arg][..], &SMALL, extra].concat());
+    let o = run(&[]);
     assert_success(&o);
-    assert!(stdout(&o).contains("check passed"));
-    let o = unibuf(&["demo", "--hidden", "257", "--layers", "2", "--tokens", "3"]);
+    assert!(stdout(&o).contains("(kept)"), "{}", stdout(&o));
+    assert!(path.exists());
+    let o = run(&[]);
     assert_success(&o);
+    assert!(stdout(&o).contains("weights   reused"), "{}", stdout(&o));
     assert!(stdout(&o).contains("check passed"));
+    let o = run(&["--seed", "7"]);
+    assert_clean_failure(&o, &["--weights", "generated for other flags", "seed 7"]);
+    let _ = std::fs::remove_file(&path);
+
+    // A file the demo did not write is never overwritten.
+    let other = scratch("not-demo.safetensors");
+    std::fs::write(&other, b"precious").expect("scratch file");
+    let o = unibuf(&["demo", "--weights", other.to_str().expect("UTF-8")]);
+    assert_clean_failure(&o, &["--weights"]);
+    assert_eq!(std::fs::read(&other).expect("still there"), b"precious");
+    let _ = std::fs::remove_file(&other);
 }
 
 #[test]
 fn demo_writes_a_chrome_trace() {
     let path = scratch("trace.json");
     let path_arg = path.to_str().expect("a UTF-8 temp path");
-    let o = unibuf(&["demo", "--tokens", "2", "--trace", path_arg]);
+    let o = unibuf(&[&["demo", "--trace", path_arg][..], &SMALL].concat());
     assert_success(&o);
     let trace = std::fs::read_to_string(&path).expect("the trace file exists");
     let _ = std::fs::remove_file(&path);
     assert!(trace.starts_with('{'), "{}", &trace[..trace.len().min(200)]);
     assert!(trace.contains("\"traceEvents\""));
     assert!(trace.contains("\"ph\":\"X\""));
+    assert!(trace.contains("expert w2 (q4 matvec)"));
     assert!(trace.trim_end().ends_with('}'));
+    // Valid JSON: brackets and braces balance outside strings.
+    let (mut depth, mut in_string, mut escaped) = (0i64, false, false);
+    for c in trace.chars() {
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => in_string = false,
+            (false, _, '"') => in_string = true,
+            (false, _, '{' | '[') => depth += 1,
+            (false, _, '}' | ']') => {
+                depth -= 1;
+                assert!(depth >= 0, "unbalanced trace");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((depth, in_string), (0, false), "unbalanced trace");
 }
 
 #[test]
@@ -181,7 +300,16 @@ fn demo_reports_a_trace_it_cannot_write() {
 
 #[test]
 fn demo_rejects_zero_sizes() {
-    for flag in ["--hidden", "--layers", "--tokens"] {
+    for flag in [
+        "--hidden",
+        "--ffn",
+        "--layers",
+        "--experts",
+        "--experts-per-token",
+        "--budget",
+        "--vocab",
+        "--tokens",
+    ] {
         let o = unibuf(&["demo", flag, "0"]);
         assert_clean_failure(&o, &[flag]);
     }
@@ -193,6 +321,7 @@ fn demo_rejects_values_that_are_not_sizes() {
         ("--hidden", "-1"),
         ("--layers", "many"),
         ("--tokens", "1.5"),
+        ("--temperature", "warm"),
     ] {
         let o = unibuf(&["demo", flag, value]);
         assert_clean_failure(&o, &[]);
@@ -200,11 +329,32 @@ fn demo_rejects_values_that_are_not_sizes() {
 }
 
 #[test]
+fn demo_refuses_bad_combinations_naming_the_flag() {
+    for (flags, needle) in [
+        (&["--hidden", "100"][..], "--hidden 100"),
+        (&["--ffn", "1000"][..], "--ffn 1000"),
+        (
+            &["--experts", "4", "--experts-per-token", "5"][..],
+            "--experts-per-token 5",
+        ),
+        (&["--experts", "4", "--budget", "5"][..], "--budget 5"),
+        (&["--temperature", "-1"][..], "--temperature"),
+        (&["--top-p", "0"][..], "--top-p"),
+        (&["--top-k", "5000"][..], "--top-k"),
+    ] {
+        let o = unibuf(&[&["demo"][..], flags].concat());
+        assert_clean_failure(&o, &[needle]);
+    }
+}
+
+#[test]
 fn demo_refuses_a_model_larger_than_the_device() {
     let o = unibuf(&["demo", "--hidden", "1000000", "--layers", "1000"]);
-    assert_clean_failure(&o, &["needs about"]);
+    assert_clean_failure(&o, &["needs about", "--hidden 1000000", "--layers 1000"]);
     let o = unibuf(&["demo", "--hidden", "4000000000"]);
     assert_clean_failure(&o, &["--hidden"]);
+    let o = unibuf(&["demo", "--experts", "4000000000", "--budget", "1"]);
+    assert_clean_failure(&o, &["--experts 4000000000"]);
 }
 
 #[test]
