@@ -28,16 +28,17 @@
 mod norm;
 mod q4;
 mod rope;
+mod row_common;
 mod sample;
 mod softmax;
 mod swiglu;
 
-pub use norm::*;
-pub use q4::*;
-pub use rope::*;
-pub use sample::*;
-pub use softmax::*;
-pub use swiglu::*;
+pub use norm::{rms_norm, rms_norm_into, rms_norm_residual, rms_norm_residual_into};
+pub use q4::{q4_matvec, q4_matvec_into, Q4Matrix, Q4_GROUPS, Q4_MAX_BATCH};
+pub use rope::{rope, rope_into, RopeStyle};
+pub use sample::{sample, sample_into, Sampling, SAMPLE_MAX_K};
+pub use softmax::{softmax, softmax_into};
+pub use swiglu::{swiglu, swiglu_into};
 
 use crate::buffer::Buffer;
 use crate::dtype::DType;

@@ -1,7 +1,7 @@
 //! Rotary position embedding (RoPE) of queries or keys `[tokens, heads, head_dim]` at integer
 //! positions, in either of the two layouts models use.
 
-use super::norm::{by_dtype, expect_len, HostFloat};
+use super::row_common::{by_dtype, expect_len, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;

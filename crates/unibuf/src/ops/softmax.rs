@@ -2,7 +2,7 @@
 //! exponentiating), for rows of any length: one element, a head's attention scores, a 128k
 //! vocabulary.
 
-use super::norm::{by_dtype, expect_len, matrix_len, row_launch, rows_u32, HostFloat};
+use super::row_common::{by_dtype, expect_len, matrix_len, row_launch, rows_u32, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output, rows_and_last};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::buffer::Buffer;

@@ -1,7 +1,7 @@
 //! SwiGLU's gated activation: `out = silu(gate) * up = gate / (1 + exp(-gate)) * up`,
 //! elementwise over two tensors of one shape.
 
-use super::norm::{by_dtype, expect_len, HostFloat};
+use super::row_common::{by_dtype, expect_len, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
