@@ -104,7 +104,7 @@ def main():
                   2 * q.numel() * 2, rope))
 
     group = 64
-    for out_rows, cols in [(8192, 8192), (14336, 4096), (4096, 14336)]:
+    for out_rows, cols in [(8192, 8192), (14336, 4096), (4096, 14336), (28672, 8192)]:
         packed = torch.randint(0, 256, (out_rows, cols // 2), device=dev, dtype=torch.uint8)
         scales = torch.rand(out_rows, cols // group, device=dev, dtype=torch.float16) * 0.01
         xv = torch.randn(cols, device=dev, dtype=torch.float16)

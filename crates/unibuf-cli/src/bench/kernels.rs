@@ -1,13 +1,17 @@
 //! `unibuf bench kernels`: the fused ops at inference sizes, each beside the memory bandwidth
 //! the device's own copy reaches in the same run.
 //!
-//! Every case is launched `--iters` times on a queue labelled with its name after warm-up
-//! launches; the device time per launch is the mean of the submissions' device times (timing
-//! events on CUDA, the device opened with `gpu_timing(true)`), and the CPU time per launch is
-//! the mean encode time of the same submissions: the launch overhead of the op. The effective
-//! bandwidth counts the bytes an op must move at least once (inputs read, outputs written);
-//! the ceiling is the driver's device-to-device copy of 1 GiB (read + write) on CUDA, a host
-//! memcpy on the CPU. The peer measurement is `bench/peers/torch_kernels.py`.
+//! Two passes over the cases, each launched `--iters` times after warm-up launches:
+//! - on a device opened with `gpu_timing(true)`, on a queue labelled with the case's name: the
+//!   device time per launch (the mean of the submissions' device times: timing events around
+//!   each one on CUDA) and the CPU time per launch (their mean encode time: the op's launch
+//!   overhead);
+//! - on a device without timing events: the time per launch of `--iters` back-to-back launches,
+//!   from the first launch to the end of a drain, which is how the PyTorch peer measures (CUDA
+//!   events around back-to-back calls) and what the GB/s column uses.
+//! The effective bandwidth counts the bytes an op must move at least once (inputs read, outputs
+//! written); the ceiling is the driver's device-to-device copy of 1 GiB (read + write) on CUDA, a
+//! host memcpy on the CPU. The peer measurement is `bench/peers/torch_kernels.py`.
 
 use crate::load::json_str;
 use crate::{Context, Failure};
@@ -41,6 +45,7 @@ struct Row {
     bytes: u64,
     device_us: Option<f64>,
     encode_us: f64,
+    back_to_back_us: f64,
 }
 
 type Launch<'a> = Box<dyn Fn(&Queue) -> unibuf::Result<Fence> + 'a>;
@@ -119,7 +124,7 @@ impl Sizes {
                 vocab: 128_256,
                 heads: 32,
                 head_dim: 128,
-                q4: vec![(8192, 8192), (14336, 4096), (4096, 14336)],
+                q4: vec![(8192, 8192), (14336, 4096), (4096, 14336), (28672, 8192)],
             }
         }
     }
@@ -254,29 +259,31 @@ fn cases<'a>(dev: &Device, z: &Sizes) -> unibuf::Result<Vec<Case<'a>>> {
     Ok(cases)
 }
 
-/// Runs the benchmark and prints its table.
-pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
-    let mut b = Device::builder().gpu_timing(true);
+fn open(args: &Args, gpu_timing: bool) -> Result<Device, Failure> {
+    let mut b = Device::builder().gpu_timing(gpu_timing);
     if let Some(name) = &args.backend {
         b = b.backend(name);
     }
-    let dev = b.open().context("opening the device")?;
+    b.open().context("opening the device")
+}
+
+fn selected(args: &Args, case: &Case<'_>) -> bool {
+    args.only.as_deref().is_none_or(|o| case.name.contains(o))
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     let z = Sizes::new(args.small);
-    let warmed = dev.warm_all().context("compiling the kernels")?;
-    let mut ceiling = super::ceiling_for(&dev);
-    let probe = if args.small { 16 << 20 } else { 1 << 30 };
-    // A copy reads and writes every byte: twice the bytes cross the memory bus.
-    let copy_gbps = ceiling
-        .seconds("d2d_copy", probe, 5)
-        .map(|s| 2.0 * probe as f64 / s / 1e9);
-    let q = dev.queue();
     let mut rows = Vec::new();
-    let all = cases(&dev, &z).context("preparing the inputs")?;
-    dev.drain().context("uploading the inputs")?;
-    for case in all {
-        if args.only.as_deref().is_some_and(|o| !case.name.contains(o)) {
+    // Pass 1: per-launch device and CPU times, with timing events.
+    let dev = open(args, true)?;
+    let warmed = dev.warm_all().context("compiling the kernels")?;
+    let q = dev.queue();
+    for case in cases(&dev, &z).context("preparing the inputs")? {
+        if !selected(args, &case) {
             continue;
         }
+        dev.drain().context("uploading the inputs")?;
         let labelled = q.labelled(&case.name);
         for _ in 0..3 {
             (case.launch)(&labelled).context(&case.name)?;
@@ -296,16 +303,46 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
             bytes: case.bytes,
             device_us: s.gpu_mean_ns().map(|ns| ns / 1e3),
             encode_us: s.encode_ns as f64 / s.count as f64 / 1e3,
+            back_to_back_us: f64::NAN,
         });
+    }
+    let info = dev.info().clone();
+    drop(dev);
+    // Pass 2: back-to-back launches without timing events, and the copy ceiling.
+    let dev = open(args, false)?;
+    dev.warm_all().context("compiling the kernels")?;
+    let mut ceiling = super::ceiling_for(&dev);
+    let probe = if args.small { 16 << 20 } else { 1 << 30 };
+    // A copy reads and writes every byte: twice the bytes cross the memory bus.
+    let copy_gbps = ceiling
+        .seconds("d2d_copy", probe, 5)
+        .map(|s| 2.0 * probe as f64 / s / 1e9);
+    let q = dev.queue();
+    let mut row = rows.iter_mut();
+    for case in cases(&dev, &z).context("preparing the inputs")? {
+        if !selected(args, &case) {
+            continue;
+        }
+        let r = row
+            .next()
+            .ok_or_else(|| Failure::new("the passes prepared different cases"))?;
+        dev.drain().context("uploading the inputs")?;
+        for _ in 0..3 {
+            (case.launch)(&q).context(&case.name)?;
+        }
+        dev.drain().context(&case.name)?;
+        let started = std::time::Instant::now();
+        for _ in 0..args.iters {
+            (case.launch)(&q).context(&case.name)?;
+        }
+        dev.drain().context(&case.name)?;
+        r.back_to_back_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(args.iters);
     }
     writeln!(
         out,
-        "unibuf bench kernels on {} ({} backend): {} pipelines warmed; mean of {} launches per \
-         case after 3 warm-up launches",
-        dev.info().name,
-        dev.info().backend,
-        warmed,
-        args.iters
+        "unibuf bench kernels on {} ({} backend): {} pipelines warmed; {} launches per case \
+         after 3 warm-up launches",
+        info.name, info.backend, warmed, args.iters
     )?;
     match copy_gbps {
         Some(c) => writeln!(
@@ -318,44 +355,44 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     }
     writeln!(
         out,
-        "{:<40} {:>11} {:>9} {:>10} {:>12}",
-        "op", "device µs", "GB/s", "of copy", "CPU µs/launch"
+        "{:<40} {:>11} {:>11} {:>9} {:>8} {:>11}",
+        "op", "b2b µs", "device µs", "GB/s", "of copy", "CPU µs"
     )?;
     for r in &rows {
-        let gbps = r.device_us.map(|us| r.bytes as f64 / us / 1e3);
+        let gbps = r.bytes as f64 / r.back_to_back_us / 1e3;
         writeln!(
             out,
-            "{:<40} {:>11} {:>9} {:>10} {:>12.2}",
+            "{:<40} {:>11.1} {:>11} {:>9.0} {:>8} {:>11.2}",
             r.name,
+            r.back_to_back_us,
             r.device_us
                 .map_or_else(|| "-".to_owned(), |u| format!("{u:.1}")),
-            gbps.map_or_else(|| "-".to_owned(), |g| format!("{g:.0}")),
-            match (gbps, copy_gbps) {
-                (Some(g), Some(c)) => format!("{:.0}%", 100.0 * g / c),
-                _ => "-".to_owned(),
-            },
+            gbps,
+            copy_gbps.map_or_else(|| "-".to_owned(), |c| format!("{:.0}%", 100.0 * gbps / c)),
             r.encode_us
         )?;
     }
     writeln!(
         out,
-        "GB/s: the bytes each op must move once (inputs read, outputs written; q4: weight bytes) \
-         over its device time"
+        "b2b: per launch over back-to-back launches (no timing events); device: mean of each \
+         launch's timing events; GB/s (from b2b): the bytes each op must move once (inputs read, \
+         outputs written; q4: weight bytes); CPU: encode time per launch"
     )?;
     if let Some(path) = &args.json {
         let mut json = format!(
             "{{\"device\":{},\"backend\":{},\"iters\":{},\"copy_gbps\":{},\"rows\":[",
-            json_str(&dev.info().name),
-            json_str(dev.info().backend),
+            json_str(&info.name),
+            json_str(info.backend),
             args.iters,
             copy_gbps.map_or_else(|| "null".to_owned(), |c| format!("{c:.2}"))
         );
         for (i, r) in rows.iter().enumerate() {
             json.push_str(&format!(
-                "{}{{\"op\":{},\"bytes\":{},\"device_us\":{},\"encode_us\":{:.3}}}",
+                "{}{{\"op\":{},\"bytes\":{},\"back_to_back_us\":{:.3},\"device_us\":{},\"encode_us\":{:.3}}}",
                 if i == 0 { "" } else { "," },
                 json_str(&r.name),
                 r.bytes,
+                r.back_to_back_us,
                 r.device_us
                     .map_or_else(|| "null".to_owned(), |u| format!("{u:.3}")),
                 r.encode_us
