@@ -13,13 +13,13 @@
 //! | copies | 5 |
 //! | host access (guards, conflicts with device work) | 13 |
 //! | external wrapping | 15 |
-//! | kernels (registry, compile, launch checks) | 21 |
+//! | kernels (registry, compile, launch checks) | 23 |
 //! | device and builder options, waits | 11 |
 //! | budgets and out of memory | 10 |
 //! | cross-device misuse | 9 |
 //! | faults (sticky, reset, panics) | 10 |
 //! | a fault nobody waited for (`Device::fault` must still report it) | 2 |
-//! | **total** | **127** |
+//! | **total** | **129** |
 //!
 //! The launch checks run where the test kernel has a source (CPU and CUDA); the fault cases run
 //! on the CPU only, where a kernel can return an error or panic and the device recovers with
@@ -159,7 +159,7 @@ const FILLS: usize = 5;
 const COPIES: usize = 5;
 const HOST: usize = 13;
 const EXTERNAL: usize = 15;
-const KERNELS_LAUNCH: usize = 21;
+const KERNELS_LAUNCH: usize = 23;
 const KERNELS_NO_LAUNCH: usize = 7;
 const DEVICE: usize = 11;
 const BUDGETS: usize = 10;
@@ -167,7 +167,7 @@ const CROSS_DEVICE: usize = 9;
 const FAULTS_CPU: usize = 10;
 const UNOBSERVED_FAULT_CPU: usize = 2;
 /// The total in the module documentation (CPU backend).
-const TOTAL: usize = 127;
+const TOTAL: usize = 129;
 
 /// The per-area counts add up to the documented total, which is at least 45.
 #[test]
@@ -1300,6 +1300,28 @@ fn bad_input_kernels() {
             q.launch(&k, LaunchDims::linear(1, 0), &scale_args(&x, &y, 2.0)),
             Error::InvalidArgument { what: "launch dims", detail } if detail.contains("block [0, 1, 1]"),
             ["block [0, 1, 1]"]
+        );
+        case!(
+            c,
+            "launch with more than 1024 threads per block",
+            q.launch(
+                &k,
+                LaunchDims { grid: [1, 1, 1], block: [64, 32, 1] },
+                &scale_args(&x, &y, 2.0)
+            ),
+            Error::InvalidArgument { what: "launch dims", detail } if detail.contains("2048 threads"),
+            ["block [64, 32, 1]", "2048 threads", "at most 1024"]
+        );
+        case!(
+            c,
+            "launch with a grid past the limits",
+            q.launch(
+                &k,
+                LaunchDims { grid: [1, 70_000, 1], block: [64, 1, 1] },
+                &scale_args(&x, &y, 2.0)
+            ),
+            Error::InvalidArgument { what: "launch dims", detail } if detail.contains("70000"),
+            ["grid [1, 70000, 1]", "65535"]
         );
         case!(
             c,

@@ -66,6 +66,19 @@ pub fn poison(dev: &Device, b: &Buffer) {
         .expect("poison fill");
 }
 
+/// The byte [`poison_nan`] fills with: 0xFF bytes are a NaN in f32, f16 and bf16 alike.
+pub const NAN_POISON: u8 = 0xFF;
+
+/// Poisons a whole buffer with NaN (for float outputs): an element the kernel leaves unwritten
+/// then fails every tolerance check, however small the expected value (0xA5 bytes, as f32 or
+/// bf16, are -2.9e-16, which a small absolute tolerance would accept).
+pub fn poison_nan(dev: &Device, b: &Buffer) {
+    let bytes = b.cast(DType::U8).expect("every view casts to bytes");
+    dev.queue()
+        .fill(&bytes, FillPattern::u8(NAN_POISON))
+        .expect("poison fill");
+}
+
 static SEED: AtomicU64 = AtomicU64::new(0);
 
 /// A small seeded generator (SplitMix64). Written here rather than pulling in a random-number

@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 use unibuf::ops::{self, RopeStyle};
 use unibuf::{Buffer, DType, Device, Error, Queue, StorageMode};
-use unibuf_conformance::{device, poison, Rng};
+use unibuf_conformance::{device, poison_nan, Rng, NAN_POISON};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -102,7 +102,7 @@ fn poisoned(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
     let b = dev
         .alloc_labelled("out", dtype, shape, StorageMode::Auto)
         .expect("alloc");
-    poison(dev, &b);
+    poison_nan(dev, &b);
     b
 }
 
@@ -388,7 +388,7 @@ fn assert_untouched(q: &Queue, big: &Buffer, rows: usize, range: std::ops::Range
     let row_bytes = bytes.len() / rows;
     for (i, b) in bytes.iter().enumerate() {
         if !range.contains(&(i / row_bytes)) {
-            assert_eq!(*b, 0xA5, "byte {i} outside the view was written");
+            assert_eq!(*b, NAN_POISON, "byte {i} outside the view was written");
         }
     }
 }

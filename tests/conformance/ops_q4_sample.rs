@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 use unibuf::ops::{self, Q4Matrix, Sampling, SAMPLE_MAX_K};
 use unibuf::{Buffer, DType, Device, Error, Queue};
-use unibuf_conformance::{device, poison, Rng};
+use unibuf_conformance::{device, poison, poison_nan, Rng};
 
 // ---------------------------------------------------------------------------------------------
 // q4 matvec
@@ -69,7 +69,14 @@ fn q4_matvec_matches_an_f64_reference() {
     let mut rng = Rng::new("q4_matvec");
     for group in [32, 64, 128] {
         for rows in [1, 7, 33] {
-            for cols in [group, 4096 + group] {
+            // 16416 columns: more than 256 threads' worth of 32-code chunks per row, so the
+            // CUDA kernel's widest row groups and its chunk loop's second pass run too.
+            let wide = if rows == 7 {
+                16384 + group
+            } else {
+                4096 + group
+            };
+            for cols in [group, wide] {
                 let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
                 let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
                 let packed = q.download::<u8>(m.packed()).expect("packed");
@@ -92,7 +99,7 @@ fn q4_matvec_matches_an_f64_reference() {
                         let y = dev
                             .alloc(DType::F32, &y_shape, unibuf::StorageMode::Auto)
                             .expect("y");
-                        poison(&dev, &y);
+                        poison_nan(&dev, &y);
                         ops::q4_matvec_into(&q, &m, &x, &y).expect(&what);
                         let got = q.download::<f32>(&y).expect("y");
                         check_product(&got, &wq, &xv, rows, cols, &what);
@@ -424,12 +431,18 @@ fn greedy_and_top_1_are_the_argmax_for_every_dtype() {
             seed: 77,
         };
         let got = sample_once(&q, &logits, &s, 8, rows);
+        let mut checked = 0;
         for (r, &g) in got.iter().enumerate() {
             let row = &widened[r * vocab..(r + 1) * vocab];
             if let Some(want) = reference(row, &s, s.uniform(8, r as u64)) {
                 assert_eq!(g, want, "{dtype} row {r}");
+                checked += 1;
             }
         }
+        assert!(
+            checked > 0,
+            "{dtype}: every draw fell on a boundary; nothing was checked"
+        );
     }
 }
 
@@ -577,4 +590,28 @@ fn sampling_rejects_bad_inputs() {
         })
     ));
     q.drain().expect("no fault");
+}
+
+/// The draw is SplitMix64's finaliser chained over (seed, step, row), top 24 bits: known
+/// answers computed by an independent implementation (Python), so that a change to the hash,
+/// which the sampling reference above shares with the kernels, cannot pass unnoticed.
+#[test]
+fn the_draw_matches_known_answers() {
+    for (seed, step, row, bits) in [
+        (0u64, 0u64, 0u64, 2_327_157u32),
+        (42, 7, 3, 16_080_450),
+        (0xdead_beef, 123_456, 65_535, 11_001_678),
+    ] {
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed,
+        };
+        assert_eq!(
+            s.uniform(step, row),
+            bits as f32 / 16_777_216.0,
+            "seed {seed} step {step} row {row}"
+        );
+    }
 }

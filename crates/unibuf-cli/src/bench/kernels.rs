@@ -9,6 +9,7 @@
 //! - on a device without timing events: the time per launch of `--iters` back-to-back launches,
 //!   from the first launch to the end of a drain, which is how the PyTorch peer measures (CUDA
 //!   events around back-to-back calls) and what the GB/s column uses.
+//!
 //! The effective bandwidth counts the bytes an op must move at least once (inputs read, outputs
 //! written); the ceiling is the driver's device-to-device copy of 1 GiB (read + write) on CUDA, a
 //! host memcpy on the CPU. The peer measurement is `bench/peers/torch_kernels.py`.

@@ -97,7 +97,7 @@ impl Device {
     /// memory's own address and covers `dtype` x `shape`, which must fit in it. `memory` is
     /// kept alive until every view is dropped and every submission that used it completed.
     ///
-    /// Where the backend cannot address the memory (Metal wraps only whole pages from mmap or
+    /// Where Metal cannot address the memory (it wraps only whole pages from mmap or
     /// vm_allocate), the bytes are copied into a Shared buffer instead: never silently, the copy
     /// is an upload in the ledger and a `tracing` warning, and the buffer's mode says Shared.
     ///
@@ -110,6 +110,7 @@ impl Device {
     /// assert_eq!(dev.ledger().total().count, 0, "wrapping copies nothing");
     /// # Ok::<(), unibuf::Error>(())
     /// ```
+    #[track_caller]
     pub fn wrap_external<M: HostMemory>(
         &self,
         label: &str,
@@ -163,9 +164,11 @@ impl Device {
             label.to_owned(),
         ) {
             Ok(alloc) => Buffer::from_allocation(alloc, addr - base, dtype, shape),
-            // The backend cannot address this memory (Metal refuses memory that is not whole
-            // pages from mmap or vm_allocate): copy it instead, in the open.
-            Err((Error::Unsupported { backend, what }, owner)) => {
+            // Metal cannot address this memory (it wraps only whole pages from mmap or
+            // vm_allocate): copy it instead, in the open. Other backends' refusals (CUDA's
+            // partial overlap of a registered region, a driver error) stay errors: there the
+            // caller asked for something wrong, which a silent copy would hide.
+            Err((Error::Unsupported { backend, what }, owner)) if backend == "metal" => {
                 tracing::warn!(
                     backend,
                     label,

@@ -471,12 +471,13 @@ impl DeviceInner {
         lock(&self.alloc).set_budget(budget);
     }
 
-    /// Releases every cached block and idle staging chunk back to the backend.
+    /// The allocator's segments and cached blocks, after deferred releases are applied.
     pub fn memory_snapshot(&self) -> crate::alloc::MemorySnapshot {
         self.poll_deferred();
         lock(&self.alloc).snapshot()
     }
 
+    /// Releases every cached block and idle staging chunk back to the backend.
     pub fn trim(&self) -> usize {
         self.poll_deferred();
         let released = lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);

@@ -540,12 +540,14 @@ impl Device {
         s
     }
 
-    /// Compiles every registered kernel (without constants) now, so that the first launch of
-    /// each does not pay for compilation. Returns how many pipelines the cache holds.
+    /// Compiles every registered kernel (without constants) now, and the specialised variants
+    /// the built-in ops launch, so that the first launch of each does not pay for compilation.
+    /// Returns how many pipelines the cache holds.
     pub fn warm_all(&self) -> Result<usize> {
         for name in self.kernel_names() {
             self.kernel(name)?;
         }
+        crate::ops::warm_variants(self)?;
         Ok(self
             .inner
             .kernels

@@ -62,6 +62,12 @@ pub(crate) fn kernels() -> impl Iterator<Item = &'static KernelSource> {
     .flatten()
 }
 
+/// Compiles the specialised variants the ops launch (beyond each kernel without constants),
+/// so that [`Device::warm_all`](crate::Device::warm_all) leaves nothing to compile.
+pub(crate) fn warm_variants(dev: &crate::Device) -> Result<()> {
+    q4::warm(dev)
+}
+
 /// The compiled kernel `name` of the queue's device (compiled once, then a cache lookup).
 pub(crate) fn kernel(q: &Queue, name: &str) -> Result<Kernel> {
     q.device().kernel(name)

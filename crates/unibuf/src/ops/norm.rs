@@ -196,9 +196,14 @@ fn check_norm(op: &'static str, x: &Buffer, weight: &Buffer, eps: f32) -> Result
     expect_float(op, x)?;
     let (rows, hidden) = rows_and_last(op, x)?;
     let rows = rows_u32(op, x, rows)?;
-    expect_dtype("rms_norm: weight", weight, x.dtype())?;
-    expect_shape("rms_norm: weight", weight, &[hidden])?;
-    expect_finite_at_least("rms_norm: eps", eps, 0.0)?;
+    let (weight_what, eps_what) = if op == "rms_norm" {
+        ("rms_norm: weight", "rms_norm: eps")
+    } else {
+        ("rms_norm_residual: weight", "rms_norm_residual: eps")
+    };
+    expect_dtype(weight_what, weight, x.dtype())?;
+    expect_shape(weight_what, weight, &[hidden])?;
+    expect_finite_at_least(eps_what, eps, 0.0)?;
     Ok((rows, index_u32(op, hidden)?))
 }
 

@@ -292,6 +292,24 @@ fn batch_of(m: &Q4Matrix, x: &Buffer) -> Result<(usize, Vec<usize>)> {
     Ok((batch, y_shape))
 }
 
+/// The batch variants a launch picks from (`UB_Q4_NB`): the batch rounded up to a power of two.
+const BATCH_VARIANTS: [i64; 4] = [1, 2, 4, 8];
+
+/// The specialisation constants of the variant for `batch` rows of x.
+fn batch_constants(batch: usize) -> Constants {
+    Constants::new().with("UB_Q4_NB", batch.next_power_of_two() as i64)
+}
+
+/// Compiles every variant a launch can ask for, for [`Device::warm_all`](crate::Device::warm_all).
+pub(crate) fn warm(dev: &crate::Device) -> Result<()> {
+    for name in [F32_KERNEL, F16_KERNEL] {
+        for nb in BATCH_VARIANTS {
+            dev.kernel_with(name, &batch_constants(nb as usize))?;
+        }
+    }
+    Ok(())
+}
+
 fn x_kernel(x: &Buffer) -> Result<&'static str> {
     match x.dtype() {
         DType::F32 => Ok(F32_KERNEL),
@@ -341,10 +359,7 @@ pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result
     let rows = index_u32("q4 rows", m.rows)?;
     let cols = index_u32("q4 cols", m.cols)?;
     // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
-    let nb = batch.next_power_of_two() as i64;
-    let k = q
-        .device()
-        .kernel_with(name, &Constants::new().with("UB_Q4_NB", nb))?;
+    let k = q.device().kernel_with(name, &batch_constants(batch))?;
     let blocks = rows.div_ceil(rows_per_block(cols)).clamp(1, MAX_BLOCKS);
     q.launch(
         &k,

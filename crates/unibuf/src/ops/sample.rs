@@ -244,6 +244,13 @@ pub fn sample_into(
     expect_shape("sample tokens", out, &[rows])?;
     let rows_u32 = index_u32("sample rows", rows)?;
     let vocab_u32 = index_u32("sample vocab", vocab)?;
+    // The kernels step 32-bit counters through the row in strides of up to 16K elements.
+    if vocab > i32::MAX as usize {
+        return Err(Error::invalid(
+            "sample vocab",
+            format!("{vocab} tokens per row: at most {} are supported", i32::MAX),
+        ));
+    }
     let name = match logits.dtype() {
         DType::F32 => NAMES[0],
         DType::F16 => NAMES[1],

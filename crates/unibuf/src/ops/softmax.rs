@@ -59,7 +59,8 @@ pub(crate) const KERNELS: &[KernelSource] = &[
 
 /// Softmax of every row of `x` over its last dimension (any rank ≥ 1), into a fresh buffer of
 /// the shape and dtype of `x` (f32, f16 or bf16; arithmetic in f32). `-inf` entries (masked
-/// logits) get probability 0. Returns once the work is queued.
+/// logits) get probability 0; a row whose entries are all `-inf` has no distribution and comes
+/// out NaN, as in PyTorch. Returns once the work is queued.
 pub fn softmax(q: &Queue, x: &Buffer) -> Result<Buffer> {
     check(x)?;
     let out = output(q, "softmax", x.dtype(), x.shape())?;

@@ -131,6 +131,28 @@ impl Queue {
                 got: args.len().to_string(),
             });
         }
+        // The limits every GPU backend shares (CUDA's; Metal allows no more threads per
+        // threadgroup), checked here so that a bad geometry is an argument error at the call,
+        // not a driver failure after earlier commands were encoded.
+        let threads = dims.block.iter().map(|&b| u64::from(b)).product::<u64>();
+        if threads > 1024 || dims.block[2] > 64 {
+            return Err(Error::invalid(
+                "launch dims",
+                format!(
+                    "block {:?} is {threads} threads: at most 1024 per block, and 64 in z",
+                    dims.block
+                ),
+            ));
+        }
+        if dims.grid[0] > i32::MAX as u32 || dims.grid[1] > 65_535 || dims.grid[2] > 65_535 {
+            return Err(Error::invalid(
+                "launch dims",
+                format!(
+                    "grid {:?}: at most 2^31 - 1 blocks in x and 65535 in y and z",
+                    dims.grid
+                ),
+            ));
+        }
         if dims.grid.contains(&0) || dims.block.contains(&0) {
             return Err(Error::invalid(
                 "launch dims",

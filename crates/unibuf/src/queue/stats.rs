@@ -13,9 +13,10 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Mutex;
 
-/// Submissions kept for their device time and for attributing waits; beyond this the oldest
-/// lose their device time (counted as untimed).
-const RECENT_MAX: usize = 1 << 16;
+/// Submissions kept for their device time and for attributing waits. When this many are held,
+/// the completed ones are harvested; if none has completed, the oldest loses its device time.
+/// No more than a backend keeps spans for (CUDA: 4096 per queue).
+const RECENT_MAX: usize = 4096;
 
 /// The stats of one label.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -614,15 +614,22 @@ impl Backend for CudaBackend {
         if let Some(f) = CudaQueue::fault_state(&st) {
             return Err(f);
         }
-        let timed_start = match &self.timer {
-            Some(t) => Some(
-                t.mark(q.stream)
-                    .map_err(|e| e.into_error("recording a timing event"))?,
-            ),
-            None => None,
-        };
+        // The start mark goes after the cross-queue waits (they lead the commands), so that a
+        // span is the submission's own work, not time blocked on another queue.
+        let waits = submission
+            .commands
+            .iter()
+            .take_while(|c| matches!(c, Command::Wait(_)))
+            .count();
+        let mut timed_start = None;
         let mut fresh = Vec::new();
-        for cmd in submission.commands {
+        for (i, cmd) in submission.commands.iter().enumerate() {
+            if i == waits {
+                if let Some(t) = &self.timer {
+                    // Timing is best effort: a failed mark leaves this submission untimed.
+                    timed_start = t.mark(q.stream).ok();
+                }
+            }
             // SAFETY: the trait's contract covers every range of the commands.
             if let Err(e) = unsafe { self.encode(q.stream, cmd, &mut fresh) } {
                 // Commands already encoded would run untracked: drain them before failing, so
@@ -673,6 +680,9 @@ impl Backend for CudaBackend {
                 match recorded {
                     Ok(ev) => Some(ev),
                     Err(e) => {
+                        if let Some((t, start, end)) = timed {
+                            t.recycle([start, end]);
+                        }
                         // The commands are on the stream but would be untracked: finish them before
                         // reporting the failure, as for an encoding error.
                         // SAFETY: a live stream.

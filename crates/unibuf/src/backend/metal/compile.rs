@@ -224,9 +224,13 @@ impl Compiler {
         if let Some(l) = libraries.get(&(name, source)) {
             return Ok(l.clone());
         }
-        // Default options: the newest language version the OS supports, and Metal's default
-        // floating-point mode.
+        // The newest language version the OS supports, and IEEE floating point: Metal's default
+        // fast math may assume no infinities or NaNs, which would fold away the ops' handling of
+        // masked (-inf) logits and scores. `fastMathEnabled` rather than `mathMode` because the
+        // latter needs macOS 15; the kernels need macOS 14 (bfloat, MSL 3.1).
         let options = MTLCompileOptions::new();
+        #[allow(deprecated)]
+        options.setFastMathEnabled(false);
         let library = device
             .newLibraryWithSource_options_error(&NSString::from_str(source), Some(&options))
             .map_err(|e| fail(name, e.localizedDescription().to_string()))?;

@@ -148,7 +148,8 @@ __device__ __forceinline__ void ub_norm(const S* x, const S* residual, const S* 
                                (unsigned long long)y;
     if (RES) addrs |= (unsigned long long)residual | (unsigned long long)sum;
     const bool vec = (addrs & 15ull) == 0 && hidden % (16 / sizeof(S)) == 0;
-    for (unsigned int row = blockIdx.x; row < rows; row += gridDim.x) {
+    // 64-bit: rows up to 2^32 - 1 with a grid of up to 2^31 - 1 must not wrap the counter.
+    for (unsigned long long row = blockIdx.x; row < rows; row += gridDim.x) {
         const unsigned long long base = (unsigned long long)row * hidden;
         const S* r = RES ? residual + base : nullptr;
         S* s = RES ? sum + base : nullptr;

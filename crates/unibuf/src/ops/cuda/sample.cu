@@ -279,7 +279,8 @@ __device__ __forceinline__ void ub_sample(const S* logits, unsigned int* out, un
     if (k > UB_SAMPLE_MAX_K) k = UB_SAMPLE_MAX_K;
     if (k > blockDim.x) k = blockDim.x;
     if (k > vocab) k = vocab;
-    for (unsigned int row = blockIdx.x; row < rows; row += gridDim.x) {
+    // 64-bit: rows up to 2^32 - 1 with a grid of up to 2^31 - 1 must not wrap the counter.
+    for (unsigned long long row = blockIdx.x; row < rows; row += gridDim.x) {
         const S* lg = logits + (ub_u64)row * vocab;
         unsigned int id;
         if (temperature == 0.0f || k == 1u) {

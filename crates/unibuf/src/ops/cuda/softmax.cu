@@ -113,7 +113,8 @@ __device__ __forceinline__ void ub_softmax(const S* x, S* y, unsigned int rows, 
     __shared__ float scratch[32];
     const bool vec = (((unsigned long long)x | (unsigned long long)y) & 15ull) == 0 &&
                      n % (16 / sizeof(S)) == 0;
-    for (unsigned int row = blockIdx.x; row < rows; row += gridDim.x) {
+    // 64-bit: rows up to 2^32 - 1 with a grid of up to 2^31 - 1 must not wrap the counter.
+    for (unsigned long long row = blockIdx.x; row < rows; row += gridDim.x) {
         const unsigned long long base = (unsigned long long)row * n;
         if (vec) {
             ub_softmax_row_vec<S>(x + base, y + base, n, scratch);

@@ -32,7 +32,7 @@ static void ub_rms_norm(device const T* x, device const T* residual, device cons
                         device T* y, device T* sum, uint rows, uint hidden, float eps,
                         threadgroup float* scratch, uint group, uint groups, uint tid,
                         uint threads, uint lane, uint simdgroup, uint simdgroups) {
-    for (uint row = group; row < rows; row += groups) {
+    for (ulong row = group; row < rows; row += groups) {  // 64-bit: no wrap near 2^32 rows
         const ulong base = ulong(row) * hidden;
         float acc = 0.0f;
         for (uint i = tid; i < hidden; i += threads) {
@@ -81,4 +81,7 @@ static void ub_rms_norm(device const T* x, device const T* residual, device cons
 
 UB_RMS_NORM(f32, float)
 UB_RMS_NORM(f16, half)
+// bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
+#if __METAL_VERSION__ >= 310
 UB_RMS_NORM(bf16, bfloat)
+#endif

@@ -47,4 +47,7 @@ static void ub_rope(device const T* x, device const uint* positions, device T* y
 
 UB_ROPE(f32, float)
 UB_ROPE(f16, half)
+// bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
+#if __METAL_VERSION__ >= 310
 UB_ROPE(bf16, bfloat)
+#endif

@@ -240,7 +240,7 @@ static inline uint ub_sample_row(const device S* lg, uint vocab, uint k, float t
         uint k = top_k == 0u ? UB_MAX_K : min(top_k, UB_MAX_K);                                    \
         k = min(min(k, bd), vocab);                                                                \
         const ub_ctx c = {tid, bd, lane, width, sg, nsg};                                          \
-        for (uint row = tg; row < rows; row += tgs) {                                              \
+        for (ulong row = tg; row < rows; row += tgs) {                                             \
             const float u = ub_uniform(seed, step, ulong(row));                                    \
             const uint id = ub_sample_row<S>(logits + ulong(row) * vocab, vocab, k, temperature,   \
                                              top_p, u, cand, cum, hist, wu, wf, counters, sel, c); \
@@ -250,4 +250,7 @@ static inline uint ub_sample_row(const device S* lg, uint vocab, uint k, float t
 
 UB_SAMPLE_KERNEL(unibuf_sample_f32, float)
 UB_SAMPLE_KERNEL(unibuf_sample_f16, half)
+// bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
+#if __METAL_VERSION__ >= 310
 UB_SAMPLE_KERNEL(unibuf_sample_bf16, bfloat)
+#endif

@@ -49,7 +49,7 @@ static void ub_softmax(device const T* x, device T* y, uint rows, uint n,
     // The lowest finite float rather than -inf: Metal compiles with fast math by default,
     // which may assume no infinities. exp(v - lowest) underflows to 0 as exp(-inf) would.
     const float lowest = -FLT_MAX;
-    for (uint row = group; row < rows; row += groups) {
+    for (ulong row = group; row < rows; row += groups) {  // 64-bit: no wrap near 2^32 rows
         const ulong base = ulong(row) * n;
         float m = lowest;
         float s = 0.0f;
@@ -87,4 +87,7 @@ static void ub_softmax(device const T* x, device T* y, uint rows, uint n,
 
 UB_SOFTMAX(f32, float)
 UB_SOFTMAX(f16, half)
+// bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
+#if __METAL_VERSION__ >= 310
 UB_SOFTMAX(bf16, bfloat)
+#endif

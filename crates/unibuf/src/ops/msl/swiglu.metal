@@ -25,4 +25,7 @@ static void ub_swiglu(device const T* gate, device const T* up, device T* out, u
 
 UB_SWIGLU(f32, float)
 UB_SWIGLU(f16, half)
+// bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
+#if __METAL_VERSION__ >= 310
 UB_SWIGLU(bf16, bfloat)
+#endif
