@@ -238,7 +238,7 @@ fn submission_stats_count_and_time_each_label() {
     let dev = builder().gpu_timing(true).open().unwrap();
     dev.register_kernel(SAXPY).unwrap();
     let k = dev.kernel("conf_saxpy_f32").unwrap();
-    let n = 1 << 16;
+    let n = 1 << 20;
     let x = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
     let y = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
     let q = dev.queue();
@@ -269,14 +269,21 @@ fn submission_stats_count_and_time_each_label() {
     let s = stats.get("decode step").expect("the label is counted");
     assert_eq!(s.count, 5);
     assert!(s.encode_ns > 0);
-    assert_eq!(s.waits, 1, "one wait named a fence of this label");
+    // Waits count only when they find the work running: certain on the CPU backend (a
+    // million-element saxpy in a debug build), a race on a fast GPU.
+    let cpu = dev.info().backend == "cpu";
+    assert!(s.waits <= 1, "one wait named a fence of this label");
+    if cpu {
+        assert_eq!(s.waits, 1);
+    }
     assert!(stats.gpu_timing, "gpu_timing(true) was asked for");
     assert_eq!(s.timed, 5, "every completed submission has a device time");
     assert!(s.gpu_ns > 0);
     let unlabelled = stats
         .get("conf_saxpy_f32")
         .expect("the kernel name labels it");
-    assert_eq!((unlabelled.count, unlabelled.waits), (1, 1));
+    assert_eq!(unlabelled.count, 1);
+    assert!(unlabelled.waits <= 1);
     let table = stats.to_string();
     assert!(
         table.contains("decode step") && table.contains("conf_saxpy_f32"),

@@ -12,10 +12,17 @@ use std::ptr::NonNull;
 /// `as_bytes_ptr` and `byte_len` describe memory that stays valid, at the same address, for as
 /// long as the value lives (moving the value must not move the bytes), and nothing else writes
 /// it while the value is owned by a buffer. If `writable` returns true, the memory may be
-/// written through that pointer.
+/// written through the pointer `as_mut_bytes_ptr` returns.
 pub unsafe trait HostMemory: Send + Sync + 'static {
-    /// The first byte.
+    /// The first byte, for reading.
     fn as_bytes_ptr(&self) -> *const u8;
+    /// The first byte, for writing (called once, when the memory is wrapped, and only if
+    /// `writable`). The default derives it from `as_bytes_ptr`, which is right for memory held
+    /// through a raw pointer; types that hand out their bytes through a shared borrow (`Vec`,
+    /// boxed slices, `MmapMut`) override it, since writing through such a pointer is not allowed.
+    fn as_mut_bytes_ptr(&mut self) -> *mut u8 {
+        self.as_bytes_ptr().cast_mut()
+    }
     /// Length in bytes.
     fn byte_len(&self) -> usize;
     /// Whether the device and host may write the memory.
@@ -27,6 +34,9 @@ pub unsafe trait HostMemory: Send + Sync + 'static {
 unsafe impl<T: Element> HostMemory for Vec<T> {
     fn as_bytes_ptr(&self) -> *const u8 {
         self.as_ptr().cast()
+    }
+    fn as_mut_bytes_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr().cast()
     }
     fn byte_len(&self) -> usize {
         std::mem::size_of_val(self.as_slice())
@@ -40,6 +50,9 @@ unsafe impl<T: Element> HostMemory for Vec<T> {
 unsafe impl<T: Element> HostMemory for Box<[T]> {
     fn as_bytes_ptr(&self) -> *const u8 {
         self.as_ptr().cast()
+    }
+    fn as_mut_bytes_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr().cast()
     }
     fn byte_len(&self) -> usize {
         std::mem::size_of_val(&**self)
@@ -66,6 +79,9 @@ unsafe impl HostMemory for memmap2::Mmap {
 unsafe impl HostMemory for memmap2::MmapMut {
     fn as_bytes_ptr(&self) -> *const u8 {
         self.as_ptr()
+    }
+    fn as_mut_bytes_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr()
     }
     fn byte_len(&self) -> usize {
         self.len()
@@ -135,7 +151,14 @@ impl Device {
                 "the memory is empty (0 bytes): there is nothing to wrap; allocate a zero-element buffer instead",
             ));
         }
-        let addr = memory.as_bytes_ptr() as usize;
+        let mut memory = memory;
+        // The address device and host writes go through, for writable memory, is the one the
+        // type hands out for writing.
+        let addr = if memory.writable() {
+            memory.as_mut_bytes_ptr() as usize
+        } else {
+            memory.as_bytes_ptr() as usize
+        };
         if addr % dtype.size() != 0 {
             return Err(Error::Misaligned {
                 what: "wrap_external: memory address for the dtype",

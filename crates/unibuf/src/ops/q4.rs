@@ -160,7 +160,9 @@ impl Q4Matrix {
     /// Quantises the row-major `rows x cols` `weights` on the host (per group: scale =
     /// max |w| / 7 rounded to f16, code = clamp(round(w / scale) + 8, 0, 15); an all-zero group
     /// gets scale 0 and code 8) and uploads the codes and scales to `dev` (buffers labelled
-    /// `label`).
+    /// `label`). A group whose largest weight is below about 4e-7 (7 times the smallest f16
+    /// subnormal) also rounds to scale 0, and scales below 6.1e-5 are f16 subnormals with fewer
+    /// significant bits: such weights are better scaled up before quantising.
     ///
     /// Errors: a group size other than 32/64/128, `cols` not a multiple of it, `weights` not
     /// `rows * cols` long, a non-finite weight or a scale beyond f16.
