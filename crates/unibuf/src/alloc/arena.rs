@@ -24,6 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 struct GranuleSet {
     words: Vec<u64>,
     len: u64,
+    /// No word at or above this index has a member: `pop_last` starts here instead of at the
+    /// top of an address range that may span half a million granules.
+    top: usize,
 }
 
 impl GranuleSet {
@@ -31,6 +34,7 @@ impl GranuleSet {
         GranuleSet {
             words: vec![0; granules.div_ceil(64) as usize],
             len: 0,
+            top: 0,
         }
     }
     fn insert(&mut self, g: u64) -> bool {
@@ -38,6 +42,7 @@ impl GranuleSet {
         let fresh = self.words[w] & bit == 0;
         self.words[w] |= bit;
         self.len += u64::from(fresh);
+        self.top = self.top.max(w + 1);
         fresh
     }
     fn remove(&mut self, g: u64) -> bool {
@@ -63,6 +68,9 @@ impl GranuleSet {
             } else {
                 self.len - changed
             };
+            if on {
+                self.top = self.top.max(w + 1);
+            }
             g += n;
         }
     }
@@ -71,9 +79,11 @@ impl GranuleSet {
     }
     fn pop_last(&mut self) -> Option<u64> {
         if self.len == 0 {
+            self.top = 0;
             return None;
         }
-        let w = self.words.iter().rposition(|w| *w != 0)?;
+        let w = self.words[..self.top].iter().rposition(|w| *w != 0)?;
+        self.top = w + 1;
         let g = w as u64 * 64 + 63 - u64::from(self.words[w].leading_zeros());
         self.remove(g);
         Some(g)
