@@ -87,16 +87,15 @@ impl VirtualMemory for CudaBackend {
             // and is unmapped (the contract); access is set on exactly that range.
             let r = unsafe {
                 check(sys::cuMemCreate(&mut h, g, &prop, 0), "cuMemCreate").and_then(|()| {
-                    let mapped = check(sys::cuMemMap(at, g, 0, h, 0), "cuMemMap").and_then(|()| {
-                        check(sys::cuMemSetAccess(at, g, &access, 1), "cuMemSetAccess")
-                    });
+                    let mapped = check(sys::cuMemMap(at, g, 0, h, 0), "cuMemMap");
                     if mapped.is_err() {
-                        sys::cuMemUnmap(at, g);
                         sys::cuMemRelease(h);
                     }
                     mapped
                 })
             };
+            // Access is granted once for the whole range below: one driver call, not one per
+            // granule (the calls dominate the cost of growing an arena).
             if let Err(e) = r {
                 drop(handles);
                 // SAFETY: the granules before `at` were mapped by this call and are unused.
@@ -113,6 +112,17 @@ impl VirtualMemory for CudaBackend {
             }
             handles.insert(at, h);
             done += g;
+        }
+        // SAFETY: `addr..addr + bytes` is mapped (just above) inside our reservation.
+        let access = check(
+            unsafe { sys::cuMemSetAccess(addr, bytes, &access, 1) },
+            "cuMemSetAccess",
+        );
+        if let Err(e) = access {
+            drop(handles);
+            // SAFETY: mapped by this call and unused.
+            unsafe { self.unmap(MemoryKind::Device, addr, bytes) };
+            return Err(e.into_error("granting access to mapped device memory"));
         }
         Ok(())
     }
