@@ -30,7 +30,7 @@ pub struct LabelStats {
     pub encode_ns: u64,
     /// CPU time spent blocked in waits for their fences, ns.
     pub wait_ns: u64,
-    /// Waits for their fences that found the work still running.
+    /// Waits for their fences that blocked (1 µs or longer: the work was still running).
     pub waits: u64,
     /// Device time of the timed submissions, ns.
     pub gpu_ns: u64,
