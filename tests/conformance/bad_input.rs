@@ -16,10 +16,10 @@
 //! | kernels (registry, compile, launch checks) | 23 |
 //! | device and builder options, waits | 11 |
 //! | budgets and out of memory | 10 |
-//! | cross-device misuse | 9 |
+//! | cross-device misuse | 12 |
 //! | faults (sticky, reset, panics) | 10 |
 //! | a fault nobody waited for (`Device::fault` must still report it) | 2 |
-//! | **total** | **129** |
+//! | **total** | **132** |
 //!
 //! The launch checks run where the test kernel has a source (CPU and CUDA); the fault cases run
 //! on the CPU only, where a kernel can return an error or panic and the device recovers with
@@ -163,11 +163,11 @@ const KERNELS_LAUNCH: usize = 23;
 const KERNELS_NO_LAUNCH: usize = 7;
 const DEVICE: usize = 11;
 const BUDGETS: usize = 10;
-const CROSS_DEVICE: usize = 9;
+const CROSS_DEVICE: usize = 12;
 const FAULTS_CPU: usize = 10;
 const UNOBSERVED_FAULT_CPU: usize = 2;
 /// The total in the module documentation (CPU backend).
-const TOTAL: usize = 129;
+const TOTAL: usize = 132;
 
 /// The per-area counts add up to the documented total, which is at least 45.
 #[test]
@@ -1455,7 +1455,7 @@ fn bad_input_device_options() {
         case!(
             c,
             "wait for an epoch never submitted",
-            dev.wait(Fence { queue: q.id(), epoch: 1_000_000 }),
+            dev.wait(Fence { device: dev.id(), queue: q.id(), epoch: 1_000_000 }),
             Error::InvalidArgument { what: "epoch", detail }
                 if detail.contains("1000000") && detail.contains(&format!("submitted {submitted} epochs")),
             ["1000000", format!("{}", q.id())]
@@ -1464,28 +1464,28 @@ fn bad_input_device_options() {
         case!(
             c,
             "queue wait for the next epoch of an idle queue",
-            q2.wait(Fence { queue: q2.id(), epoch: 1 }),
+            q2.wait(Fence { device: dev.id(), queue: q2.id(), epoch: 1 }),
             Error::InvalidArgument { what: "epoch", detail } if detail.contains("cannot wait for 1"),
             ["submitted 0 epochs", "cannot wait for 1"]
         );
         case!(
             c,
             "wait on a queue that does not exist",
-            dev.wait(Fence { queue: QueueId(999), epoch: 1 }),
+            dev.wait(Fence { device: dev.id(), queue: QueueId(999), epoch: 1 }),
             Error::InvalidArgument { what: "queue", detail } if detail.contains("queue 999"),
             ["queue 999 does not exist"]
         );
         case!(
             c,
             "is_complete on a queue that does not exist",
-            dev.is_complete(Fence { queue: QueueId(77), epoch: 3 }),
+            dev.is_complete(Fence { device: dev.id(), queue: QueueId(77), epoch: 3 }),
             Error::InvalidArgument { what: "queue", detail } if detail.contains("queue 77"),
             ["queue 77 does not exist"]
         );
         case!(
             c,
             "is_complete on an epoch never submitted",
-            dev.is_complete(Fence { queue: done.queue, epoch: done.epoch + 1_000_000 }),
+            dev.is_complete(Fence { epoch: done.epoch + 1_000_000, ..done }),
             Error::InvalidArgument { what: "fence", detail } if detail.contains("never will complete"),
             ["never will complete"]
         );
@@ -1724,6 +1724,26 @@ fn bad_input_cross_device() {
             "buffer"
         );
         wrong!("evict another device's buffer", dev_b.evict(&a), "buffer");
+        let fence_a = dev_a
+            .queue()
+            .fill_async(&a, FillPattern::of(1.0f32))
+            .unwrap();
+        wrong!(
+            "wait for another device's fence",
+            dev_b.wait(fence_a),
+            "fence"
+        );
+        wrong!(
+            "queue wait for another device's fence",
+            q_b.wait(fence_a),
+            "fence"
+        );
+        wrong!(
+            "is_complete of another device's fence",
+            dev_b.is_complete(fence_a),
+            "fence"
+        );
+        dev_a.wait(fence_a).unwrap();
         // Each device still works with its own buffers.
         dev_a.queue().upload(&a, &[2.0f32; 8]).unwrap();
         q_b.upload(&b, &[3.0f32; 8]).unwrap();

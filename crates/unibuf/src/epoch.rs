@@ -23,8 +23,11 @@ impl fmt::Display for QueueId {
 pub type Epoch = u64;
 
 /// A point in one queue's work: complete once that queue's completed epoch reaches `epoch`.
+/// It names its device, so that a fence handed to another device is refused, not waited on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fence {
+    /// The device ([`Device::id`](crate::Device::id)).
+    pub device: u64,
     /// The queue.
     pub queue: QueueId,
     /// The epoch on that queue.
@@ -32,10 +35,14 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// A fence that is complete from the start (epoch 0): returned by operations the host
-    /// finished before returning.
-    pub const fn done(queue: QueueId) -> Fence {
-        Fence { queue, epoch: 0 }
+    /// A fence of `device`'s `queue` that is complete from the start (epoch 0): returned by
+    /// operations the host finished before returning.
+    pub const fn done(device: u64, queue: QueueId) -> Fence {
+        Fence {
+            device,
+            queue,
+            epoch: 0,
+        }
     }
 }
 
@@ -202,6 +209,7 @@ mod tests {
 
     fn f(q: u32, e: Epoch) -> Fence {
         Fence {
+            device: 1,
             queue: QueueId(q),
             epoch: e,
         }

@@ -192,6 +192,7 @@ mod tests {
         r.commit(&cpu);
         let mut fences = FenceSet::new();
         fences.insert(Fence {
+            device: 1,
             queue: QueueId(0),
             epoch: 3,
         });
@@ -199,6 +200,7 @@ mod tests {
         assert_eq!(
             r.pending_fences(),
             vec![Fence {
+                device: 1,
                 queue: QueueId(0),
                 epoch: 3
             }]

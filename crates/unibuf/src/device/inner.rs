@@ -557,7 +557,11 @@ impl DeviceInner {
                 },
             )
         })?;
-        let fence = Fence { queue, epoch };
+        let fence = Fence {
+            device: self.id,
+            queue,
+            epoch,
+        };
         for u in uses {
             u.alloc.uses().record(fence, u.access);
         }
@@ -578,7 +582,20 @@ impl DeviceInner {
         self.id == other.id
     }
 
+    /// Refuses a fence of another device.
+    fn check_fence(&self, fence: Fence) -> Result<()> {
+        if fence.device != self.id {
+            return Err(Error::WrongDevice {
+                what: "fence",
+                expected: self.id,
+                got: fence.device,
+            });
+        }
+        Ok(())
+    }
+
     pub fn is_complete(&self, fence: Fence) -> Result<bool> {
+        self.check_fence(fence)?;
         if fence.epoch == 0 {
             return Ok(true);
         }
@@ -600,6 +617,7 @@ impl DeviceInner {
     }
 
     pub fn wait(&self, fence: Fence) -> Result<()> {
+        self.check_fence(fence)?;
         if fence.epoch == 0 {
             return self.check_fault();
         }
@@ -626,6 +644,7 @@ impl DeviceInner {
         let last: Vec<Epoch> = lock(&self.queues).iter().map(|(_, e)| *e).collect();
         for (i, e) in last.into_iter().enumerate() {
             self.wait(Fence {
+                device: self.id,
                 queue: QueueId(i as u32),
                 epoch: e,
             })?;

@@ -58,6 +58,11 @@ impl Queue {
         }
     }
 
+    /// A fence of this queue that is complete from the start (for work done on the host).
+    pub(crate) fn done_fence(&self) -> Fence {
+        Fence::done(self.device.id, self.id)
+    }
+
     /// The device this queue belongs to.
     pub fn device(&self) -> crate::Device {
         crate::Device {
@@ -83,6 +88,7 @@ impl Queue {
     /// Waits for everything submitted on this queue so far.
     pub fn drain(&self) -> Result<()> {
         self.device.wait(Fence {
+            device: self.device.id,
             queue: self.id,
             epoch: self.device.last_submitted(self.id),
         })
@@ -91,6 +97,7 @@ impl Queue {
     /// The fence of the last submission on this queue (complete from the start if none).
     pub fn last_fence(&self) -> Fence {
         Fence {
+            device: self.device.id,
             queue: self.id,
             epoch: self.device.last_submitted(self.id),
         }

@@ -151,7 +151,7 @@ impl Queue {
             && (sync || !self.device.host_access_would_wait(&dst.alloc, true));
         let (fence, staged) = if direct {
             self.host_copy_in(dst, bytes)?;
-            (Fence::done(self.id()), false)
+            (self.done_fence(), false)
         } else {
             (self.staged_upload(dst, bytes, label)?, true)
         };
@@ -178,7 +178,7 @@ impl Queue {
 
     fn staged_upload(&self, dst: &Buffer, bytes: &[u8], label: &str) -> Result<Fence> {
         let dev = &self.device;
-        let mut fence = Fence::done(self.id());
+        let mut fence = self.done_fence();
         let base = dst.byte_offset();
         for (i, piece) in bytes.chunks(dev.staging.chunk_bytes()).enumerate() {
             let off = base + i * dev.staging.chunk_bytes();
@@ -249,7 +249,7 @@ impl Queue {
             // waited for device writes and refuses new ones until removed.
             unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), out.len()) };
             src.alloc.uses().remove_borrow(borrow);
-            (Fence::done(self.id()), false)
+            (self.done_fence(), false)
         } else {
             (self.staged_download(src, out, label)?, true)
         };
@@ -261,7 +261,7 @@ impl Queue {
         let dev = &self.device;
         let step = dev.staging.chunk_bytes();
         let mut in_flight: VecDeque<(StagingChunk, Fence, usize, usize)> = VecDeque::new();
-        let mut last = Fence::done(self.id());
+        let mut last = self.done_fence();
         let finish = |(chunk, fence, at, n): (StagingChunk, Fence, usize, usize),
                       out: &mut [u8]|
          -> Result<()> {
@@ -359,7 +359,7 @@ impl Queue {
         let audit = self.audit_start(Direction::DeviceToHost, Some(src), None, bytes);
         let label = self.transfer_label(src);
         if bytes == 0 {
-            let fence = Fence::done(self.id());
+            let fence = self.done_fence();
             self.audit_end(audit, label, false, fence);
             return Ok(PendingDownload {
                 snapshot: None,
@@ -441,7 +441,7 @@ impl Queue {
         let audit = self.audit_start(Direction::DeviceToDevice, Some(src), Some(dst), s.len());
         let label = self.transfer_label(dst);
         let fence = if s.is_empty() {
-            Fence::done(self.id())
+            self.done_fence()
         } else {
             self.device.submit(
                 self.id(),
@@ -513,7 +513,7 @@ impl Queue {
         let audit = self.audit_start(Direction::Fill, None, Some(dst), d.len());
         let label = self.transfer_label(dst);
         let fence = if d.is_empty() {
-            Fence::done(self.id())
+            self.done_fence()
         } else {
             self.device.submit(
                 self.id(),

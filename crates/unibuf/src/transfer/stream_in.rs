@@ -74,7 +74,7 @@ impl Queue {
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        let last: Mutex<Fence> = Mutex::new(Fence::done(self.id()));
+        let last: Mutex<Fence> = Mutex::new(self.done_fence());
         let fail = |e: Error| {
             stop.store(true, Ordering::Relaxed);
             first_error
@@ -129,7 +129,7 @@ impl Queue {
             started: dev.ledger.now_ns(),
         };
         if p.len == 0 {
-            return Ok(Fence::done(self.id()));
+            return Ok(self.done_fence());
         }
         // This thread holds no chunk here, so it may wait for one.
         let chunk = dev.staging.take(&*dev.backend)?;

@@ -679,7 +679,7 @@ impl Shared {
             expert,
             tensors: tensors.into(),
             whole: alloc,
-            fence: Fence::done(self.queue.id()),
+            fence: self.queue.done_fence(),
         })
     }
 
@@ -689,7 +689,7 @@ impl Shared {
         let ts = &self.layout.members[handle.layer][handle.expert];
         let (offsets, used) = packed(ts);
         if used == 0 {
-            return Ok(Fence::done(self.queue.id()));
+            return Ok(self.queue.done_fence());
         }
         let n = self.reads.len();
         let slot = (0..n)
