@@ -296,3 +296,97 @@ fn submission_stats_count_and_time_each_label() {
     dev.reset_submission_stats();
     assert!(dev.submission_stats().labels.is_empty());
 }
+
+/// A launch batch replays its launches in order as one submission, reads the buffers' contents
+/// as they are at each submission, and is ordered with transfers on the same memory.
+#[test]
+fn launch_batches_replay_in_order_with_current_contents() {
+    use unibuf::{ops, Error, LaunchBatch};
+    let dev = device();
+    dev.register_kernel(SAXPY).unwrap();
+    let k = dev.kernel("conf_saxpy_f32").unwrap();
+    let q = dev.queue();
+    let mut rng = Rng::new("launch_batches_replay_in_order_with_current_contents");
+    let n = 4097;
+    let x = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
+    let y = dev
+        .alloc(DType::F32, &[1, n], StorageMode::Private)
+        .unwrap();
+    let z = dev
+        .alloc(DType::F32, &[1, n], StorageMode::Private)
+        .unwrap();
+    let w: Vec<f32> = rng.elements(n);
+    let w_buf = dev.from_slice("w", &w, &[n]).unwrap();
+    let mut y_host: Vec<f32> = rng.elements(n);
+    q.upload(&y.reshape(&[n]).unwrap(), &y_host).unwrap();
+    poison(&dev, &z);
+    let a = 0.75f32;
+    // y += a x, then z = rms_norm(y) * w: the norm must see the saxpy's result.
+    let mut step = LaunchBatch::new(&dev, "batched step");
+    let y_flat = y.reshape(&[n]).unwrap();
+    step.push(
+        &k,
+        LaunchDims::linear(blocks(n), 256),
+        &[(&x).into(), (&y_flat).into(), a.into(), (n as u32).into()],
+    )
+    .unwrap();
+    step.push_with(|rq| ops::rms_norm_into(rq, &y, &w_buf, 1e-6, &z))
+        .unwrap();
+    assert_eq!(step.len(), 2);
+    for round in 0..3 {
+        let x_host: Vec<f32> = rng.elements(n);
+        q.upload(&x, &x_host).unwrap();
+        q.launch_batch(&step).unwrap();
+        let got: Vec<f32> = q.download(&z.reshape(&[n]).unwrap()).unwrap();
+        for i in 0..n {
+            y_host[i] += a * x_host[i];
+        }
+        let ms: f64 = y_host
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            / n as f64;
+        let scale = 1.0 / (ms + 1e-6).sqrt();
+        for i in 0..n {
+            let want = f64::from(y_host[i]) * scale * f64::from(w[i]);
+            let err = (f64::from(got[i]) - want).abs();
+            assert!(
+                err <= 1e-5 * (1.0 + want.abs()),
+                "round {round} i={i}: {} vs {want}",
+                got[i]
+            );
+        }
+    }
+    let stats = dev.submission_stats();
+    assert_eq!(stats.get("batched step").unwrap().count, 3);
+    // Bad batches are refused before anything runs.
+    let empty = LaunchBatch::new(&dev, "empty");
+    assert!(matches!(
+        q.launch_batch(&empty),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let other = device();
+    assert!(matches!(
+        other.queue().launch_batch(&step),
+        Err(Error::WrongDevice {
+            what: "launch batch",
+            ..
+        })
+    ));
+    let mut bad = LaunchBatch::new(&dev, "bad");
+    let u = dev.alloc(DType::U32, &[n], StorageMode::Private).unwrap();
+    assert!(matches!(
+        bad.push(
+            &k,
+            LaunchDims::linear(blocks(n), 256),
+            &[(&u).into(), (&y_flat).into(), a.into(), (n as u32).into()],
+        ),
+        Err(Error::DTypeMismatch { .. })
+    ));
+    assert!(bad.is_empty(), "a refused launch is not recorded");
+    assert!(matches!(
+        bad.push_with(|rq| rq.launch_batch(&step)),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(bad.is_empty());
+}

@@ -56,7 +56,7 @@ pub use kernel::{
     Constants, Kernel, KernelArg, KernelSource, Param, ParamKind, ScalarArg, ScalarType,
 };
 pub use ledger::{CopyRecord, Direction, LedgerReport};
-pub use queue::{LabelStats, Queue, SubmissionStats};
+pub use queue::{LabelStats, LaunchBatch, Queue, SubmissionStats};
 pub use residency::ResidencyStats;
 pub use storage::{MemoryKind, StorageMode};
 pub use transfer::PendingDownload;

@@ -2,11 +2,19 @@
 //!
 //! A kernel that does nothing is launched many times back to back on one queue without waiting;
 //! the host time per launch is what an inference engine pays per op on its CPU thread. The
-//! device drains afterwards, outside the timed loop.
+//! device drains afterwards, outside the timed loop. The same launches are also recorded into a
+//! [`LaunchBatch`] of `BATCH` launches (a decode step's worth) and submitted batch by batch: on
+//! CUDA one graph launch each, so the host time per kernel is the batch's cost divided by
+//! `BATCH`.
 
 use super::ceiling::Ceiling;
 use std::time::Instant;
-use unibuf::{DType, Device, KernelSource, LaunchDims, Param, Result, ScalarType, StorageMode};
+use unibuf::{
+    DType, Device, KernelSource, LaunchBatch, LaunchDims, Param, Result, ScalarType, StorageMode,
+};
+
+/// Launches per batch in the batched measurement: about a decode step of a small model.
+pub const BATCH: usize = 64;
 
 /// The empty kernel: its CUDA C is shared with the driver ceiling.
 pub const NOOP_CUDA: &str = r#"extern "C" __global__ void unibuf_bench_noop(unsigned int* out, unsigned int n) {
@@ -42,6 +50,8 @@ kernel void unibuf_bench_noop(device uint* out [[buffer(0)]], constant uint& n [
 pub struct LaunchFigures {
     /// unibuf's typed, checked launch.
     pub unibuf_us: f64,
+    /// Per kernel, submitted as batches of [`BATCH`] launches.
+    pub batched_us: f64,
     /// The platform's bare launch.
     pub ceiling_us: Option<f64>,
 }
@@ -74,8 +84,31 @@ pub fn run(
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    let mut batch = LaunchBatch::new(dev, "noop batch");
+    for _ in 0..BATCH {
+        batch.push(
+            &kernel,
+            LaunchDims::linear(1, 32),
+            &[(&out).into(), 0u32.into()],
+        )?;
+    }
+    let batches = count.div_ceil(BATCH).max(1);
+    let mut batched = Vec::with_capacity(samples);
+    for sample in 0..=samples {
+        let t = Instant::now();
+        for _ in 0..batches {
+            q.launch_batch(&batch)?;
+        }
+        let per = t.elapsed().as_secs_f64() / (batches * BATCH) as f64;
+        q.drain()?;
+        if sample > 0 {
+            batched.push(per); // sample 0 warms up (and prepares the batch)
+        }
+    }
+    batched.sort_by(|a, b| a.total_cmp(b));
     Ok(LaunchFigures {
         unibuf_us: times[times.len() / 2] * 1e6,
+        batched_us: batched[batched.len() / 2] * 1e6,
         ceiling_us: ceiling.launch_seconds(count, samples).map(|s| s * 1e6),
     })
 }

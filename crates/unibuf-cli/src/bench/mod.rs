@@ -161,6 +161,18 @@ fn run_launch(args: &LaunchArgs, out: &mut dyn Write) -> Result<(), Failure> {
         )?,
         None => writeln!(out, "{:<28} {:>10}", ceiling.name(), "-")?,
     }
+    writeln!(
+        out,
+        "{:<28} {:>10.3}   per kernel, batches of {} (LaunchBatch{})",
+        "unibuf batched",
+        f.batched_us,
+        launch::BATCH,
+        if dev.info().backend == "cuda" {
+            ": one CUDA graph launch each"
+        } else {
+            ""
+        }
+    )?;
     Ok(())
 }
 

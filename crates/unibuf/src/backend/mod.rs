@@ -205,6 +205,26 @@ pub enum Command {
     /// Wait until another queue's fence completes before running the rest (a device-side wait:
     /// cuStreamWaitEvent, an MTLSharedEvent wait).
     Wait(Fence),
+    /// Run a fixed sequence of launches recorded once (a [`LaunchBatch`](crate::LaunchBatch)),
+    /// in order. A backend may prepare it once and replay it as a unit (CUDA: a graph
+    /// instantiated on first use and launched with one call).
+    Batch {
+        /// Identifies the batch for a backend's cache; unique in the process.
+        id: u64,
+        /// The launches, in order.
+        launches: std::sync::Arc<[BatchedLaunch]>,
+    },
+}
+
+/// One launch of a [`Command::Batch`].
+#[derive(Clone, Debug)]
+pub struct BatchedLaunch {
+    /// The pipeline from [`Backend::compile`].
+    pub pipeline: PipelineId,
+    /// Launch geometry.
+    pub dims: LaunchDims,
+    /// Arguments in kernel order.
+    pub args: Vec<LaunchArg>,
 }
 
 /// An ordered list of commands with the label that names it in stats and faults.
@@ -381,6 +401,10 @@ pub trait Backend: Send + Sync {
 
     /// Device-side timing of a completed submission, where the backend records it.
     fn gpu_span(&self, queue: QueueId, epoch: Epoch) -> Option<GpuSpan>;
+
+    /// Drops whatever the backend prepared for batch `id` (it will not be submitted again).
+    /// Submissions already made with it still run to completion.
+    fn forget_batch(&self, _id: u64) {}
 
     /// Compiles (or looks up) a kernel for this backend with the given constants.
     fn compile(&self, kernel: &KernelSource, constants: &Constants) -> Result<PipelineId>;

@@ -1,7 +1,9 @@
 //! Queues: in-order streams of submissions, each with its own completion epochs.
 
+mod batch;
 mod stats;
 
+pub use batch::LaunchBatch;
 pub(crate) use stats::StatsCollector;
 pub use stats::{LabelStats, SubmissionStats};
 
@@ -23,6 +25,9 @@ pub struct Queue {
     pub(crate) device: Arc<DeviceInner>,
     id: QueueId,
     label: Option<Arc<str>>,
+    /// Set on the queue [`LaunchBatch::push_with`] hands to its closure: launches are recorded
+    /// into the batch instead of submitted.
+    recorder: Option<Arc<std::sync::Mutex<batch::Recorded>>>,
 }
 
 impl Queue {
@@ -31,6 +36,7 @@ impl Queue {
             device: device.clone(),
             id,
             label: None,
+            recorder: None,
         }
     }
 
@@ -114,15 +120,13 @@ impl Queue {
         Ok(())
     }
 
-    /// Launches a kernel. Every argument is checked against the kernel's parameters (count,
-    /// dtype, scalar type, writability, device) and writable buffers must not overlap other
-    /// arguments, before anything is recorded. Returns the submission's fence.
-    pub fn launch(
+    /// The checks of [`Queue::launch`]: the backend's arguments and the uses to record.
+    pub(crate) fn check_launch<'a>(
         &self,
         kernel: &Kernel,
         dims: LaunchDims,
-        args: &[KernelArg<'_>],
-    ) -> Result<Fence> {
+        args: &[KernelArg<'a>],
+    ) -> Result<(Vec<LaunchArg>, Vec<Use<'a>>)> {
         if kernel.device_id != self.device.id {
             return Err(Error::WrongDevice {
                 what: "kernel",
@@ -228,6 +232,29 @@ impl Queue {
                     ));
                 }
             }
+        }
+        Ok((launch_args, uses))
+    }
+
+    /// Launches a kernel. Every argument is checked against the kernel's parameters (count,
+    /// dtype, scalar type, writability, device) and writable buffers must not overlap other
+    /// arguments, before anything is recorded. Returns the submission's fence.
+    pub fn launch(
+        &self,
+        kernel: &Kernel,
+        dims: LaunchDims,
+        args: &[KernelArg<'_>],
+    ) -> Result<Fence> {
+        let (launch_args, uses) = self.check_launch(kernel, dims, args)?;
+        if let Some(recorder) = &self.recorder {
+            recorder.lock().unwrap_or_else(|e| e.into_inner()).add(
+                kernel,
+                dims,
+                launch_args,
+                args,
+                &uses,
+            );
+            return Ok(self.done_fence());
         }
         let label = self.submission_label(kernel.name());
         self.device.submit(

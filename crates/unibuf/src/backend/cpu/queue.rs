@@ -227,6 +227,21 @@ impl Worker {
         self.shared.changed.notify_all();
     }
 
+    /// Runs one kernel launch on this thread.
+    fn run_kernel(
+        &self,
+        pipeline: crate::backend::PipelineId,
+        dims: crate::backend::LaunchDims,
+        args: &[crate::backend::LaunchArg],
+    ) -> Result<(), (FaultKind, String)> {
+        let (f, constants) = self.pipelines.get(pipeline).ok_or((
+            FaultKind::LaunchFailed,
+            format!("pipeline {} does not exist", pipeline.0),
+        ))?;
+        let mut kargs = super::CpuKernelArgs::new(dims, args, &constants);
+        f(&mut kargs).map_err(|e| (FaultKind::Trap, e))
+    }
+
     fn execute(&self, commands: &[Command]) -> Result<(), (FaultKind, String)> {
         for cmd in commands {
             match cmd {
@@ -247,13 +262,11 @@ impl Worker {
                     pipeline,
                     dims,
                     args,
-                } => {
-                    let (f, constants) = self.pipelines.get(*pipeline).ok_or((
-                        FaultKind::LaunchFailed,
-                        format!("pipeline {} does not exist", pipeline.0),
-                    ))?;
-                    let mut kargs = super::CpuKernelArgs::new(*dims, args, &constants);
-                    f(&mut kargs).map_err(|e| (FaultKind::Trap, e))?;
+                } => self.run_kernel(*pipeline, *dims, args)?,
+                Command::Batch { launches, .. } => {
+                    for l in launches.iter() {
+                        self.run_kernel(l.pipeline, l.dims, &l.args)?;
+                    }
                 }
                 Command::Wait(fence) => {
                     let other = self

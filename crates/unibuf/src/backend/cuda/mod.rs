@@ -13,6 +13,7 @@
 
 mod compile;
 mod driver;
+mod graph;
 mod memory;
 mod stream;
 mod timing;
@@ -100,6 +101,8 @@ pub struct CudaBackend {
     mappings: vmm::Mappings,
     /// Timing events around every submission, when `BackendOptions::gpu_timing` asked for them.
     timer: Option<timing::Timer>,
+    /// Launch batches captured as graphs, by batch id.
+    graphs: graph::Graphs,
     /// Declared last: dropped after everything above has been destroyed with it current.
     ctx: Context,
 }
@@ -208,6 +211,7 @@ impl CudaBackend {
             },
             mappings: vmm::Mappings::default(),
             timer,
+            graphs: graph::Graphs::default(),
             ctx,
         })
     }
@@ -366,6 +370,14 @@ impl CudaBackend {
                 dims,
                 args,
             } => self.launch(stream, *pipeline, *dims, args),
+            Command::Batch { id, launches } => {
+                let exec = self.graphs.exec(*id, launches, |s, l| {
+                    self.launch(s, l.pipeline, l.dims, &l.args)
+                })?;
+                // SAFETY: an executable graph of this context (its buffers are kept alive by
+                // the batch and the submission's recorded uses), on a live stream.
+                check(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch").map_err(cu)
+            }
             Command::Wait(fence) => {
                 let Some((ev, recorded_here)) = self.wait_event(*fence)? else {
                     return Ok(());
@@ -744,6 +756,13 @@ impl Backend for CudaBackend {
         CudaQueue::mark_completed(&mut q.lock(), upto, &mut recycle);
         self.recycle(recycle);
         Ok(())
+    }
+
+    fn forget_batch(&self, id: u64) {
+        if self.bind().is_ok() {
+            // Best effort: a graph that cannot be destroyed leaks its handle, nothing else.
+            let _ = self.graphs.forget(id);
+        }
     }
 
     fn gpu_span(&self, queue: QueueId, epoch: Epoch) -> Option<GpuSpan> {

@@ -313,6 +313,14 @@ impl MetalBackend {
                 dims,
                 args,
             } => self.resolve_launch(*pipeline, *dims, args, ops),
+            // One command buffer holds every launch of the batch already: encoding them in
+            // order is Metal's replay.
+            Command::Batch { launches, .. } => {
+                for l in launches.iter() {
+                    self.resolve_launch(l.pipeline, l.dims, &l.args, ops)?;
+                }
+                Ok(())
+            }
             Command::Wait(fence) => self.resolve_wait(queue, *fence, ops),
         }
     }
