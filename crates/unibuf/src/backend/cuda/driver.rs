@@ -4,6 +4,7 @@ use crate::error::{Error, FaultKind};
 use cudarc::driver::sys::{self, CUresult};
 use std::cell::Cell;
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A driver call's failure: the result code and the call's name.
 #[derive(Clone, Copy, Debug)]
@@ -78,15 +79,21 @@ pub(super) fn fault_kind(code: CUresult) -> Option<FaultKind> {
 }
 
 thread_local! {
-    /// The context last made current on this thread, so that binding costs one compare when it
-    /// is already current (the common case: one device per process).
-    static BOUND: Cell<usize> = const { Cell::new(0) };
+    /// The serial of the context last made current on this thread, so that binding costs one
+    /// compare when it is already current (the common case: one device per process). Serials,
+    /// not handles: a primary context released and retained again can come back at the same
+    /// address, and a thread that bound the old one must still bind the new one.
+    static BOUND: Cell<u64> = const { Cell::new(0) };
 }
+
+/// Serials of `Context` values, from 1 (0: none bound).
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// The primary context of one device; made current on whichever thread calls into it.
 pub(super) struct Context {
     pub raw: sys::CUcontext,
     pub device: sys::CUdevice,
+    serial: u64,
 }
 
 // SAFETY: a CUcontext handle may be used from any thread once made current there (the driver
@@ -96,15 +103,23 @@ unsafe impl Send for Context {}
 unsafe impl Sync for Context {}
 
 impl Context {
+    /// Wraps a retained primary context of `device`.
+    pub fn new(raw: sys::CUcontext, device: sys::CUdevice) -> Context {
+        Context {
+            raw,
+            device,
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
     /// Makes this context current on the calling thread.
     pub fn bind(&self) -> Result<(), CuError> {
-        let raw = self.raw as usize;
-        if BOUND.with(|b| b.get()) == raw {
+        if BOUND.with(|b| b.get()) == self.serial {
             return Ok(());
         }
         // SAFETY: `raw` is a retained primary context, valid until Drop releases it.
         check(unsafe { sys::cuCtxSetCurrent(self.raw) }, "cuCtxSetCurrent")?;
-        BOUND.with(|b| b.set(raw));
+        BOUND.with(|b| b.set(self.serial));
         Ok(())
     }
 }
@@ -112,7 +127,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         BOUND.with(|b| {
-            if b.get() == self.raw as usize {
+            if b.get() == self.serial {
                 b.set(0)
             }
         });

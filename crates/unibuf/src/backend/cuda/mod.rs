@@ -152,7 +152,7 @@ impl CudaBackend {
             "cuDevicePrimaryCtxRetain",
         )
         .map_err(cu)?;
-        let ctx = Context { raw, device };
+        let ctx = Context::new(raw, device);
         ctx.bind().map_err(cu)?;
         let attr = |a: CUdevice_attribute| {
             let mut v = 0;
