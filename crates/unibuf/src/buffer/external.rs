@@ -116,6 +116,8 @@ impl Device {
     /// Where Metal cannot address the memory (it wraps only whole pages from mmap or
     /// vm_allocate), the bytes are copied into a Shared buffer instead: never silently, the copy
     /// is an upload in the ledger and a `tracing` warning, and the buffer's mode says Shared.
+    /// The copy is the caller's own memory from then on: writable, and its writes do not reach
+    /// the original.
     ///
     /// ```
     /// use unibuf::{DType, Device};
