@@ -359,6 +359,28 @@ fn launch_batches_replay_in_order_with_current_contents() {
     }
     let stats = dev.submission_stats();
     assert_eq!(stats.get("batched step").unwrap().count, 3);
+    // A launch added after submissions makes a new sequence: the next submission runs all three.
+    step.push(
+        &k,
+        LaunchDims::linear(blocks(n), 256),
+        &[(&x).into(), (&y_flat).into(), a.into(), (n as u32).into()],
+    )
+    .unwrap();
+    assert_eq!(step.len(), 3);
+    let x_host: Vec<f32> = rng.elements(n);
+    q.upload(&x, &x_host).unwrap();
+    q.launch_batch(&step).unwrap();
+    let got: Vec<f32> = q.download(&y_flat).unwrap();
+    for i in 0..n {
+        // The norm read y between the two saxpys; y itself has both.
+        let want = f64::from(y_host[i]) + 2.0 * f64::from(a) * f64::from(x_host[i]);
+        let err = (f64::from(got[i]) - want).abs();
+        assert!(
+            err <= 1e-5 * (1.0 + want.abs()),
+            "i={i}: {} vs {want}",
+            got[i]
+        );
+    }
     // Bad batches are refused before anything runs.
     let empty = LaunchBatch::new(&dev, "empty");
     assert!(matches!(
