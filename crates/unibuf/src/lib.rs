@@ -3,8 +3,10 @@
 //! The GPU memory and dispatch runtime for ML inference engines: typed buffers and zero-copy
 //! views over Shared, Private and External storage; transfers that stage only where the
 //! hardware needs it; a caching allocator; queues whose completion epochs make asynchronous
-//! reuse and host access safe; a kernel registry; and a copy ledger that accounts for every
-//! byte moved. One API over every backend: CUDA, the CPU and Metal (Apple targets, feature
+//! reuse and host access safe; a kernel registry with per-label submission stats and launch
+//! batches (CUDA graphs); fused inference ops ([`ops`]); safetensors weights and a streaming
+//! expert cache ([`weights`]); and a copy ledger that accounts for every byte moved. One API
+//! over every backend: CUDA, the CPU and Metal (Apple targets, feature
 //! `metal`; type-checked in CI, not yet run on a Mac) in this release.
 //!
 //! ```
