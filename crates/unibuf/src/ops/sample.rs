@@ -2,21 +2,7 @@
 //! of logits, with a counter-based random draw so that every backend picks the same token for
 //! the same inputs, and no logits ever travel to the host.
 //!
-//! The algorithm, identical on every backend (one block / threadgroup per row on a GPU):
-//!
-//! 1. Logits are widened to f32; NaN counts as -inf. Candidates are ordered by logit descending,
-//!    **equal logits by lower token id first** (and -0.0 just below +0.0).
-//! 2. Temperature 0, or `k == 1`: the first in that order (argmax, lowest id among equal maxima).
-//! 3. Otherwise the first `k` in that order are the candidates, where `k` is `top_k`, or
-//!    [`SAMPLE_MAX_K`] when `top_k` is 0, and at most the vocabulary.
-//! 4. `p_i = exp((v_i - v_0) / temperature)` in f32 (`v_0` the largest logit; if it is not
-//!    finite, candidate 0 is picked), `cum_i` the running sums. The kept prefix is the shortest
-//!    one with `cum_{n-1} >= top_p * cum_{k-1}`.
-//! 5. `u = Sampling::uniform(step, row)`; the pick is the first `i < n` with
-//!    `cum_i > u * cum_{n-1}` (the last kept candidate if rounding leaves none).
-//!
-//! Sums are in f32, in sequence on the CPU and as a tree on a GPU, so a draw that lands within
-//! about 1e-6 of a boundary between two candidates may pick a neighbour on another backend.
+//! The algorithm, identical on every backend, is documented on [`Sampling`].
 
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
@@ -91,8 +77,23 @@ pub(crate) const KERNELS: &[KernelSource] = &[
     },
 ];
 
-/// How to pick the next token from a row of logits (see the [module docs](self) for the exact
-/// algorithm).
+/// How to pick the next token from a row of logits.
+///
+/// The algorithm, identical on every backend (one block / threadgroup per row on a GPU):
+///
+/// 1. Logits are widened to f32; NaN counts as -inf. Candidates are ordered by logit descending,
+///    **equal logits by lower token id first** (and -0.0 just below +0.0).
+/// 2. Temperature 0, or `k == 1`: the first in that order (argmax, lowest id among equal maxima).
+/// 3. Otherwise the first `k` in that order are the candidates, where `k` is `top_k`, or
+///    [`SAMPLE_MAX_K`] when `top_k` is 0, and at most the vocabulary.
+/// 4. `p_i = exp((v_i - v_0) / temperature)` in f32 (`v_0` the largest logit; if it is not
+///    finite, candidate 0 is picked), `cum_i` the running sums. The kept prefix is the shortest
+///    one with `cum_{n-1} >= top_p * cum_{k-1}`.
+/// 5. `u = Sampling::uniform(step, row)`; the pick is the first `i < n` with
+///    `cum_i > u * cum_{n-1}` (the last kept candidate if rounding leaves none).
+///
+/// Sums are in f32, in sequence on the CPU and as a tree on a GPU, so a draw that lands within
+/// about 1e-6 of a boundary between two candidates may pick a neighbour on another backend.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampling {
     /// Divides the logits before the softmax; 0 picks the argmax. Finite, not negative.
