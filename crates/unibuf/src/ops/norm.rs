@@ -2,7 +2,8 @@
 //! transformer block: `y = x / sqrt(mean(x²) + eps) * weight`.
 
 use super::row_common::{
-    by_dtype, expect_finite_at_least, expect_len, matrix_len, row_launch, rows_u32, HostFloat,
+    by_dtype, expect_finite_at_least, expect_len, float_kernels, matrix_len, row_launch, rows_u32,
+    HostFloat,
 };
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output, rows_and_last};
 use crate::backend::cpu::CpuKernelArgs;
@@ -61,31 +62,36 @@ const RESIDUAL_F32: [Param; 8] = residual_params(DType::F32);
 const RESIDUAL_F16: [Param; 8] = residual_params(DType::F16);
 const RESIDUAL_BF16: [Param; 8] = residual_params(DType::BF16);
 
-const fn source(
-    name: &'static str,
-    params: &'static [Param],
-    cpu: crate::backend::cpu::CpuKernelFn,
-) -> KernelSource {
-    KernelSource {
-        name,
-        params,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(cpu),
-    }
-}
+const NORM: [KernelSource; 3] = float_kernels(
+    NAMES,
+    [&NORM_F32, &NORM_F16, &NORM_BF16],
+    CUDA,
+    MSL,
+    [
+        norm_cpu::<f32>,
+        norm_cpu::<half::f16>,
+        norm_cpu::<half::bf16>,
+    ],
+);
+const RESIDUAL: [KernelSource; 3] = float_kernels(
+    RESIDUAL_NAMES,
+    [&RESIDUAL_F32, &RESIDUAL_F16, &RESIDUAL_BF16],
+    CUDA,
+    MSL,
+    [
+        residual_cpu::<f32>,
+        residual_cpu::<half::f16>,
+        residual_cpu::<half::bf16>,
+    ],
+);
 
 pub(crate) const KERNELS: &[KernelSource] = &[
-    source(NAMES[0], &NORM_F32, norm_cpu::<f32>),
-    source(NAMES[1], &NORM_F16, norm_cpu::<half::f16>),
-    source(NAMES[2], &NORM_BF16, norm_cpu::<half::bf16>),
-    source(RESIDUAL_NAMES[0], &RESIDUAL_F32, residual_cpu::<f32>),
-    source(RESIDUAL_NAMES[1], &RESIDUAL_F16, residual_cpu::<half::f16>),
-    source(
-        RESIDUAL_NAMES[2],
-        &RESIDUAL_BF16,
-        residual_cpu::<half::bf16>,
-    ),
+    NORM[0],
+    NORM[1],
+    NORM[2],
+    RESIDUAL[0],
+    RESIDUAL[1],
+    RESIDUAL[2],
 ];
 
 /// RMSNorm of every row of `x` (its last dimension; any rank ≥ 1) scaled by `weight`

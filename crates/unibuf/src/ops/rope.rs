@@ -1,7 +1,7 @@
 //! Rotary position embedding (RoPE) of queries or keys `[tokens, heads, head_dim]` at integer
 //! positions, in either of the two layouts models use.
 
-use super::row_common::{by_dtype, expect_len, HostFloat};
+use super::row_common::{by_dtype, expect_len, float_kernels, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -63,25 +63,17 @@ const F32: [Param; 8] = params(DType::F32);
 const F16: [Param; 8] = params(DType::F16);
 const BF16: [Param; 8] = params(DType::BF16);
 
-const fn source(
-    name: &'static str,
-    params: &'static [Param],
-    cpu: crate::backend::cpu::CpuKernelFn,
-) -> KernelSource {
-    KernelSource {
-        name,
-        params,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(cpu),
-    }
-}
-
-pub(crate) const KERNELS: &[KernelSource] = &[
-    source(NAMES[0], &F32, rope_cpu::<f32>),
-    source(NAMES[1], &F16, rope_cpu::<half::f16>),
-    source(NAMES[2], &BF16, rope_cpu::<half::bf16>),
-];
+pub(crate) const KERNELS: &[KernelSource] = &float_kernels(
+    NAMES,
+    [&F32, &F16, &BF16],
+    CUDA,
+    MSL,
+    [
+        rope_cpu::<f32>,
+        rope_cpu::<half::f16>,
+        rope_cpu::<half::bf16>,
+    ],
+);
 
 /// Rotary embedding of `x` (`[tokens, heads, head_dim]`, f32, f16 or bf16, `head_dim` even)
 /// at `positions` (u32, `[tokens]`), into a fresh buffer of the shape and dtype of `x`.

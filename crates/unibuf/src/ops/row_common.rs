@@ -2,10 +2,12 @@
 //! kernel choice by dtype, launch geometry, and the checks of their arguments.
 
 use super::index_u32;
+use crate::backend::cpu::CpuKernelFn;
 use crate::backend::LaunchDims;
 use crate::buffer::Buffer;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::kernel::{KernelSource, Param};
 
 /// A storage dtype the ops compute on, as the CPU kernels see it: widened to f32 for the
 /// arithmetic and rounded once (to nearest even) on the way back.
@@ -113,4 +115,35 @@ pub(crate) fn matrix_len(kernel: &str, rows: usize, hidden: usize) -> Result<usi
     rows.checked_mul(hidden)
         .filter(|_| hidden > 0)
         .ok_or_else(|| format!("{kernel}: {rows} rows of {hidden} is no valid matrix"))
+}
+
+/// The f32, f16 and bf16 kernels of one op: its names and parameters per dtype (in that order),
+/// one CUDA and one MSL source holding all three entry points, and the CPU version per dtype.
+pub(crate) const fn float_kernels(
+    names: [&'static str; 3],
+    params: [&'static [Param]; 3],
+    cuda: &'static str,
+    msl: &'static str,
+    cpu: [CpuKernelFn; 3],
+) -> [KernelSource; 3] {
+    const fn one(
+        name: &'static str,
+        params: &'static [Param],
+        cuda: &'static str,
+        msl: &'static str,
+        cpu: CpuKernelFn,
+    ) -> KernelSource {
+        KernelSource {
+            name,
+            params,
+            cuda: Some(cuda),
+            msl: Some(msl),
+            cpu: Some(cpu),
+        }
+    }
+    [
+        one(names[0], params[0], cuda, msl, cpu[0]),
+        one(names[1], params[1], cuda, msl, cpu[1]),
+        one(names[2], params[2], cuda, msl, cpu[2]),
+    ]
 }

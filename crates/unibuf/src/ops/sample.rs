@@ -4,6 +4,7 @@
 //!
 //! The algorithm, identical on every backend, is documented on [`Sampling`].
 
+use super::row_common::float_kernels;
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -53,29 +54,13 @@ const CUDA: &str = concat!(
 );
 const MSL: &str = include_str!("msl/sample.metal");
 
-pub(crate) const KERNELS: &[KernelSource] = &[
-    KernelSource {
-        name: NAMES[0],
-        params: &PARAMS_F32,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(sample_cpu::<f32>),
-    },
-    KernelSource {
-        name: NAMES[1],
-        params: &PARAMS_F16,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(sample_cpu::<f16>),
-    },
-    KernelSource {
-        name: NAMES[2],
-        params: &PARAMS_BF16,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(sample_cpu::<bf16>),
-    },
-];
+pub(crate) const KERNELS: &[KernelSource] = &float_kernels(
+    NAMES,
+    [&PARAMS_F32, &PARAMS_F16, &PARAMS_BF16],
+    CUDA,
+    MSL,
+    [sample_cpu::<f32>, sample_cpu::<f16>, sample_cpu::<bf16>],
+);
 
 /// How to pick the next token from a row of logits.
 ///

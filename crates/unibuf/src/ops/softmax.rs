@@ -2,7 +2,9 @@
 //! exponentiating), for rows of any length: one element, a head's attention scores, a 128k
 //! vocabulary.
 
-use super::row_common::{by_dtype, expect_len, matrix_len, row_launch, rows_u32, HostFloat};
+use super::row_common::{
+    by_dtype, expect_len, float_kernels, matrix_len, row_launch, rows_u32, HostFloat,
+};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output, rows_and_last};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::buffer::Buffer;
@@ -37,25 +39,17 @@ const F32: [Param; 4] = params(DType::F32);
 const F16: [Param; 4] = params(DType::F16);
 const BF16: [Param; 4] = params(DType::BF16);
 
-const fn source(
-    name: &'static str,
-    params: &'static [Param],
-    cpu: crate::backend::cpu::CpuKernelFn,
-) -> KernelSource {
-    KernelSource {
-        name,
-        params,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(cpu),
-    }
-}
-
-pub(crate) const KERNELS: &[KernelSource] = &[
-    source(NAMES[0], &F32, softmax_cpu::<f32>),
-    source(NAMES[1], &F16, softmax_cpu::<half::f16>),
-    source(NAMES[2], &BF16, softmax_cpu::<half::bf16>),
-];
+pub(crate) const KERNELS: &[KernelSource] = &float_kernels(
+    NAMES,
+    [&F32, &F16, &BF16],
+    CUDA,
+    MSL,
+    [
+        softmax_cpu::<f32>,
+        softmax_cpu::<half::f16>,
+        softmax_cpu::<half::bf16>,
+    ],
+);
 
 /// Softmax of every row of `x` over its last dimension (any rank ≥ 1), into a fresh buffer of
 /// the shape and dtype of `x` (f32, f16 or bf16; arithmetic in f32). `-inf` entries (masked

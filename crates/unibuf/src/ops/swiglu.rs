@@ -1,7 +1,7 @@
 //! SwiGLU's gated activation: `out = silu(gate) * up = gate / (1 + exp(-gate)) * up`,
 //! elementwise over two tensors of one shape.
 
-use super::row_common::{by_dtype, expect_len, HostFloat};
+use super::row_common::{by_dtype, expect_len, float_kernels, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, kernel, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -44,25 +44,17 @@ const F32: [Param; 4] = params(DType::F32);
 const F16: [Param; 4] = params(DType::F16);
 const BF16: [Param; 4] = params(DType::BF16);
 
-const fn source(
-    name: &'static str,
-    params: &'static [Param],
-    cpu: crate::backend::cpu::CpuKernelFn,
-) -> KernelSource {
-    KernelSource {
-        name,
-        params,
-        cuda: Some(CUDA),
-        msl: Some(MSL),
-        cpu: Some(cpu),
-    }
-}
-
-pub(crate) const KERNELS: &[KernelSource] = &[
-    source(NAMES[0], &F32, swiglu_cpu::<f32>),
-    source(NAMES[1], &F16, swiglu_cpu::<half::f16>),
-    source(NAMES[2], &BF16, swiglu_cpu::<half::bf16>),
-];
+pub(crate) const KERNELS: &[KernelSource] = &float_kernels(
+    NAMES,
+    [&F32, &F16, &BF16],
+    CUDA,
+    MSL,
+    [
+        swiglu_cpu::<f32>,
+        swiglu_cpu::<half::f16>,
+        swiglu_cpu::<half::bf16>,
+    ],
+);
 
 /// `silu(gate) * up` elementwise, into a fresh buffer of the shape and dtype of `gate` (f32,
 /// f16 or bf16; `up` the same dtype and shape; arithmetic in f32). Returns once queued.
