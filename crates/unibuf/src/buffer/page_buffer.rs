@@ -34,16 +34,28 @@ unsafe impl Sync for PageBuffer {}
 impl PageBuffer {
     /// `len` zeroed bytes, page-aligned; the allocation is rounded up to whole pages.
     pub fn new(len: usize) -> Result<PageBuffer> {
+        PageBuffer::aligned(len, crate::backend::cpu::host_page_size())
+    }
+
+    /// `len` zeroed bytes starting on a multiple of `align` (a power of two; the page size or
+    /// more, e.g. 2 MiB for huge pages); the allocation is rounded up to a multiple of `align`.
+    pub fn aligned(len: usize, align: usize) -> Result<PageBuffer> {
         let page = crate::backend::cpu::host_page_size();
+        if !align.is_power_of_two() || align < page {
+            return Err(Error::invalid(
+                "PageBuffer alignment",
+                format!("{align} is not a power of two of at least the page size ({page})"),
+            ));
+        }
         let size = len
             .max(1)
-            .checked_next_multiple_of(page)
+            .checked_next_multiple_of(align)
             .ok_or(Error::NeverFits {
                 requested: len,
                 limit: isize::MAX as usize,
                 limit_name: "host address space",
             })?;
-        let layout = Layout::from_size_align(size, page).map_err(|_| Error::NeverFits {
+        let layout = Layout::from_size_align(size, align).map_err(|_| Error::NeverFits {
             requested: len,
             limit: isize::MAX as usize,
             limit_name: "host address space",
@@ -85,7 +97,7 @@ impl DerefMut for PageBuffer {
 
 impl Drop for PageBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
+        // SAFETY: allocated in `aligned` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
@@ -109,5 +121,23 @@ impl std::fmt::Debug for PageBuffer {
         f.debug_struct("PageBuffer")
             .field("len", &self.len)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_memory_starts_on_the_alignment_and_bad_alignments_are_refused() {
+        let b = PageBuffer::aligned(10, 2 << 20).unwrap();
+        assert_eq!(b.as_bytes_ptr() as usize % (2 << 20), 0);
+        assert_eq!((b.len(), b.iter().all(|&v| v == 0)), (10, true));
+        for align in [3, 64, 3 << 20] {
+            assert!(matches!(
+                PageBuffer::aligned(10, align),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
     }
 }

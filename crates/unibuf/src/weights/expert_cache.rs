@@ -21,16 +21,14 @@
 use super::header::TensorInfo;
 use super::load::TENSOR_ALIGN;
 use super::WeightsFile;
-use crate::buffer::{Buffer, HostMemory};
+use crate::buffer::{Buffer, HostMemory, PageBuffer};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::queue::Queue;
 use crate::storage::StorageMode;
-use std::alloc::Layout;
 use std::collections::HashMap;
-use std::ptr::NonNull;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -251,59 +249,6 @@ struct State {
     stats: ExpertStats,
 }
 
-/// Host memory aligned to [`READ_ALIGN`], owned by the External buffer that wraps it.
-struct AlignedHost {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the memory is owned exclusively, like a Box<[u8]>.
-unsafe impl Send for AlignedHost {}
-// SAFETY: no shared access hands out references; the buffer wrapping it arbitrates access.
-unsafe impl Sync for AlignedHost {}
-
-impl AlignedHost {
-    fn new(bytes: usize) -> Result<AlignedHost> {
-        let size = bytes.max(1).next_multiple_of(READ_ALIGN);
-        let layout = Layout::from_size_align(size, READ_ALIGN).map_err(|_| Error::NeverFits {
-            requested: bytes,
-            limit: isize::MAX as usize,
-            limit_name: "host address space",
-        })?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or(
-            Error::OutOfMemory {
-                requested: size,
-                reserved: 0,
-                free: 0,
-                largest_free: 0,
-            },
-        )?;
-        Ok(AlignedHost { ptr, layout })
-    }
-}
-
-impl Drop for AlignedHost {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
-// SAFETY: the allocation does not move with the value, lives until drop, and is written only
-// through the External buffer that owns it (under its host write guard).
-unsafe impl HostMemory for AlignedHost {
-    fn as_bytes_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-    fn byte_len(&self) -> usize {
-        self.layout.size()
-    }
-    fn writable(&self) -> bool {
-        true
-    }
-}
-
 struct Shared {
     dev: Device,
     file: WeightsFile,
@@ -382,7 +327,7 @@ impl ExpertCache {
             .max(1);
         let mut reads = Vec::with_capacity(READ_BUFFERS);
         for i in 0..READ_BUFFERS {
-            let mem = AlignedHost::new(largest)?;
+            let mem = PageBuffer::aligned(largest.next_multiple_of(READ_ALIGN), READ_ALIGN)?;
             let len = mem.byte_len();
             let b =
                 dev.wrap_external(&format!("expert read buffer {i}"), mem, DType::U8, &[len])?;
