@@ -14,6 +14,7 @@ mod demo;
 mod info;
 mod load;
 mod replay;
+mod rng;
 
 use clap::{Parser, Subcommand};
 use std::fmt;

@@ -58,20 +58,11 @@ struct Case<'a> {
     launch: Launch<'a>,
 }
 
-/// Random values in about [-2, 2), from a fixed-seed SplitMix64 stream: the figures do not
-/// depend on the values, only NaN-free non-trivial inputs are needed.
+/// Random values in [-2, 2) from a fixed seed: the figures do not depend on the values, only
+/// NaN-free non-trivial inputs are needed.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
+    let mut rng = crate::rng::SplitMix64(seed);
+    (0..n).map(|_| 2.0 * rng.symmetric()).collect()
 }
 
 fn filled<T: Element>(

@@ -28,7 +28,6 @@ mod config;
 mod kernels;
 mod model;
 mod reference;
-mod rng;
 mod weights_file;
 
 use crate::{Context, Failure};
@@ -322,7 +321,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
         fmt_bytes(expert_bytes * (cfg.layers * cfg.experts) as u64),
     )?;
 
-    let first = rng::SplitMix64(args.seed ^ 0x70c3).below(cfg.vocab);
+    let first = crate::rng::SplitMix64(args.seed ^ 0x70c3).below(cfg.vocab);
     let steps = model.decode(first)?;
     let (total, min, max) = timing(&steps);
     writeln!(

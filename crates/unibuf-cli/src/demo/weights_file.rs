@@ -19,7 +19,7 @@
 //! keeps activations of order one (variance about 1 / fan-in).
 
 use super::config::Config;
-use super::rng::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::Failure;
 use half::f16;
 use safetensors::{Dtype, View};

@@ -1,6 +1,6 @@
 //! SplitMix64 (Steele, Lea and Flood, 2014): a tiny, well-mixed, seedable generator.
-//! Hand-written because the demo needs reproducible noise, not cryptography, and the tool has
-//! no `rand` dependency.
+//! Hand-written because the demo and the benchmarks need reproducible noise, not
+//! cryptography, and the tool has no `rand` dependency.
 
 #[derive(Clone, Debug)]
 pub struct SplitMix64(pub u64);
