@@ -6,7 +6,7 @@
 //! measurement on the same file is `bench/peers/torch_safetensors.py`.
 
 use crate::load::json_str;
-use crate::{open_device, Context, Failure};
+use crate::{Context, Failure};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,16 +41,7 @@ pub struct Args {
 /// Runs the benchmark and prints its table.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     let file = WeightsFile::open(&args.file).context("opening the weights file")?;
-    let (dev, how) = match args.staging {
-        None => open_device(args.backend.as_deref())?,
-        Some((chunk, count)) => {
-            let mut b = unibuf::Device::builder().staging(chunk, count);
-            if let Some(name) = &args.backend {
-                b = b.backend(name);
-            }
-            (b.open().context("opening the device")?, "--staging")
-        }
-    };
+    let (dev, how) = super::open_with_staging(args.backend.as_deref(), args.staging)?;
     let bytes = file.data_len();
     // Warm the page cache: read every tensor once.
     let warm = Instant::now();

@@ -187,17 +187,23 @@ fn ceiling_for(dev: &unibuf::Device) -> Box<dyn ceiling::Ceiling> {
     Box::new(ceiling::HostCeiling)
 }
 
-fn run_transfers(args: &TransferArgs, out: &mut dyn Write) -> Result<(), Failure> {
-    let (dev, how) = match args.staging {
-        None => open_device(args.backend.as_deref())?,
-        Some((chunk, count)) => {
-            let mut b = unibuf::Device::builder().staging(chunk, count);
-            if let Some(name) = &args.backend {
-                b = b.backend(name);
-            }
-            (b.open().context("opening the device")?, "--staging")
-        }
+/// Opens the device as `open_device` does, with the staging ring `--staging` asked for.
+fn open_with_staging(
+    backend: Option<&str>,
+    staging: Option<(usize, usize)>,
+) -> Result<(unibuf::Device, &'static str), Failure> {
+    let Some((chunk, count)) = staging else {
+        return open_device(backend);
     };
+    let mut b = unibuf::Device::builder().staging(chunk, count);
+    if let Some(name) = backend {
+        b = b.backend(name);
+    }
+    Ok((b.open().context("opening the device")?, "--staging"))
+}
+
+fn run_transfers(args: &TransferArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let (dev, how) = open_with_staging(args.backend.as_deref(), args.staging)?;
     let mut ceiling = ceiling_for(&dev);
     writeln!(
         out,
