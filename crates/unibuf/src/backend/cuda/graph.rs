@@ -3,6 +3,7 @@
 //! one `cuGraphLaunch` on the queue's stream, whatever the number of kernels in it.
 
 use super::driver::{check, CuError};
+use super::stream::new_stream;
 use crate::backend::BatchedLaunch;
 use crate::error::Result;
 use cudarc::driver::sys;
@@ -45,18 +46,8 @@ impl Graphs {
         let stream = match st.capture {
             Some(s) => s,
             None => {
-                let mut s: sys::CUstream = std::ptr::null_mut();
-                // SAFETY: valid out-pointer; the context is current (the caller bound it).
-                check(
-                    unsafe {
-                        sys::cuStreamCreate(
-                            &mut s,
-                            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                        )
-                    },
-                    "cuStreamCreate",
-                )
-                .map_err(|e| e.into_error("creating the graph capture stream"))?;
+                let s =
+                    new_stream().map_err(|e| e.into_error("creating the graph capture stream"))?;
                 st.capture = Some(s);
                 s
             }

@@ -65,20 +65,26 @@ fn poll(code: CUresult, call: &'static str) -> Poll {
     }
 }
 
+/// A new stream of the current context. Non-blocking: no implicit synchronisation with the
+/// legacy default stream that other libraries may use.
+pub(super) fn new_stream() -> Result<sys::CUstream, CuError> {
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: the out-pointer is valid; callers have the context current.
+    check(
+        unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        },
+        "cuStreamCreate",
+    )?;
+    Ok(stream)
+}
+
 impl CudaQueue {
     pub fn create(id: QueueId) -> Result<CudaQueue, CuError> {
-        let mut stream: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: the out-pointer is valid; the context is current. Non-blocking: no implicit
-        // synchronisation with the legacy default stream that other libraries may use.
-        check(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate",
-        )?;
+        let stream = new_stream()?;
         Ok(CudaQueue {
             id,
             stream,
