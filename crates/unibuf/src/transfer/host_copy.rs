@@ -68,13 +68,7 @@ impl HostCopyPool {
                     for p in rx {
                         // SAFETY: `copy` blocks until every piece is done, so both ranges stay
                         // valid; they do not overlap (the caller's contract).
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                p.src as *const u8,
-                                p.dst as *mut u8,
-                                p.len,
-                            )
-                        };
+                        unsafe { copy_piece(p.dst as *mut u8, p.src as *const u8, p.len) };
                         p.latch.done();
                     }
                 });

@@ -1,0 +1,85 @@
+// What each virtual-memory driver call costs, one granule at a time and in larger pieces, to
+// decide where the allocator's map/unmap time goes (cuMemCreate, cuMemMap, cuMemSetAccess,
+// cuMemUnmap, cuMemRelease). Standalone: nvcc -O3 bench/tune/vmm_calls.cu -lcuda -o /tmp/vmmcalls
+#include <cuda.h>
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#define CK(x) do { CUresult r = (x); if (r != CUDA_SUCCESS) { const char* s; cuGetErrorString(r, &s); printf("%s: %s\n", #x, s); return 1; } } while (0)
+
+static double now_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int main() {
+    CK(cuInit(0));
+    CUdevice dev;
+    CK(cuDeviceGet(&dev, 0));
+    CUcontext ctx;
+    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
+    CK(cuCtxSetCurrent(ctx));
+    CUmemAllocationProp prop = {};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = 0;
+    size_t g = 0;
+    CK(cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    CUmemAccessDesc access = {};
+    access.location = prop.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    const int n = 256;
+    CUdeviceptr base;
+    CK(cuMemAddressReserve(&base, n * g * 8, g, 0, 0));
+    printf("granule %zu KiB, %d granules per row\n", g >> 10, n);
+    printf("%-10s %10s %10s %10s %10s %10s  (us per call)\n", "piece", "create", "map", "access", "unmap", "release");
+    for (int per : {1, 4, 16}) {
+        const size_t piece = per * g;
+        const int calls = n / per;
+        std::vector<CUmemGenericAllocationHandle> h(calls);
+        double t0 = now_us();
+        for (int i = 0; i < calls; ++i) CK(cuMemCreate(&h[i], piece, &prop, 0));
+        double t1 = now_us();
+        for (int i = 0; i < calls; ++i) CK(cuMemMap(base + i * piece, piece, 0, h[i], 0));
+        double t2 = now_us();
+        for (int i = 0; i < calls; ++i) CK(cuMemSetAccess(base + i * piece, piece, &access, 1));
+        double t3 = now_us();
+        // Touch the memory so unmapping has real mappings to tear down.
+        CK(cuMemsetD8(base, 1, n * g));
+        CK(cuCtxSynchronize());
+        double t4 = now_us();
+        for (int i = 0; i < calls; ++i) CK(cuMemUnmap(base + i * piece, piece));
+        double t5 = now_us();
+        for (int i = 0; i < calls; ++i) CK(cuMemRelease(h[i]));
+        double t6 = now_us();
+        printf("%-7zu MiB %10.1f %10.1f %10.1f %10.1f %10.1f\n", piece >> 20, (t1 - t0) / calls,
+               (t2 - t1) / calls, (t3 - t2) / calls, (t5 - t4) / calls, (t6 - t5) / calls);
+    }
+    // Remapping kept handles (no create/release): unmap one granule and map it back elsewhere.
+    {
+        std::vector<CUmemGenericAllocationHandle> h(n);
+        for (int i = 0; i < n; ++i) CK(cuMemCreate(&h[i], g, &prop, 0));
+        for (int i = 0; i < n; ++i) CK(cuMemMap(base + i * g, g, 0, h[i], 0));
+        CK(cuMemSetAccess(base, n * g, &access, 1));
+        double t0 = now_us();
+        for (int i = 0; i < n; ++i) {
+            CK(cuMemUnmap(base + i * g, g));
+            CK(cuMemMap(base + (n + i) * g, g, 0, h[i], 0));
+            CK(cuMemSetAccess(base + (n + i) * g, g, &access, 1));
+        }
+        double t1 = now_us();
+        printf("remap a kept handle (unmap + map + access): %.1f us per granule\n", (t1 - t0) / n);
+        // One access call over a range of separately mapped granules.
+        t0 = now_us();
+        CK(cuMemSetAccess(base + n * g, n * g, &access, 1));
+        t1 = now_us();
+        printf("access over %d separately mapped granules in one call: %.1f us\n", n, t1 - t0);
+        t0 = now_us();
+        CK(cuMemUnmap(base + n * g, n * g));
+        t1 = now_us();
+        printf("unmap of %d separately mapped granules in one call: %.1f us\n", n, t1 - t0);
+        for (int i = 0; i < n; ++i) CK(cuMemRelease(h[i]));
+    }
+    CK(cuMemAddressFree(base, n * g * 8));
+    return 0;
+}
