@@ -10,6 +10,7 @@
 #             the GPU on purpose; MEMCHECK_FILTERS narrows it, e.g. "ops_ kernels::")
 #   kernels   unibuf bench kernels, then bench/peers/torch_kernels.py
 #   launch    unibuf bench launch, then bench/peers/torch_launch.py
+#   transfers unibuf bench transfers at 16 MiB, 256 MiB and 1 GiB, then bench/peers/torch_transfers.py
 #   alloc     unibuf replay of the trace (virtual memory, simulated), unibuf bench alloc
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
 #
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 export UNIBUF_BACKEND=cuda
 export UNIBUF_CACHE_DIR=${UNIBUF_CACHE_DIR:-/tmp/unibuf-kernel-cache}
-parts=${PARTS:-"tests memcheck kernels launch alloc load"}
+parts=${PARTS:-"tests memcheck kernels launch transfers alloc load"}
 unibuf=.gpu/bin/unibuf
 status=0
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -50,6 +51,11 @@ if has launch; then
     stage "launch"
     $unibuf bench launch || status=1
     python3 bench/peers/torch_launch.py || status=1
+fi
+if has transfers; then
+    stage "transfers"
+    $unibuf bench transfers --sizes 16M,256M,1G --samples 5 --json "$OUT/transfers.json" || status=1
+    python3 bench/peers/torch_transfers.py || status=1
 fi
 if has alloc; then
     stage "allocator"
