@@ -84,6 +84,96 @@ mod cuda {
     /// Raw driver transfers on the primary context of GPU 0 with one stream.
     pub struct DriverCeiling {
         stream: sys::CUstream,
+        held: Option<Held>,
+    }
+
+    /// The memory of the last size measured, kept so that samples of the ceiling can be
+    /// interleaved with unibuf's without allocating (a GiB of pinned memory takes a fraction
+    /// of a second to allocate) between them.
+    struct Held {
+        bytes: usize,
+        device: sys::CUdeviceptr,
+        device2: sys::CUdeviceptr,
+        /// Null until an op needs pinned memory.
+        pinned: *mut c_void,
+        /// Empty until an op needs pageable memory.
+        pageable: Vec<u8>,
+    }
+
+    impl Held {
+        /// Frees everything; the stream must be idle.
+        ///
+        /// # Safety
+        /// No work on the memory is pending.
+        unsafe fn free(self) {
+            // SAFETY: allocated by `DriverCeiling::held`; idle (the contract).
+            unsafe {
+                if !self.pinned.is_null() {
+                    sys::cuMemFreeHost(self.pinned);
+                }
+                sys::cuMemFree_v2(self.device);
+                sys::cuMemFree_v2(self.device2);
+            }
+        }
+    }
+
+    impl DriverCeiling {
+        /// Device memory for `bytes`, with pinned or pageable host memory if asked; the
+        /// previous size's memory is freed first.
+        fn held(&mut self, bytes: usize, pinned: bool, pageable: bool) -> Option<&mut Held> {
+            // SAFETY: plain driver calls with valid out-pointers on the stream's context;
+            // memory is freed only after the stream is synchronised.
+            unsafe {
+                let mut c = std::ptr::null_mut();
+                sys::cuStreamGetCtx(self.stream, &mut c);
+                ok(sys::cuCtxSetCurrent(c))?;
+                if self.held.as_ref().is_some_and(|h| h.bytes != bytes) {
+                    sys::cuStreamSynchronize(self.stream);
+                    if let Some(h) = self.held.take() {
+                        h.free();
+                    }
+                }
+                if self.held.is_none() {
+                    let mut d: sys::CUdeviceptr = 0;
+                    ok(sys::cuMemAlloc_v2(&mut d, bytes))?;
+                    let mut d2: sys::CUdeviceptr = 0;
+                    if ok(sys::cuMemAlloc_v2(&mut d2, bytes)).is_none() {
+                        sys::cuMemFree_v2(d);
+                        return None;
+                    }
+                    self.held = Some(Held {
+                        bytes,
+                        device: d,
+                        device2: d2,
+                        pinned: std::ptr::null_mut(),
+                        pageable: Vec::new(),
+                    });
+                }
+                let h = self.held.as_mut()?;
+                if pinned && h.pinned.is_null() {
+                    let mut p: *mut c_void = std::ptr::null_mut();
+                    ok(sys::cuMemHostAlloc(&mut p, bytes, 0))?;
+                    std::ptr::write_bytes(p.cast::<u8>(), 7, bytes);
+                    h.pinned = p;
+                }
+                if pageable && h.pageable.is_empty() {
+                    h.pageable = vec![7u8; bytes];
+                }
+                Some(h)
+            }
+        }
+    }
+
+    impl Drop for DriverCeiling {
+        fn drop(&mut self) {
+            if let Some(h) = self.held.take() {
+                // SAFETY: the stream is synchronised before the memory goes.
+                unsafe {
+                    sys::cuStreamSynchronize(self.stream);
+                    h.free();
+                }
+            }
+        }
     }
 
     impl DriverCeiling {
@@ -103,7 +193,7 @@ mod cuda {
                 ok(sys::cuCtxSetCurrent(ctx))?;
                 let mut stream = std::ptr::null_mut();
                 ok(sys::cuStreamCreate(&mut stream, 1))?;
-                Some(DriverCeiling { stream })
+                Some(DriverCeiling { stream, held: None })
             }
         }
 
@@ -206,54 +296,31 @@ mod cuda {
         }
 
         fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64> {
-            // SAFETY: every pointer below is allocated here for `bytes` bytes and freed after
-            // the stream is synchronised; the context is current on this thread.
+            let pinned_op = matches!(
+                op,
+                "h2d_pinned" | "h2d_external" | "d2h_pinned" | "d2h_external"
+            );
+            let pageable_op = matches!(op, "h2d_pageable" | "d2h_pageable");
+            let s = self.stream;
+            let held = self.held(bytes, pinned_op, pageable_op)?;
+            let (d, d2, pinned) = (held.device, held.device2, held.pinned);
+            let pageable = held.pageable.as_mut_ptr().cast::<c_void>();
+            // SAFETY: every pointer was allocated by `held` for at least `bytes` bytes (the
+            // pinned and pageable ones when the op needs them) and lives until the next size
+            // or the end of the process; each timed op ends with a stream synchronisation.
             unsafe {
-                ok(sys::cuCtxSetCurrent({
-                    let mut c = std::ptr::null_mut();
-                    sys::cuStreamGetCtx(self.stream, &mut c);
-                    c
-                }))?;
-                let mut d: sys::CUdeviceptr = 0;
-                ok(sys::cuMemAlloc_v2(&mut d, bytes))?;
-                let mut d2: sys::CUdeviceptr = 0;
-                if ok(sys::cuMemAlloc_v2(&mut d2, bytes)).is_none() {
-                    sys::cuMemFree_v2(d);
-                    return None;
-                }
-                let mut pinned: *mut c_void = std::ptr::null_mut();
-                let have_pinned = ok(sys::cuMemHostAlloc(&mut pinned, bytes, 0)).is_some();
-                if have_pinned {
-                    std::ptr::write_bytes(pinned.cast::<u8>(), 7, bytes);
-                }
-                let mut pageable = vec![7u8; bytes];
-                let s = self.stream;
-                let t = match op {
-                    "h2d_pinned" | "h2d_external" if have_pinned => {
-                        self.time(bytes, samples, || {
-                            ok(sys::cuMemcpyHtoDAsync_v2(d, pinned, bytes, s))
-                        })
-                    }
-                    "d2h_pinned" | "d2h_external" if have_pinned => {
-                        self.time(bytes, samples, || {
-                            ok(sys::cuMemcpyDtoHAsync_v2(pinned, d, bytes, s))
-                        })
-                    }
+                match op {
+                    "h2d_pinned" | "h2d_external" => self.time(bytes, samples, || {
+                        ok(sys::cuMemcpyHtoDAsync_v2(d, pinned, bytes, s))
+                    }),
+                    "d2h_pinned" | "d2h_external" => self.time(bytes, samples, || {
+                        ok(sys::cuMemcpyDtoHAsync_v2(pinned, d, bytes, s))
+                    }),
                     "h2d_pageable" => self.time(bytes, samples, || {
-                        ok(sys::cuMemcpyHtoDAsync_v2(
-                            d,
-                            pageable.as_ptr().cast(),
-                            bytes,
-                            s,
-                        ))
+                        ok(sys::cuMemcpyHtoDAsync_v2(d, pageable, bytes, s))
                     }),
                     "d2h_pageable" => self.time(bytes, samples, || {
-                        ok(sys::cuMemcpyDtoHAsync_v2(
-                            pageable.as_mut_ptr().cast(),
-                            d,
-                            bytes,
-                            s,
-                        ))
+                        ok(sys::cuMemcpyDtoHAsync_v2(pageable, d, bytes, s))
                     }),
                     "d2d_copy" => self.time(bytes, samples, || {
                         ok(sys::cuMemcpyDtoDAsync_v2(d2, d, bytes, s))
@@ -265,14 +332,7 @@ mod cuda {
                         ok(sys::cuMemsetD32Async(d, 0x0102_0304, bytes / 4, s))
                     }),
                     _ => None,
-                };
-                sys::cuStreamSynchronize(s);
-                if have_pinned {
-                    sys::cuMemFreeHost(pinned);
                 }
-                sys::cuMemFree_v2(d);
-                sys::cuMemFree_v2(d2);
-                t
             }
         }
     }

@@ -114,16 +114,23 @@ pub fn run(
         let bytes = bytes.next_multiple_of(8);
         let mut b = buffers(dev, bytes)?;
         for (op, factor, ceiling_op, same_op) in OPS.into_iter().filter(|o| o.0.contains(only)) {
-            let t = ours(dev, &mut b, op, bytes, samples)?;
+            // Samples alternate between unibuf and the ceiling, so that both see the same
+            // clocks: measured one after the other, whichever ran first after a stretch of
+            // host-bound transfers paid for the GPU ramping its clocks back up (device copies
+            // read 0.88-0.93 of the driver that way in a full run, 0.99-1.00 run alone).
+            let (mut t, mut c, mut same) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..samples.max(1) {
+                t.push(ours(dev, &mut b, op, bytes, 1)?);
+                c.extend(ceiling.seconds(ceiling_op, bytes, 1));
+                same.extend(same_op.and_then(|o| ceiling.seconds(o, bytes, 1)));
+            }
             let gbps = |secs: f64| factor * bytes as f64 / secs / 1e9;
             let row = Row {
                 op,
                 bytes,
-                unibuf_gbps: gbps(t),
-                ceiling_gbps: ceiling.seconds(ceiling_op, bytes, samples).map(gbps),
-                same_path_gbps: same_op
-                    .and_then(|o| ceiling.seconds(o, bytes, samples))
-                    .map(gbps),
+                unibuf_gbps: median(&mut t).map_or(0.0, gbps),
+                ceiling_gbps: median(&mut c).map(gbps),
+                same_path_gbps: median(&mut same).map(gbps),
             };
             progress(&row);
             rows.push(row);
@@ -132,4 +139,10 @@ pub fn run(
         dev.trim();
     }
     Ok(rows)
+}
+
+/// The median of `v`, `None` when empty.
+fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
 }
