@@ -10,8 +10,9 @@ pub trait Ceiling {
     fn name(&self) -> &'static str;
     /// Seconds for one transfer of `op` over `bytes` (median), or `None` if not measurable.
     fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64>;
-    /// Host seconds per launch of an empty kernel, `count` back to back (median of `samples`).
-    fn launch_seconds(&mut self, _count: usize, _samples: usize) -> Option<f64> {
+    /// Host seconds per launch of an empty kernel, `count` per sample timed in bursts of
+    /// `burst` with the device drained between them (median of `samples`).
+    fn launch_seconds(&mut self, _count: usize, _burst: usize, _samples: usize) -> Option<f64> {
         None
     }
     /// Nanoseconds per alloc+free pair of `size` bytes with the platform's own allocator.
@@ -252,16 +253,18 @@ mod cuda {
             }
         }
 
-        fn launch_seconds(&mut self, count: usize, samples: usize) -> Option<f64> {
+        fn launch_seconds(&mut self, count: usize, burst: usize, samples: usize) -> Option<f64> {
             let function = noop_function()?;
             let mut out: sys::CUdeviceptr = 0;
             // SAFETY: valid out-pointer; the context is current.
             ok(unsafe { sys::cuMemAlloc_v2(&mut out, 4) })?;
             let mut n: u32 = 0;
-            let mut times = Vec::new();
-            for sample in 0..=samples {
-                let t = std::time::Instant::now();
-                for _ in 0..count {
+            let stream = self.stream;
+            let t = super::super::launch::per_launch_seconds(
+                count,
+                burst,
+                samples,
+                || {
                     let mut params: [*mut c_void; 2] =
                         [(&mut out as *mut u64).cast(), (&mut n as *mut u32).cast()];
                     // SAFETY: a loaded kernel taking (unsigned int*, unsigned int); `params`
@@ -276,23 +279,22 @@ mod cuda {
                             1,
                             1,
                             0,
-                            self.stream,
+                            stream,
                             params.as_mut_ptr(),
                             std::ptr::null_mut(),
                         )
-                    })?;
-                }
-                let per = t.elapsed().as_secs_f64() / count as f64;
+                    })
+                    .ok_or(())
+                },
                 // SAFETY: a live stream.
-                ok(unsafe { sys::cuStreamSynchronize(self.stream) })?;
-                if sample > 0 {
-                    times.push(per);
-                }
-            }
+                || ok(unsafe { sys::cuStreamSynchronize(stream) }).ok_or(()),
+            );
             // SAFETY: allocated above; the stream is synchronised.
-            unsafe { sys::cuMemFree_v2(out) };
-            times.sort_by(|a, b| a.total_cmp(b));
-            times.get(times.len() / 2).copied()
+            unsafe {
+                sys::cuStreamSynchronize(stream);
+                sys::cuMemFree_v2(out);
+            }
+            t.ok()
         }
 
         fn seconds(&mut self, op: &str, bytes: usize, samples: usize) -> Option<f64> {

@@ -145,21 +145,35 @@ fn run_launch(args: &LaunchArgs, out: &mut dyn Write) -> Result<(), Failure> {
         args.count,
         args.samples
     )?;
-    writeln!(out, "{:<28} {:>10}", "launch (empty kernel)", "us/launch")?;
     writeln!(
         out,
-        "{:<28} {:>10.3}",
-        "unibuf (checked, labelled)", f.unibuf_us
+        "{:<28} {:>10} {:>10}   (us per launch; burst: {} launches, then an untimed drain)",
+        "launch (empty kernel)",
+        "burst",
+        "sustained",
+        launch::BURST
     )?;
-    match f.ceiling_us {
-        Some(c) => writeln!(
+    writeln!(
+        out,
+        "{:<28} {:>10.3} {:>10.3}",
+        "unibuf (checked, labelled)", f.unibuf_us, f.unibuf_sustained_us
+    )?;
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    write!(
+        out,
+        "{:<28} {:>10} {:>10}",
+        ceiling.name(),
+        cell(f.ceiling_us),
+        cell(f.ceiling_sustained_us)
+    )?;
+    match (f.ceiling_us, f.ceiling_sustained_us) {
+        (Some(b), Some(s)) => writeln!(
             out,
-            "{:<28} {:>10.3}   ratio {:.2}",
-            ceiling.name(),
-            c,
-            f.unibuf_us / c
+            "   ratio {:.2} / {:.2}",
+            f.unibuf_us / b,
+            f.unibuf_sustained_us / s
         )?,
-        None => writeln!(out, "{:<28} {:>10}", ceiling.name(), "-")?,
+        _ => writeln!(out)?,
     }
     writeln!(
         out,
