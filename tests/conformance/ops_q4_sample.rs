@@ -261,6 +261,313 @@ fn q4_rejects_bad_inputs() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// q4 matvec on int8 activations
+
+/// Checks y (f32 [batch, rows]) of the integer path against the f64 product with the
+/// *unquantised* x: each activation is within d_k / 2 of x (d_k = max |x| of its 32-block / 127,
+/// recomputed here), so |y - ref| <= sum_k d_k / 2 * sum_{i in k} |w_ri| (times 1.001 for the f32
+/// rounding of d), plus f32 rounding of the sums (1e-5 of sum |w x|).
+fn check_q8_product(y: &[f32], w: &[f64], x: &[f64], rows: usize, cols: usize, what: &str) {
+    let batch = x.len() / cols;
+    assert_eq!(y.len(), batch * rows, "{what}");
+    for b in 0..batch {
+        let xr = &x[b * cols..(b + 1) * cols];
+        let d: Vec<f64> = xr
+            .chunks(32)
+            .map(|blk| blk.iter().fold(0.0f64, |a, v| a.max(v.abs())) / 127.0)
+            .collect();
+        for r in 0..rows {
+            let wr = &w[r * cols..(r + 1) * cols];
+            let (mut want, mut mag, mut quant) = (0.0f64, 0.0f64, 0.0f64);
+            for (c, (&wv, &xv)) in wr.iter().zip(xr).enumerate() {
+                want += wv * xv;
+                mag += (wv * xv).abs();
+                quant += d[c / 32] / 2.0 * wv.abs();
+            }
+            let got = f64::from(y[b * rows + r]);
+            let bound = quant * 1.001 + 1e-5 * mag + 1e-6;
+            assert!(
+                (got - want).abs() <= bound,
+                "{what}: y[{b}, {r}] = {got}, want {want} (bound {bound}, sum |w x| = {mag})"
+            );
+        }
+    }
+}
+
+#[test]
+fn q4_matvec_q8_is_within_the_quantisation_bound() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q4_matvec_q8");
+    for group in [32, 64, 128] {
+        for rows in [1, 7, 33] {
+            // As in the f32 test: the widest case covers the CUDA kernel's 256-thread row groups
+            // and the second pass of its chunk loop.
+            let wide = if rows == 7 {
+                16384 + group
+            } else {
+                4096 + group
+            };
+            for cols in [group, wide] {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+                let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
+                let packed = q.download::<u8>(m.packed()).expect("packed");
+                let scales = q.download::<f16>(m.scales()).expect("scales");
+                let wq = dequantize(&packed, &scales, rows, cols, group);
+                for batch in [1, 3] {
+                    for xd in [DType::F32, DType::F16] {
+                        let what = format!("q8: {rows}x{cols} group {group} batch {batch} x {xd}");
+                        let shape = if batch == 1 && xd == DType::F32 {
+                            vec![cols]
+                        } else {
+                            vec![batch, cols]
+                        };
+                        let (x, xv) = upload_x(&dev, &mut rng, xd, &shape);
+                        let xq = ops::quantize_activations(&q, &x).expect(&what);
+                        let y_shape = if shape.len() == 1 {
+                            vec![rows]
+                        } else {
+                            vec![batch, rows]
+                        };
+                        let y = dev
+                            .alloc(DType::F32, &y_shape, unibuf::StorageMode::Auto)
+                            .expect("y");
+                        poison_nan(&dev, &y);
+                        ops::q4_matvec_q8_into(&q, &m, &xq, &y).expect(&what);
+                        let got = q.download::<f32>(&y).expect("y");
+                        check_q8_product(&got, &wq, &xv, rows, cols, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_matvec_q8_takes_views_at_unaligned_offsets() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q4_q8_views");
+    let (rows, cols, group) = (9, 192, 64);
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+    let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
+    let packed = q.download::<u8>(m.packed()).expect("packed");
+    let scales = q.download::<f16>(m.scales()).expect("scales");
+    let wq = dequantize(&packed, &scales, rows, cols, group);
+    // The same codes and scales one element into larger buffers: not 16-byte aligned.
+    let mut p1 = vec![0x5Au8];
+    p1.extend_from_slice(&packed);
+    let mut s1 = vec![f16::from_f32(3.0)];
+    s1.extend_from_slice(&scales);
+    let pb = dev.from_slice("packed+1", &p1, &[p1.len()]).expect("p");
+    let sb = dev.from_slice("scales+1", &s1, &[s1.len()]).expect("s");
+    let pv = pb
+        .slice(1..p1.len())
+        .unwrap()
+        .reshape(&[rows, cols / 2])
+        .unwrap();
+    let sv = sb
+        .slice(1..s1.len())
+        .unwrap()
+        .reshape(&[rows, cols / group])
+        .unwrap();
+    let m2 = Q4Matrix::from_parts(pv, sv, rows, cols, group).expect("from_parts");
+    for xd in [DType::F32, DType::F16] {
+        let (xb, xv) = upload_x(&dev, &mut rng, xd, &[2 * cols + 1]);
+        let x = xb
+            .slice(1..2 * cols + 1)
+            .unwrap()
+            .reshape(&[2, cols])
+            .unwrap();
+        let xq = ops::quantize_activations(&q, &x).expect("quantize_activations");
+        let y = ops::q4_matvec_q8(&q, &m2, &xq).expect("q4_matvec_q8");
+        assert_eq!(y.shape(), &[2, rows]);
+        let got = q.download::<f32>(&y).expect("y");
+        check_q8_product(
+            &got,
+            &wq,
+            &xv[1..],
+            rows,
+            cols,
+            &format!("q8 views, x {xd}"),
+        );
+        // The aligned matrix gives the same sums (the same integers, scaled alike).
+        let y_aligned = ops::q4_matvec_q8(&q, &m, &xq).expect("q4_matvec_q8");
+        assert_eq!(q.download::<f32>(&y_aligned).expect("y"), got, "x {xd}");
+    }
+}
+
+#[test]
+fn q8_quantisation_follows_its_definition() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("q8_quantize");
+    let (batch, cols) = (3, 128);
+    let (mut checked, mut ties) = (0usize, 0usize);
+    for xd in [DType::F32, DType::F16] {
+        let mut x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() * 3.0).collect();
+        x[32..64].fill(0.0); // row 0, block 1: all zero
+        x[cols + 64..cols + 96].fill(0.0); // row 1, block 2: one nonzero value
+        x[cols + 70] = -0.8125;
+        // Row 2, block 0: max |x| = 127, so d = 1 exactly and the halves are exact ties.
+        let ties_at = 2 * cols;
+        let exact = [
+            127.0f32, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 3.0,
+        ];
+        x[ties_at..ties_at + 32].fill(0.0);
+        x[ties_at..ties_at + exact.len()].copy_from_slice(&exact);
+        let (xb, xv): (Buffer, Vec<f32>) = match xd {
+            DType::F16 => {
+                let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                let v = h.iter().map(|h| h.to_f32()).collect();
+                (dev.from_slice("x", &h, &[batch, cols]).unwrap(), v)
+            }
+            _ => (dev.from_slice("x", &x, &[batch, cols]).unwrap(), x.clone()),
+        };
+        let xq = ops::quantize_activations(&q, &xb).expect("quantize_activations");
+        assert_eq!((xq.batch(), xq.cols()), (batch, cols));
+        assert_eq!(xq.x_shape(), &[batch, cols]);
+        assert_eq!(
+            (xq.values().dtype(), xq.values().shape()),
+            (DType::I8, &[batch, cols][..])
+        );
+        assert_eq!(
+            (xq.scales().dtype(), xq.scales().shape()),
+            (DType::F32, &[batch, cols / 32][..])
+        );
+        let values = q.download::<i8>(xq.values()).expect("values");
+        let scales = q.download::<f32>(xq.scales()).expect("scales");
+        for (k, blk) in xv.chunks(32).enumerate() {
+            let what = format!("x {xd}, block {k}");
+            let amax = blk.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+            let d_ref = amax / 127.0;
+            let d = scales[k];
+            let got = &values[32 * k..32 * (k + 1)];
+            if amax == 0.0 {
+                assert_eq!(d, 0.0, "{what}");
+                assert!(got.iter().all(|&v| v == 0), "{what}: {got:?}");
+                continue;
+            }
+            let near = d_ref as f32;
+            let ulp = f64::from(f32::from_bits(near.to_bits() + 1)) - f64::from(near);
+            assert!(
+                (f64::from(d) - d_ref).abs() <= ulp,
+                "{what}: scale {d}, want {d_ref}"
+            );
+            for (i, (&v, &g)) in blk.iter().zip(got).enumerate() {
+                let t = f64::from(v) / f64::from(d);
+                if (t.abs().fract() - 0.5).abs() < 1e-5 {
+                    ties += 1;
+                    continue;
+                }
+                let want = t.round().clamp(-127.0, 127.0) as i8;
+                assert_eq!(g, want, "{what}, value {i}: x = {v}, x / d = {t}");
+                checked += 1;
+            }
+        }
+        // The single nonzero value is the block's maximum: exactly -127, the rest 0.
+        let single = &values[cols + 64..cols + 96];
+        assert!(
+            single
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == if i == 6 { -127 } else { 0 }),
+            "x {xd}: {single:?}"
+        );
+        // Exact ties round half away from zero (to nearest even would give 2, -2, 0, 0, ...).
+        assert_eq!(scales[ties_at / 32], 1.0, "x {xd}");
+        assert_eq!(
+            &values[ties_at..ties_at + exact.len()],
+            &[127, 3, -3, 1, -1, 2, -2, 127, -127, 3],
+            "x {xd}"
+        );
+        // Into existing activations: the same result.
+        let again = ops::Q8Activations::alloc(&dev, "xq", &[batch, cols]).expect("alloc");
+        poison(&dev, again.values());
+        poison(&dev, again.scales());
+        ops::quantize_activations_into(&q, &xb, &again).expect("into");
+        assert_eq!(q.download::<i8>(again.values()).unwrap(), values);
+        assert_eq!(q.download::<f32>(again.scales()).unwrap(), scales);
+    }
+    assert!(checked > 40 * ties.max(1), "{checked} checked, {ties} ties");
+    // A vector x: batch 1, and a product of shape [rows].
+    let xb = dev.from_slice("x", &[0.5f32; 64], &[64]).unwrap();
+    let xq = ops::quantize_activations(&q, &xb).expect("vector");
+    assert_eq!(
+        (xq.batch(), xq.cols(), xq.x_shape()),
+        (1, 64, &[64usize][..])
+    );
+    let m = Q4Matrix::quantize(&dev, "w", &[0.25f32; 3 * 64], 3, 64, 32).expect("quantize");
+    assert_eq!(ops::q4_matvec_q8(&q, &m, &xq).unwrap().shape(), &[3]);
+}
+
+#[test]
+fn q8_rejects_bad_inputs() {
+    let dev = device();
+    let q = dev.queue();
+    // Quantisation: cols, batch, dtype, rank, and the target's shape.
+    let x40 = dev.from_slice("x", &[1.0f32; 40], &[40]).unwrap();
+    expect_invalid(ops::quantize_activations(&q, &x40), "multiple of 32");
+    let x0 = dev.from_slice::<f32>("x", &[], &[0, 32]).unwrap();
+    expect_invalid(ops::quantize_activations(&q, &x0), "batch of 0");
+    let x_bf = dev.from_slice("x", &[bf16::ONE; 64], &[64]).unwrap();
+    expect_invalid(ops::quantize_activations(&q, &x_bf), "f32 or f16");
+    let cube = dev.from_slice("x", &[1.0f32; 128], &[2, 2, 32]).unwrap();
+    assert!(matches!(
+        ops::quantize_activations(&q, &cube),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    expect_invalid(ops::Q8Activations::alloc(&dev, "xq", &[2, 33]), "33");
+    let xq2 = ops::Q8Activations::alloc(&dev, "xq", &[2, 64]).unwrap();
+    let x64 = dev.from_slice("x", &[1.0f32; 64], &[64]).unwrap();
+    assert!(matches!(
+        ops::quantize_activations_into(&q, &x64, &xq2),
+        Err(Error::ShapeMismatch { .. })
+    ));
+
+    // The matvec: the activations' columns, batch and device; y's shape and dtype.
+    let m = Q4Matrix::quantize(&dev, "w", &[0.25f32; 2 * 64], 2, 64, 32).expect("quantize");
+    let x96 = dev.from_slice("x", &[1.0f32; 96], &[96]).unwrap();
+    let xq96 = ops::quantize_activations(&q, &x96).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_q8(&q, &m, &xq96),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let x9 = dev.from_slice("x", &[1.0f32; 9 * 64], &[9, 64]).unwrap();
+    let xq9 = ops::quantize_activations(&q, &x9).expect("any batch quantises");
+    expect_invalid(ops::q4_matvec_q8(&q, &m, &xq9), "batch of 9");
+    let xq = ops::quantize_activations(&q, &x64).unwrap();
+    let y_bad = dev.from_slice("y", &[0.0f32; 3], &[3]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_q8_into(&q, &m, &xq, &y_bad),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let y_batch = dev.from_slice("y", &[0.0f32; 2], &[1, 2]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_q8_into(&q, &m, &xq, &y_batch),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let y_f16 = dev.from_slice("y", &[f16::ZERO; 2], &[2]).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_q8_into(&q, &m, &xq, &y_f16),
+        Err(Error::DTypeMismatch {
+            expected: DType::F32,
+            ..
+        })
+    ));
+    let other = device();
+    let x_other = other.from_slice("x", &[1.0f32; 64], &[64]).unwrap();
+    let xq_other = ops::quantize_activations(&other.queue(), &x_other).unwrap();
+    assert!(matches!(
+        ops::q4_matvec_q8(&q, &m, &xq_other),
+        Err(Error::WrongDevice { .. })
+    ));
+    // Nothing refused above reached a device.
+    q.drain().expect("no fault");
+    other.queue().drain().expect("no fault");
+}
+
+// ---------------------------------------------------------------------------------------------
 // sampling
 
 /// The exact algorithm in f64 for one row: `Some(token)`, or `None` when a decision lies within

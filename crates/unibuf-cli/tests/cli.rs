@@ -433,6 +433,8 @@ fn bench_kernels_times_every_op_on_the_device() {
         "swiglu f16",
         "rope neox f16",
         "q4 matvec",
+        "q4 matvec q8",
+        "quantize q8",
         "sample top-k 50",
     ] {
         assert!(
@@ -441,7 +443,7 @@ fn bench_kernels_times_every_op_on_the_device() {
         );
     }
     let text = std::fs::read_to_string(&json).unwrap();
-    assert_eq!(text.matches("\"op\":").count(), 11, "{text}");
+    assert_eq!(text.matches("\"op\":").count(), 13, "{text}");
     assert!(
         !text.contains("\"device_us\":null"),
         "the CPU backend times every submission: {text}"

@@ -217,19 +217,40 @@ fn cases<'a>(dev: &Device, z: &Sizes) -> unibuf::Result<Vec<Case<'a>>> {
             }),
         });
     }
-    // The 4-bit matvec of a decode step (batch 1), weight bytes only in the count.
+    // The 4-bit matvec of a decode step (batch 1), weight bytes only in the count; beside it the
+    // integer path on x quantised beforehand (the quantisation is shared by every matrix that
+    // reads x, so it is timed once, below).
     for &(out_rows, cols) in &z.q4 {
         let group = 64;
         let weights = values(out_rows * cols, 11);
         let m = Q4Matrix::quantize(dev, "w_q4", &weights, out_rows, cols, group)?;
         drop(weights);
         let x = filled(dev, "x", &[cols], 12, half)?;
+        let xq = ops::quantize_activations(&dev.queue(), &x)?;
         let y = dev.alloc_labelled("y", DType::F32, &[out_rows], StorageMode::Auto)?;
         let weight_bytes = (out_rows * cols / 2 + out_rows * (cols / group) * 2) as u64;
+        let (m_q8, y_q8) = (m.clone(), y.clone());
         cases.push(Case {
             name: format!("q4 matvec {out_rows}x{cols} g{group}"),
             bytes: weight_bytes,
             launch: Box::new(move |q| ops::q4_matvec_into(q, &m, &x, &y)),
+        });
+        cases.push(Case {
+            name: format!("q4 matvec q8 {out_rows}x{cols} g{group}"),
+            bytes: weight_bytes,
+            launch: Box::new(move |q| ops::q4_matvec_q8_into(q, &m_q8, &xq, &y_q8)),
+        });
+    }
+    // The int8 quantisation of a decode step's f16 activations: x read, values and scales
+    // written.
+    {
+        let n = z.hidden;
+        let x = filled(dev, "x", &[n], 14, half)?;
+        let xq = ops::Q8Activations::alloc(dev, "x_q8", &[n])?;
+        cases.push(Case {
+            name: format!("quantize q8 {n}"),
+            bytes: (n * 2 + n + n / ops::Q8_BLOCK * 4) as u64,
+            launch: Box::new(move |q| ops::quantize_activations_into(q, &x, &xq)),
         });
     }
     // Sampling a decode step's logits on the device.

@@ -6,10 +6,11 @@
 //!   the CPU cost of a launch. A burst stays well below the driver's queue of pending launches,
 //!   so no launch waits for the GPU to make room.
 //! - sustained, thousands back to back: once the queue is full each launch waits for the GPU to
-//!   retire one, so this measures the device's rate of empty kernels as much as the CPU. The same launches are also recorded into a
-//! [`LaunchBatch`] of `BATCH` launches (a decode step's worth) and submitted batch by batch: on
-//! CUDA one graph launch each, so the host time per kernel is the batch's cost divided by
-//! `BATCH`.
+//!   retire one, so this measures the device's rate of empty kernels as much as the CPU.
+//!
+//! The same launches are also recorded into a [`LaunchBatch`] of `BATCH` launches (a decode
+//! step's worth) and submitted batch by batch: on CUDA one graph launch each, so the host time
+//! per kernel is the batch's cost divided by `BATCH`.
 
 use super::ceiling::Ceiling;
 use std::time::Instant;

@@ -27,6 +27,7 @@
 
 mod norm;
 mod q4;
+mod q8;
 mod rope;
 mod row_common;
 mod sample;
@@ -34,7 +35,10 @@ mod softmax;
 mod swiglu;
 
 pub use norm::{rms_norm, rms_norm_into, rms_norm_residual, rms_norm_residual_into};
-pub use q4::{q4_matvec, q4_matvec_into, Q4Matrix, Q4_GROUPS, Q4_MAX_BATCH};
+pub use q4::{
+    q4_matvec, q4_matvec_into, q4_matvec_q8, q4_matvec_q8_into, Q4Matrix, Q4_GROUPS, Q4_MAX_BATCH,
+};
+pub use q8::{quantize_activations, quantize_activations_into, Q8Activations, Q8_BLOCK};
 pub use rope::{rope, rope_into, RopeStyle};
 pub use sample::{sample, sample_into, Sampling, SAMPLE_MAX_K};
 pub use softmax::{softmax, softmax_into};
@@ -56,6 +60,7 @@ pub(crate) fn kernels() -> impl Iterator<Item = &'static KernelSource> {
         swiglu::KERNELS,
         rope::KERNELS,
         q4::KERNELS,
+        q8::KERNELS,
         sample::KERNELS,
     ]
     .into_iter()

@@ -1,7 +1,22 @@
 //! The 4-bit group-quantised matrix-vector product, with dequantisation fused into the read of
 //! the weights: `y = W x` where `W` is stored as 4-bit codes plus one f16 scale per group of
 //! columns ([`Q4Matrix`]).
+//!
+//! Two arithmetic paths:
+//! - [`q4_matvec`] takes `x` as it is (f32 or f16) and computes in f32: the product of the
+//!   dequantised weights with `x`, to f32 rounding. On a GPU it is bound by instruction issue
+//!   rather than memory (an f32 multiply-add per code and row).
+//! - [`q4_matvec_q8`] takes `x` quantised to int8 per block of 32 values
+//!   ([`quantize_activations`](super::quantize_activations)) and sums codes times activations
+//!   exactly in integers (four per instruction with CUDA's `__dp4a`), which brings the product
+//!   close to the memory bandwidth of reading the weights. The price is the activations'
+//!   rounding: each is off by at most `d / 2`, 1/254 of its block's largest magnitude, far below
+//!   the 4-bit weights' own error (up to 1/14 of a group's largest magnitude).
+//!
+//! Use the integer path for decode-time products where the weights' bytes dominate, quantising
+//! `x` once for every matrix that reads it; the f32 path where `x` must enter unrounded.
 
+use super::q8::{Q8Activations, CUDA as Q8_CUDA, MSL as Q8_MSL};
 use super::{expect_dtype, expect_shape, index_u32, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -17,11 +32,12 @@ use half::f16;
 /// The group sizes (columns per scale) a [`Q4Matrix`] may have.
 pub const Q4_GROUPS: [usize; 3] = [32, 64, 128];
 
-/// The most rows of `x` (the batch) one [`q4_matvec`] takes.
+/// The most rows of `x` (the batch) one [`q4_matvec`] or [`q4_matvec_q8`] takes.
 pub const Q4_MAX_BATCH: usize = 8;
 
 const F32_KERNEL: &str = "unibuf_q4_matvec_f32";
 const F16_KERNEL: &str = "unibuf_q4_matvec_f16";
+const Q8_KERNEL: &str = "unibuf_q4_matvec_q8";
 
 /// Rows of `W` one row group computes at once (`UB_Q4_R` in `cuda/q4.cu`).
 const ROWS_PER_GROUP: u32 = 4;
@@ -34,8 +50,9 @@ const MAX_BLOCKS: u32 = 65_535;
 
 /// Rows one block computes: a row's 32-code chunks are spread over a power of two of threads
 /// (32 to 256, the fewest that cover them two at a time), so narrow matrices fit several row groups in a
-/// block (`ub_q4_group_threads` in `cuda/q4.cu`; the Metal kernel grid-strides on its own
-/// row sets, so any grid is correct there).
+/// block (`ub_q4_group_threads` in `cuda/q4.cu`, `ub_q8_group_threads` in `cuda/q4_q8.cu`,
+/// which share this schedule; the Metal kernels grid-stride on their own row sets, so any grid
+/// is correct there).
 fn rows_per_block(cols: u32) -> u32 {
     let chunks = cols / 32;
     let mut per_group = 32;
@@ -61,6 +78,18 @@ const fn params(x: DType) -> [Param; 8] {
 const PARAMS_F32: [Param; 8] = params(DType::F32);
 const PARAMS_F16: [Param; 8] = params(DType::F16);
 
+const PARAMS_Q8: [Param; 9] = [
+    Param::input("packed", DType::U8),
+    Param::input("scales", DType::F16),
+    Param::input("xq", DType::I8),
+    Param::input("xd", DType::F32),
+    Param::output("y", DType::F32),
+    Param::scalar("rows", ScalarType::U32),
+    Param::scalar("cols", ScalarType::U32),
+    Param::scalar("group", ScalarType::U32),
+    Param::scalar("batch", ScalarType::U32),
+];
+
 const CUDA: &str = concat!(include_str!("cuda/common.cuh"), include_str!("cuda/q4.cu"));
 const MSL: &str = include_str!("msl/q4.metal");
 
@@ -78,6 +107,13 @@ pub(crate) const KERNELS: &[KernelSource] = &[
         cuda: Some(CUDA),
         msl: Some(MSL),
         cpu: Some(q4_cpu::<f16>),
+    },
+    KernelSource {
+        name: Q8_KERNEL,
+        params: &PARAMS_Q8,
+        cuda: Some(Q8_CUDA),
+        msl: Some(Q8_MSL),
+        cpu: Some(q4_q8_cpu),
     },
 ];
 
@@ -304,7 +340,7 @@ fn batch_constants(batch: usize) -> Constants {
 
 /// Compiles every variant a launch can ask for, for [`Device::warm_all`](crate::Device::warm_all).
 pub(crate) fn warm(dev: &crate::Device) -> Result<()> {
-    for name in [F32_KERNEL, F16_KERNEL] {
+    for name in [F32_KERNEL, F16_KERNEL, Q8_KERNEL] {
         for nb in BATCH_VARIANTS {
             dev.kernel_with(name, &batch_constants(nb as usize))?;
         }
@@ -379,8 +415,104 @@ pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result
     )
 }
 
-/// An element of x as the CPU kernel reads it.
-trait XFloat: crate::dtype::Element + Copy {
+/// The batch of quantised activations and the shape of `y` they call for, checked against `m`.
+fn batch_of_q8(m: &Q4Matrix, xq: &Q8Activations) -> Result<(usize, Vec<usize>)> {
+    if xq.cols() != m.cols {
+        return Err(Error::ShapeMismatch {
+            what: "q4_matvec_q8 activations",
+            expected: format!("{} columns (the matrix's)", m.cols),
+            got: format!("{} columns", xq.cols()),
+        });
+    }
+    let batch = xq.batch();
+    if batch > Q4_MAX_BATCH {
+        return Err(Error::invalid(
+            "q4_matvec_q8 activations",
+            format!("a batch of {batch} rows of x; this op takes 1 to {Q4_MAX_BATCH}"),
+        ));
+    }
+    if xq.values().alloc.device.id != m.packed.alloc.device.id {
+        return Err(Error::WrongDevice {
+            what: "q4_matvec_q8 activations",
+            expected: m.packed.alloc.device.id,
+            got: xq.values().alloc.device.id,
+        });
+    }
+    let y_shape = if xq.x_shape().len() == 1 {
+        vec![m.rows]
+    } else {
+        vec![batch, m.rows]
+    };
+    Ok((batch, y_shape))
+}
+
+/// `y = W x` for a 4-bit matrix `W` ([`Q4Matrix`]) and `x` quantised to int8
+/// ([`quantize_activations`](super::quantize_activations)), into a new f32 buffer: `[rows]`
+/// when the activations came from an `x` of shape `[cols]`, else `[batch, rows]` (`batch` at
+/// most [`Q4_MAX_BATCH`]).
+///
+/// `y[b, r] = sum over 32-column blocks k of scale(r, k) * d(b, k) * isum(b, r, k)`, where
+/// `isum = sum (code - 8) * q` over the block is exact (integers) and the rest is f32. Against
+/// the product with the unquantised `x`, the error is at most `d(b, k) / 2 * sum |w|` per block
+/// (plus f32 rounding): see the module docs for when to prefer [`q4_matvec`].
+///
+/// ```
+/// use unibuf::{ops, Device};
+/// let dev = Device::open("cpu")?;
+/// let q = dev.queue();
+/// let (rows, cols) = (2, 64);
+/// let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 15) as f32 - 7.0) / 7.0).collect();
+/// let m = ops::Q4Matrix::quantize(&dev, "w", &w, rows, cols, 32)?;
+/// let x: Vec<f32> = (0..cols).map(|i| (i as f32 - 31.5) / 16.0).collect();
+/// let xq = ops::quantize_activations(&q, &dev.from_slice("x", &x, &[cols])?)?;
+/// let y = q.download::<f32>(&ops::q4_matvec_q8(&q, &m, &xq)?)?;
+/// let wq = m.dequantize_host(&q)?;
+/// for r in 0..rows {
+///     let row = &wq[r * cols..(r + 1) * cols];
+///     let want: f32 = row.iter().zip(&x).map(|(w, x)| w * x).sum();
+///     // Each activation is within d / 2 of x, d = max |x| of its block / 127.
+///     let bound: f32 = row.iter().map(|w| w.abs() * (31.5 / 16.0) / 254.0).sum();
+///     assert!((y[r] - want).abs() <= bound * 1.01 + 1e-4);
+/// }
+/// # Ok::<(), unibuf::Error>(())
+/// ```
+pub fn q4_matvec_q8(q: &Queue, m: &Q4Matrix, xq: &Q8Activations) -> Result<Buffer> {
+    let (_, y_shape) = batch_of_q8(m, xq)?;
+    let y = output(q, "q4_matvec_q8", DType::F32, &y_shape)?;
+    q4_matvec_q8_into(q, m, xq, &y)?;
+    Ok(y)
+}
+
+/// [`q4_matvec_q8`] into `y`, f32 `[rows]` for activations of an `x` of shape `[cols]`,
+/// `[batch, rows]` for `[batch, cols]`. Returns the submission's fence.
+pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer) -> Result<Fence> {
+    let (batch, y_shape) = batch_of_q8(m, xq)?;
+    expect_dtype("q4_matvec_q8 y", y, DType::F32)?;
+    expect_shape("q4_matvec_q8 y", y, &y_shape)?;
+    let rows = index_u32("q4 rows", m.rows)?;
+    let cols = index_u32("q4 cols", m.cols)?;
+    // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
+    let k = q.device().kernel_with(Q8_KERNEL, &batch_constants(batch))?;
+    let blocks = rows.div_ceil(rows_per_block(cols)).clamp(1, MAX_BLOCKS);
+    q.launch(
+        &k,
+        LaunchDims::linear(blocks, THREADS),
+        &[
+            (&m.packed).into(),
+            (&m.scales).into(),
+            xq.values().into(),
+            xq.scales().into(),
+            y.into(),
+            rows.into(),
+            cols.into(),
+            (m.group as u32).into(),
+            (batch as u32).into(),
+        ],
+    )
+}
+
+/// An element of x as the CPU kernels read it.
+pub(super) trait XFloat: crate::dtype::Element + Copy {
     fn f32(self) -> f32;
 }
 impl XFloat for f32 {
@@ -442,6 +574,63 @@ fn q4_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), St
             }
         }
         for (b, a) in acc.iter().enumerate() {
+            y[b * rows + r] = *a;
+        }
+    }
+    Ok(())
+}
+
+/// The integer path: per 32-column block an exact integer sum of (code - 8) * q, scaled in f32
+/// and accumulated in f32 in block order.
+fn q4_q8_cpu(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
+    const NAME: &str = "unibuf_q4_matvec_q8";
+    let rows = args.u32(5)? as usize;
+    let cols = args.u32(6)? as usize;
+    let group = args.u32(7)? as usize;
+    let batch = args.u32(8)? as usize;
+    let packed = args.input::<u8>(0)?;
+    let scales = args.input::<f16>(1)?;
+    let xq = args.input::<i8>(2)?;
+    let xd = args.input::<f32>(3)?;
+    let y = args.output::<f32>(4)?;
+    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
+        return Err(format!("{NAME}: bad geometry cols {cols}, group {group}"));
+    }
+    if batch == 0 || batch > Q4_MAX_BATCH {
+        return Err(format!("{NAME}: batch {batch} is not 1..={Q4_MAX_BATCH}"));
+    }
+    let (chunks, ngroups) = (cols / 32, cols / group);
+    let check = |what: &str, have: usize, want: usize| {
+        if have == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{NAME}: '{what}' has {have} elements, expected {want}"
+            ))
+        }
+    };
+    check("packed", packed.len(), rows * cols / 2)?;
+    check("scales", scales.len(), rows * ngroups)?;
+    check("xq", xq.len(), batch * cols)?;
+    check("xd", xd.len(), batch * chunks)?;
+    check("y", y.len(), batch * rows)?;
+    let mut w = [0i32; 32];
+    for r in 0..rows {
+        let mut acc = [0.0f32; Q4_MAX_BATCH];
+        for c in 0..chunks {
+            let s = scales[r * ngroups + c * 32 / group].to_f32();
+            let bytes = &packed[(r * cols + 32 * c) / 2..(r * cols + 32 * (c + 1)) / 2];
+            for (pair, byte) in w.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = i32::from(byte & 15) - 8;
+                pair[1] = i32::from(byte >> 4) - 8;
+            }
+            for (b, a) in acc[..batch].iter_mut().enumerate() {
+                let xs = &xq[b * cols + 32 * c..b * cols + 32 * (c + 1)];
+                let isum: i32 = w.iter().zip(xs).map(|(&w, &x)| w * i32::from(x)).sum();
+                *a += s * xd[b * chunks + c] * isum as f32;
+            }
+        }
+        for (b, a) in acc[..batch].iter().enumerate() {
             y[b * rows + r] = *a;
         }
     }
