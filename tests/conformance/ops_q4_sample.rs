@@ -443,6 +443,9 @@ fn q8_quantisation_follows_its_definition() {
             let d_ref = amax / 127.0;
             let d = scales[k];
             let got = &values[32 * k..32 * (k + 1)];
+            if k == ties_at / 32 {
+                continue; // the deliberate ties, checked exactly below
+            }
             if amax == 0.0 {
                 assert_eq!(d, 0.0, "{what}");
                 assert!(got.iter().all(|&v| v == 0), "{what}: {got:?}");
@@ -489,6 +492,8 @@ fn q8_quantisation_follows_its_definition() {
         assert_eq!(q.download::<i8>(again.values()).unwrap(), values);
         assert_eq!(q.download::<f32>(again.scales()).unwrap(), scales);
     }
+    // Random values land within 1e-5 of a tie rarely: the check above must have compared
+    // nearly all of them.
     assert!(checked > 40 * ties.max(1), "{checked} checked, {ties} ties");
     // A vector x: batch 1, and a product of shape [rows].
     let xb = dev.from_slice("x", &[0.5f32; 64], &[64]).unwrap();
