@@ -13,9 +13,24 @@ use cudarc::driver::sys::{self, CUresult};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// The physical allocation behind each mapped granule, by address.
+/// The physical allocation behind each mapped granule, by address, and the reserved ranges.
 #[derive(Default)]
-pub(super) struct Mappings(Mutex<HashMap<u64, sys::CUmemGenericAllocationHandle>>);
+pub(super) struct Mappings(
+    Mutex<HashMap<u64, sys::CUmemGenericAllocationHandle>>,
+    Mutex<Vec<std::ops::Range<u64>>>,
+);
+
+impl Mappings {
+    /// Whether `addr..addr + bytes` lies in one reserved range (memory of the allocator's arena).
+    pub fn reserved(&self, addr: u64, bytes: usize) -> bool {
+        let end = addr.saturating_add(bytes as u64);
+        self.1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|r| r.start <= addr && end <= r.end)
+    }
+}
 
 /// Maps one granule at `at`: one taken back from the unmap queue as it is, else a spare
 /// physical allocation, else a new one (after a retry with the queue drained and the spares
@@ -123,6 +138,11 @@ impl VirtualMemory for CudaBackend {
             "cuMemAddressReserve",
         )
         .map_err(|e| e.into_error("reserving device address space"))?;
+        self.mappings
+            .1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ptr..ptr + bytes as u64);
         Ok(ptr)
     }
 
@@ -230,6 +250,11 @@ impl VirtualMemory for CudaBackend {
     }
 
     unsafe fn unreserve(&self, _kind: MemoryKind, base: u64, bytes: usize) {
+        self.mappings
+            .1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| r.start != base);
         if self.bind().is_ok() {
             if let Some(r) = &self.reclaimer {
                 // Granules of the range may still wait in the unmap queue.
