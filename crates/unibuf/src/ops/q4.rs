@@ -43,20 +43,22 @@ const Q8_KERNEL: &str = "unibuf_q4_matvec_q8";
 const ROWS_PER_GROUP: u32 = 4;
 /// 32-code chunks of each row a CUDA thread loads at once (`UB_Q4_CPT` in `cuda/q4.cu`).
 const CHUNKS_PER_THREAD: u32 = 2;
+/// The same for the int8-activation kernel (`UB_Q8_CPT` in `cuda/q4_q8.cu`).
+const Q8_CHUNKS_PER_THREAD: u32 = 1;
 /// Threads per block of the CUDA and Metal kernels (8 warps / SIMD-groups).
 const THREADS: u32 = 256;
 /// The grid is capped here; the kernels grid-stride over the remaining rows.
 const MAX_BLOCKS: u32 = 65_535;
 
 /// Rows one block computes: a row's 32-code chunks are spread over a power of two of threads
-/// (32 to 256, the fewest that cover them two at a time), so narrow matrices fit several row groups in a
-/// block (`ub_q4_group_threads` in `cuda/q4.cu`, `ub_q8_group_threads` in `cuda/q4_q8.cu`,
+/// (32 to 256, the fewest that cover them `per_thread` at a time), so narrow matrices fit several
+/// row groups in a block (`ub_q4_group_threads` in `cuda/q4.cu`, `ub_q8_group_threads` in `cuda/q4_q8.cu`,
 /// which share this schedule; the Metal kernels grid-stride on their own row sets, so any grid
 /// is correct there).
-fn rows_per_block(cols: u32) -> u32 {
+fn rows_per_block(cols: u32, per_thread: u32) -> u32 {
     let chunks = cols / 32;
     let mut per_group = 32;
-    while per_group * CHUNKS_PER_THREAD < chunks && per_group < THREADS {
+    while per_group * per_thread < chunks && per_group < THREADS {
         per_group *= 2;
     }
     (THREADS / per_group) * ROWS_PER_GROUP
@@ -398,7 +400,9 @@ pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result
     let cols = index_u32("q4 cols", m.cols)?;
     // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
     let k = q.device().kernel_with(name, &batch_constants(batch))?;
-    let blocks = rows.div_ceil(rows_per_block(cols)).clamp(1, MAX_BLOCKS);
+    let blocks = rows
+        .div_ceil(rows_per_block(cols, CHUNKS_PER_THREAD))
+        .clamp(1, MAX_BLOCKS);
     q.launch(
         &k,
         LaunchDims::linear(blocks, THREADS),
@@ -493,7 +497,9 @@ pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer
     let cols = index_u32("q4 cols", m.cols)?;
     // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
     let k = q.device().kernel_with(Q8_KERNEL, &batch_constants(batch))?;
-    let blocks = rows.div_ceil(rows_per_block(cols)).clamp(1, MAX_BLOCKS);
+    let blocks = rows
+        .div_ceil(rows_per_block(cols, Q8_CHUNKS_PER_THREAD))
+        .clamp(1, MAX_BLOCKS);
     q.launch(
         &k,
         LaunchDims::linear(blocks, THREADS),

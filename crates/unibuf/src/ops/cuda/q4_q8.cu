@@ -10,11 +10,16 @@
 // one instruction, as llama.cpp's mmvq does for q4_0: per 32-bit word of codes (8 codes) a mask,
 // a shift and mask, and two __dp4a; about 1.5 instructions per weight byte instead of 5 to 8.
 //
-// Layout and schedule are those of q4.cu, which were tuned on an H200 (bench/tune/q4_variants.cu):
-// 256 threads, UB_Q8_R rows per row group, `tpg` threads per group (the smallest power of two
-// with tpg * UB_Q8_CPT >= chunks, 32..256), each thread first loading its UB_Q8_CPT 16-byte chunks
-// of all UB_Q8_R rows (streamed past L1 with __ldcs), then a warp and shared-memory reduction;
-// blocks grid-stride over row sets; UB_Q4_NB is the batch a variant is compiled for.
+// Layout and schedule follow q4.cu: 256 threads, UB_Q8_R rows per row group, `tpg` threads per
+// group (the smallest power of two with tpg * UB_Q8_CPT >= chunks, 32..256), each thread first
+// loading its UB_Q8_CPT 16-byte chunks of all UB_Q8_R rows (streamed past L1 with __ldcs), then a
+// warp and shared-memory reduction; blocks grid-stride over row sets; UB_Q4_NB is the batch a
+// variant is compiled for. With the cheaper inner loop the best shape differs from q4.cu's: one
+// chunk per thread and 4 blocks per SM (for batches of 1 and 2; 3 for larger ones, whose
+// accumulators need the registers). Measured on an H200 (bench/tune/q8_variants.cu, batch 1,
+// group 64): 3,479 GB/s on 28672x8192 against 3,244 for two chunks per thread and 3 blocks, and
+// 2-18% faster on the decode shapes; 2 or 8 rows per group, 2 to 8 chunks per thread and a
+// persistent double-buffered grid were slower, activations pre-permuted on the host gained 1%.
 // - Codes: in a word w, byte k holds code 2k (low nibble) and 2k + 1 (high nibble), so
 //   lo = w & 0x0f0f0f0f holds codes 0, 2, 4, 6 and hi = (w >> 4) & 0x0f0f0f0f codes 1, 3, 5, 7.
 //   The matching activations (words a = x0..x3, b = x4..x7) are split once per batch row and
@@ -36,7 +41,7 @@
 // meaningless but defined values, never a conversion of NaN to an integer.
 
 #define UB_Q8_R 4
-#define UB_Q8_CPT 2
+#define UB_Q8_CPT 1
 #define UB_Q8_THREADS 256
 
 // The batch size a compiled matvec handles at most: a specialisation constant (the launcher
@@ -211,7 +216,10 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS, 3)
+// Blocks per SM the registers must allow (see the header).
+#define UB_Q8_MIN_BLOCKS (UB_Q4_NB <= 2 ? 4 : 3)
+
+extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS, UB_Q8_MIN_BLOCKS)
 unibuf_q4_matvec_q8(const unsigned char* packed, const ub_f16* scales, const signed char* xq,
                     const float* xd, float* y, unsigned int rows, unsigned int cols,
                     unsigned int group, unsigned int batch) {
