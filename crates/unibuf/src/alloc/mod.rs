@@ -710,13 +710,6 @@ impl Allocator {
     /// is still pending are released only if `wait` is set, after waiting for that work.
     pub fn release_cached(&mut self, backend: &dyn Backend, bytes: usize, wait: bool) -> usize {
         let unmapped = self.unmap_cached(backend, bytes, wait);
-        if wait {
-            for pool in &self.arenas {
-                if let Some(vm) = backend.virtual_memory(pool.kind) {
-                    vm.return_unmapped();
-                }
-            }
-        }
         let released =
             unmapped + self.release_cached_blocks(backend, bytes.saturating_sub(unmapped), wait);
         self.refresh_cache_stats();

@@ -25,10 +25,6 @@ pub struct ReplayReport {
     pub peak_live_bytes: usize,
     /// The most bytes the allocator held from the backend at once.
     pub peak_reserved_bytes: usize,
-    /// The most physical memory the backend held behind the allocator's mappings, where it
-    /// holds more than what is mapped (memory still being unmapped, allocations kept for
-    /// reuse); `None` on memory without such lag.
-    pub peak_physical_bytes: Option<usize>,
     /// Host nanoseconds per event (allocator time, backend calls included).
     pub ns_per_event: f64,
     /// The allocator's statistics at the end, before its cache was released.
@@ -57,14 +53,6 @@ impl std::fmt::Display for ReplayReport {
             fmt_bytes(self.peak_reserved_bytes as u64),
             self.fragmentation()
         )?;
-        if let Some(p) = self.peak_physical_bytes {
-            writeln!(
-                f,
-                "peak held by the driver {} (mapped, being unmapped, kept for reuse)  held/live {:.3}",
-                fmt_bytes(p as u64),
-                p as f64 / self.peak_live_bytes.max(1) as f64
-            )?;
-        }
         writeln!(f, "{:.1} ns per event", self.ns_per_event)?;
         write!(
             f,
@@ -86,10 +74,6 @@ pub(crate) fn replay(
     let (mut live_bytes, mut peak_live) = (0usize, 0usize);
     let started = Instant::now();
     let mut result = Ok(());
-    let vm = backend.virtual_memory(kind);
-    if let Some(vm) = vm {
-        vm.reset_physical_peak();
-    }
     for ev in &trace.events {
         match *ev {
             TraceEvent::Alloc { id, size, .. } => {
@@ -127,7 +111,6 @@ pub(crate) fn replay(
         }
     }
     let elapsed = started.elapsed();
-    let peak_physical_bytes = vm.and_then(|vm| vm.physical()).map(|(_, peak)| peak);
     let stats = alloc.stats();
     for (block, size) in live.into_iter().flatten() {
         alloc.free(backend, block, size);
@@ -140,7 +123,6 @@ pub(crate) fn replay(
         events: trace.events.len(),
         peak_live_bytes: peak_live,
         peak_reserved_bytes: stats.peak_reserved_bytes,
-        peak_physical_bytes,
         ns_per_event: elapsed.as_nanos() as f64 / trace.events.len().max(1) as f64,
         stats,
     })

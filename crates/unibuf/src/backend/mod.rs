@@ -292,8 +292,7 @@ pub trait VirtualMemory: Send + Sync {
     /// The range lies in a reservation of this backend and is not mapped.
     unsafe fn map(&self, kind: MemoryKind, addr: u64, bytes: usize) -> Result<()>;
 
-    /// Unmaps `addr..addr + bytes`, returning its physical memory (possibly after the call
-    /// returns: a later `map` of the range is correct either way).
+    /// Unmaps `addr..addr + bytes`, returning its physical memory.
     ///
     /// # Safety
     /// The range is mapped, and no pending work and no live buffer uses it.
@@ -304,21 +303,6 @@ pub trait VirtualMemory: Send + Sync {
     /// # Safety
     /// Nothing in it is mapped.
     unsafe fn unreserve(&self, kind: MemoryKind, base: u64, bytes: usize);
-
-    /// Bytes of physical memory the backend holds behind its mappings, and the most since the
-    /// last [`reset_physical_peak`](Self::reset_physical_peak), where it holds more than the
-    /// mapped granules (memory still being unmapped after `unmap` returned, allocations kept
-    /// for reuse); `None` where physical memory is exactly what is mapped.
-    fn physical(&self) -> Option<(usize, usize)> {
-        None
-    }
-
-    /// Starts a new peak for [`physical`](Self::physical).
-    fn reset_physical_peak(&self) {}
-
-    /// Waits until the memory of every unmapped range is back with the driver, allocations
-    /// kept for reuse included (on `trim` and before the last retry of an allocation).
-    fn return_unmapped(&self) {}
 }
 
 /// Residency control for backends that page memory in and out of the device's working set

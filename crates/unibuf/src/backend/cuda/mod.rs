@@ -15,7 +15,6 @@ mod compile;
 mod driver;
 mod graph;
 mod memory;
-mod reclaim;
 mod stream;
 mod timing;
 mod vmm;
@@ -154,9 +153,6 @@ pub struct CudaBackend {
     /// The virtual-memory granule for device memory, where the GPU supports the VMM API.
     vmm_granule: Option<usize>,
     mappings: vmm::Mappings,
-    /// Unmaps granules off the allocating thread; present when virtual memory is on. Dropped
-    /// (its worker joined) before the context.
-    reclaimer: Option<reclaim::Reclaimer>,
     /// Timing events around every submission, when `BackendOptions::gpu_timing` asked for them.
     timer: Option<timing::Timer>,
     /// Launch batches captured as graphs, by batch id.
@@ -232,11 +228,6 @@ impl CudaBackend {
         let mut total = 0usize;
         // SAFETY: valid out-pointer and device.
         unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) };
-        let vmm_granule = if std::env::var_os("UNIBUF_CUDA_NO_VMM").is_some() {
-            None
-        } else {
-            vmm::granularity(device)
-        };
         let timer = if options.gpu_timing {
             Some(timing::Timer::new().map_err(|e| e.into_error("creating the timing base event"))?)
         } else {
@@ -270,9 +261,12 @@ impl CudaBackend {
                 .clone()
                 .unwrap_or_else(compile::cache_dir),
             counters: CompileCounters::default(),
-            vmm_granule,
+            vmm_granule: if std::env::var_os("UNIBUF_CUDA_NO_VMM").is_some() {
+                None
+            } else {
+                vmm::granularity(device)
+            },
             mappings: vmm::Mappings::default(),
-            reclaimer: vmm_granule.map(|g| reclaim::Reclaimer::new(ctx.raw, g)),
             timer,
             graphs: graph::Graphs::default(),
             ctx,

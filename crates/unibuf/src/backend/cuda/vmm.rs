@@ -1,10 +1,8 @@
 //! Virtual memory for device memory: an address range reserved with cuMemAddressReserve and
 //! physical memory mapped into it one granule at a time (cuMemCreate, cuMemMap, cuMemSetAccess),
-//! so that the allocator can return any granule to the driver on its own. Unmapping happens on
-//! a worker thread, which also keeps a few physical allocations for reuse (`reclaim.rs`).
+//! so that the allocator can return any granule to the driver on its own.
 
-use super::driver::{check, CuError};
-use super::reclaim::{Reclaimer, Reuse};
+use super::driver::check;
 use super::CudaBackend;
 use crate::backend::{Backend, VirtualMemory};
 use crate::error::{Error, Result};
@@ -29,60 +27,6 @@ impl Mappings {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|r| r.start <= addr && end <= r.end)
-    }
-}
-
-/// Maps one granule at `at`: one taken back from the unmap queue as it is, else a spare
-/// physical allocation, else a new one (after a retry with the queue drained and the spares
-/// released when the device is out of memory). Returns the allocation and whether it was
-/// mapped afresh (and so needs access granted).
-///
-/// # Safety
-/// `at..at + g` lies in a reservation of the backend and no live block uses it; the context
-/// is current.
-unsafe fn map_granule(
-    reclaimer: &Reclaimer,
-    at: u64,
-    g: usize,
-    prop: &sys::CUmemAllocationProp,
-) -> std::result::Result<(sys::CUmemGenericAllocationHandle, bool), CuError> {
-    let h = match reclaimer.reuse(at) {
-        Reuse::StillMapped(h) => return Ok((h, false)),
-        Reuse::Spare(h) => h,
-        Reuse::Create => {
-            let mut h: sys::CUmemGenericAllocationHandle = 0;
-            // SAFETY: valid out-pointer and properties.
-            let mut created = check(
-                unsafe { sys::cuMemCreate(&mut h, g, prop, 0) },
-                "cuMemCreate",
-            );
-            if created
-                .as_ref()
-                .is_err_and(|e| e.code == CUresult::CUDA_ERROR_OUT_OF_MEMORY)
-            {
-                // Memory on its way back to the driver may be what is missing.
-                reclaimer.settle(true);
-                // SAFETY: as above.
-                created = check(
-                    unsafe { sys::cuMemCreate(&mut h, g, prop, 0) },
-                    "cuMemCreate",
-                );
-            }
-            created?;
-            reclaimer.created();
-            h
-        }
-    };
-    // SAFETY: `at..at + g` is in our reservation and unmapped (the contract; `reuse` waited out
-    // any pending unmap of it); `h` is an unmapped allocation of one granule.
-    match check(unsafe { sys::cuMemMap(at, g, 0, h, 0) }, "cuMemMap") {
-        Ok(()) => Ok((h, true)),
-        Err(e) => {
-            // SAFETY: `h` is mapped nowhere.
-            unsafe { sys::cuMemRelease(h) };
-            reclaimer.released();
-            Err(e)
-        }
     }
 }
 
@@ -148,9 +92,6 @@ impl VirtualMemory for CudaBackend {
 
     unsafe fn map(&self, _kind: MemoryKind, addr: u64, bytes: usize) -> Result<()> {
         self.bind()?;
-        let reclaimer = self.reclaimer.as_ref().ok_or_else(|| {
-            Error::invalid("device memory", "virtual memory is off on this device")
-        })?;
         let g = self.granularity();
         let prop = properties(self.ctx.device);
         let access = sys::CUmemAccessDesc {
@@ -158,59 +99,50 @@ impl VirtualMemory for CudaBackend {
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
         let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Runs of granules mapped afresh, which need access granted; granules taken back from
-        // the unmap queue are still mapped and accessible.
-        let mut fresh: Vec<std::ops::Range<u64>> = Vec::new();
         let mut done = 0usize;
         while done < bytes {
             let at = addr + done as u64;
-            // SAFETY: `at..at + g` lies in our reservation and is unmapped as far as the
-            // allocator knows (the contract); `map_granule` waits out or takes back a pending
-            // unmap of it first.
-            let r = unsafe { map_granule(reclaimer, at, g, &prop) };
-            match r {
-                Ok((h, is_fresh)) => {
-                    handles.insert(at, h);
-                    if is_fresh {
-                        match fresh.last_mut() {
-                            Some(run) if run.end == at => run.end = at + g as u64,
-                            _ => fresh.push(at..at + g as u64),
-                        }
+            let mut h: sys::CUmemGenericAllocationHandle = 0;
+            // SAFETY: valid out-pointer and properties; `at..at + g` lies in our reservation
+            // and is unmapped (the contract); access is set on exactly that range.
+            let r = unsafe {
+                check(sys::cuMemCreate(&mut h, g, &prop, 0), "cuMemCreate").and_then(|()| {
+                    let mapped = check(sys::cuMemMap(at, g, 0, h, 0), "cuMemMap");
+                    if mapped.is_err() {
+                        sys::cuMemRelease(h);
                     }
-                }
-                Err(e) => {
-                    drop(handles);
-                    // SAFETY: the granules before `at` were mapped by this call and are unused.
-                    unsafe { self.unmap(MemoryKind::Device, addr, done) };
-                    return Err(match e.code {
-                        CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
-                            requested: bytes,
-                            reserved: 0,
-                            free: self.free_memory().unwrap_or(0),
-                            largest_free: 0,
-                        },
-                        _ => e.into_error("mapping device memory"),
-                    });
-                }
+                    mapped
+                })
+            };
+            // Access is granted once for the whole range below: one driver call, not one per
+            // granule (the calls dominate the cost of growing an arena).
+            if let Err(e) = r {
+                drop(handles);
+                // SAFETY: the granules before `at` were mapped by this call and are unused.
+                unsafe { self.unmap(MemoryKind::Device, addr, done) };
+                return Err(match e.code {
+                    CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+                        requested: bytes,
+                        reserved: 0,
+                        free: self.free_memory().unwrap_or(0),
+                        largest_free: 0,
+                    },
+                    _ => e.into_error("mapping device memory"),
+                });
             }
+            handles.insert(at, h);
             done += g;
         }
-        drop(handles);
-        // Access is granted once per run: one driver call, not one per granule (the calls
-        // dominate the cost of growing an arena).
-        for run in fresh {
-            // SAFETY: `run` is mapped (just above) inside our reservation.
-            let granted = check(
-                unsafe {
-                    sys::cuMemSetAccess(run.start, (run.end - run.start) as usize, &access, 1)
-                },
-                "cuMemSetAccess",
-            );
-            if let Err(e) = granted {
-                // SAFETY: mapped by this call and unused.
-                unsafe { self.unmap(MemoryKind::Device, addr, bytes) };
-                return Err(e.into_error("granting access to mapped device memory"));
-            }
+        // SAFETY: `addr..addr + bytes` is mapped (just above) inside our reservation.
+        let access = check(
+            unsafe { sys::cuMemSetAccess(addr, bytes, &access, 1) },
+            "cuMemSetAccess",
+        );
+        if let Err(e) = access {
+            drop(handles);
+            // SAFETY: mapped by this call and unused.
+            unsafe { self.unmap(MemoryKind::Device, addr, bytes) };
+            return Err(e.into_error("granting access to mapped device memory"));
         }
         Ok(())
     }
@@ -219,33 +151,16 @@ impl VirtualMemory for CudaBackend {
         if self.bind().is_err() {
             return;
         }
-        let Some(reclaimer) = self.reclaimer.as_ref() else {
-            return; // nothing is ever mapped without one
-        };
         let g = self.granularity();
-        let granules: Vec<_> = {
-            let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
-            (addr..addr + bytes as u64)
-                .step_by(g)
-                .filter_map(|at| handles.remove(&at).map(|h| (at, h)))
-                .collect()
-        };
-        reclaimer.unmap(granules);
-    }
-
-    fn physical(&self) -> Option<(usize, usize)> {
-        self.reclaimer.as_ref().map(Reclaimer::physical)
-    }
-
-    fn return_unmapped(&self) {
-        if let (Some(r), Ok(())) = (&self.reclaimer, self.bind()) {
-            r.settle(true);
-        }
-    }
-
-    fn reset_physical_peak(&self) {
-        if let Some(r) = &self.reclaimer {
-            r.reset_peak();
+        let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
+        for at in (addr..addr + bytes as u64).step_by(g) {
+            if let Some(h) = handles.remove(&at) {
+                // SAFETY: mapped by `map` with this handle; unused (the contract).
+                unsafe {
+                    sys::cuMemUnmap(at, g);
+                    sys::cuMemRelease(h);
+                }
+            }
         }
     }
 
@@ -256,10 +171,6 @@ impl VirtualMemory for CudaBackend {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|r| r.start != base);
         if self.bind().is_ok() {
-            if let Some(r) = &self.reclaimer {
-                // Granules of the range may still wait in the unmap queue.
-                r.settle(false);
-            }
             // SAFETY: reserved by `reserve`; nothing is mapped in it (the contract).
             unsafe { sys::cuMemAddressFree(base, bytes) };
         }
