@@ -458,29 +458,25 @@ int main() {
             printf("--- %ux%u: %zu weight bytes; maxdiff against the shipped variant\n", rows, cols, pb + sb);
         }
         // a. shipped
-        run<4, 2, 3>(c, "R4 C2 M3 (shipped)");
-        // b. rows per group x chunks per thread
-        run<4, 2, 2>(c, "R4 C2 M2");
-        run<4, 1, 4>(c, "R4 C1 M4");
-        run<4, 4, 2>(c, "R4 C4 M2");
+        run<4, 1, 4>(c, "R4 C1 M4 (shipped)");
+        // b. rows per group x chunks per thread x blocks per SM
+        run<4, 2, 3>(c, "R4 C2 M3 (first shape)");
+        run<4, 1, 5>(c, "R4 C1 M5");
+        run<4, 2, 4>(c, "R4 C2 M4");
+        run<2, 1, 4>(c, "R2 C1 M4");
+        run<2, 1, 8>(c, "R2 C1 M8");
         run<2, 2, 4>(c, "R2 C2 M4");
-        run<2, 4, 3>(c, "R2 C4 M3");
-        run<2, 8, 2>(c, "R2 C8 M2");
-        run<8, 1, 3>(c, "R8 C1 M3");
-        run<8, 2, 2>(c, "R8 C2 M2");
-        run<1, 4, 4>(c, "R1 C4 M4");
-        run<1, 8, 3>(c, "R1 C8 M3");
+        run<2, 2, 6>(c, "R2 C2 M6");
+        run<8, 1, 4>(c, "R8 C1 M4");
+        run<1, 2, 8>(c, "R1 C2 M8");
         // c. persistent, double-buffered
-        run_persistent<4, 2, 2>(c, "persist R4 C2 M2");
-        run_persistent<2, 4, 2>(c, "persist R2 C4 M2");
         run_persistent<4, 1, 3>(c, "persist R4 C1 M3");
-        run_persistent<4, 2, 2, 0, 1>(c, "persist R4 C2 M2 xpre");
         // d. pre-arranged activations
-        run<4, 2, 3, 0, 1>(c, "R4 C2 M3 xpre");
-        run<2, 4, 3, 0, 1>(c, "R2 C4 M3 xpre");
+        run<4, 1, 4, 0, 1>(c, "R4 C1 M4 xpre");
         // e. load flavour of the codes
-        run<4, 2, 3, 1>(c, "R4 C2 M3 ldg");
-        run<4, 2, 3, 2>(c, "R4 C2 M3 nc.L1na.L2_256B");
+        run<4, 1, 4, 1>(c, "R4 C1 M4 ldg");
+        run<4, 1, 4, 2>(c, "R4 C1 M4 nc.L1na.L2_256B");
+        run<2, 2, 4, 2>(c, "R2 C2 M4 nc.L1na.L2_256B");
         const double rd = run_read(buf, pb + sb, reinterpret_cast<unsigned*>(y), sms);
         Summary s = {rows, cols, c.base_gbs, c.best_gbs, rd, c.best};
         sum.push_back(s);

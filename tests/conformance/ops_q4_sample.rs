@@ -397,6 +397,22 @@ fn q4_matvec_q8_takes_views_at_unaligned_offsets() {
     }
 }
 
+/// Activations as stored (each block in the product order documented at `Q8Activations`:
+/// within each group of 8 values, the 4 even-numbered at bytes 4j.., the 4 odd-numbered 16
+/// bytes on) back in plain order, by the test's own reading of that definition.
+fn plain_order(stored: &[i8]) -> Vec<i8> {
+    let mut plain = vec![0i8; stored.len()];
+    for (block, out) in stored.chunks(32).zip(plain.chunks_mut(32)) {
+        for j in 0..4 {
+            for r in 0..4 {
+                out[8 * j + 2 * r] = block[4 * j + r];
+                out[8 * j + 2 * r + 1] = block[16 + 4 * j + r];
+            }
+        }
+    }
+    plain
+}
+
 #[test]
 fn q8_quantisation_follows_its_definition() {
     let dev = device();
@@ -435,8 +451,18 @@ fn q8_quantisation_follows_its_definition() {
             (xq.scales().dtype(), xq.scales().shape()),
             (DType::F32, &[batch, cols / 32][..])
         );
-        let values = q.download::<i8>(xq.values()).expect("values");
+        assert_eq!(
+            (xq.sums().dtype(), xq.sums().shape()),
+            (DType::I32, &[batch, cols / 32][..])
+        );
+        let stored = q.download::<i8>(xq.values()).expect("values");
+        let values = plain_order(&stored);
         let scales = q.download::<f32>(xq.scales()).expect("scales");
+        let sums = q.download::<i32>(xq.sums()).expect("sums");
+        for (k, blk) in values.chunks(32).enumerate() {
+            let want: i32 = blk.iter().map(|&v| i32::from(v)).sum();
+            assert_eq!(sums[k], want, "x {xd}, block {k}: the stored sum");
+        }
         for (k, blk) in xv.chunks(32).enumerate() {
             let what = format!("x {xd}, block {k}");
             let amax = blk.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
@@ -488,9 +514,11 @@ fn q8_quantisation_follows_its_definition() {
         let again = ops::Q8Activations::alloc(&dev, "xq", &[batch, cols]).expect("alloc");
         poison(&dev, again.values());
         poison(&dev, again.scales());
+        poison(&dev, again.sums());
         ops::quantize_activations_into(&q, &xb, &again).expect("into");
-        assert_eq!(q.download::<i8>(again.values()).unwrap(), values);
+        assert_eq!(q.download::<i8>(again.values()).unwrap(), stored);
         assert_eq!(q.download::<f32>(again.scales()).unwrap(), scales);
+        assert_eq!(q.download::<i32>(again.sums()).unwrap(), sums);
     }
     // Random values land within 1e-5 of a tie rarely: the check above must have compared
     // nearly all of them.

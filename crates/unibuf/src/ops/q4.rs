@@ -80,11 +80,12 @@ const fn params(x: DType) -> [Param; 8] {
 const PARAMS_F32: [Param; 8] = params(DType::F32);
 const PARAMS_F16: [Param; 8] = params(DType::F16);
 
-const PARAMS_Q8: [Param; 9] = [
+const PARAMS_Q8: [Param; 10] = [
     Param::input("packed", DType::U8),
     Param::input("scales", DType::F16),
     Param::input("xq", DType::I8),
     Param::input("xd", DType::F32),
+    Param::input("xs", DType::I32),
     Param::output("y", DType::F32),
     Param::scalar("rows", ScalarType::U32),
     Param::scalar("cols", ScalarType::U32),
@@ -508,6 +509,7 @@ pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer
             (&m.scales).into(),
             xq.values().into(),
             xq.scales().into(),
+            xq.sums().into(),
             y.into(),
             rows.into(),
             cols.into(),
@@ -590,15 +592,16 @@ fn q4_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), St
 /// and accumulated in f32 in block order.
 fn q4_q8_cpu(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
     const NAME: &str = "unibuf_q4_matvec_q8";
-    let rows = args.u32(5)? as usize;
-    let cols = args.u32(6)? as usize;
-    let group = args.u32(7)? as usize;
-    let batch = args.u32(8)? as usize;
+    let rows = args.u32(6)? as usize;
+    let cols = args.u32(7)? as usize;
+    let group = args.u32(8)? as usize;
+    let batch = args.u32(9)? as usize;
     let packed = args.input::<u8>(0)?;
     let scales = args.input::<f16>(1)?;
     let xq = args.input::<i8>(2)?;
     let xd = args.input::<f32>(3)?;
-    let y = args.output::<f32>(4)?;
+    let xs = args.input::<i32>(4)?;
+    let y = args.output::<f32>(5)?;
     if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
         return Err(format!("{NAME}: bad geometry cols {cols}, group {group}"));
     }
@@ -619,6 +622,7 @@ fn q4_q8_cpu(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
     check("scales", scales.len(), rows * ngroups)?;
     check("xq", xq.len(), batch * cols)?;
     check("xd", xd.len(), batch * chunks)?;
+    check("xs", xs.len(), batch * chunks)?;
     check("y", y.len(), batch * rows)?;
     let mut w = [0i32; 32];
     for r in 0..rows {
@@ -631,8 +635,13 @@ fn q4_q8_cpu(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
                 pair[1] = i32::from(byte >> 4) - 8;
             }
             for (b, a) in acc[..batch].iter_mut().enumerate() {
-                let xs = &xq[b * cols + 32 * c..b * cols + 32 * (c + 1)];
-                let isum: i32 = w.iter().zip(xs).map(|(&w, &x)| w * i32::from(x)).sum();
+                // The values in the order of `Q8Activations::slot`; the block sums go unused
+                // here (the CPU multiplies signed codes directly).
+                let isum: i32 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &w)| w * i32::from(xq[b * cols + Q8Activations::slot(32 * c + i)]))
+                    .sum();
                 *a += s * xd[b * chunks + c] * isum as f32;
             }
         }

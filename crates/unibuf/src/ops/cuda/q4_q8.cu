@@ -2,7 +2,8 @@
 // (`unibuf_quantize_q8_*`), then y[b, r] = sum_k scale[r, k / (group / 32)] * d[b, k] * isum,
 // isum = sum over the block's 32 columns of (code - 8) * q, exact in integers
 // (`unibuf_q4_matvec_q8`). `packed` is [rows, cols / 2] bytes, the low nibble the even column;
-// `scales` is f16 [rows, cols / group]; `xq` is int8 [batch, cols]; `xd` is f32 [batch, cols / 32].
+// `scales` is f16 [rows, cols / group]; `xq` is int8 [batch, cols] in product order (below), `xd`
+// f32 [batch, cols / 32] the block scales and `xs` int [batch, cols / 32] the block sums.
 //
 // Why: the f32 kernel (q4.cu) spends a byte permute and an FMA per code and row, so on an H200
 // it is bound by instruction issue (57% of copy bandwidth where a read-only kernel over the same
@@ -19,22 +20,25 @@
 // accumulators need the registers). Measured on an H200 (bench/tune/q8_variants.cu, batch 1,
 // group 64): 3,479 GB/s on 28672x8192 against 3,244 for two chunks per thread and 3 blocks, and
 // 2-18% faster on the decode shapes; 2 or 8 rows per group, 2 to 8 chunks per thread and a
-// persistent double-buffered grid were slower, activations pre-permuted on the host gained 1%.
+// persistent double-buffered grid were slower.
 // - Codes: in a word w, byte k holds code 2k (low nibble) and 2k + 1 (high nibble), so
 //   lo = w & 0x0f0f0f0f holds codes 0, 2, 4, 6 and hi = (w >> 4) & 0x0f0f0f0f codes 1, 3, 5, 7.
-//   The matching activations (words a = x0..x3, b = x4..x7) are split once per batch row and
-//   chunk, shared by the rows: xe = __byte_perm(a, b, 0x6420) = x0, x2, x4, x6 and
-//   xo = __byte_perm(a, b, 0x7531) = x1, x3, x5, x7. Codes are 0..15, so reading them as signed
-//   bytes changes nothing and the signed __dp4a(int, int, int) serves.
-// - The -8 offset: sum (code - 8) q = sum code q - 8 sum q, with sum q = __dp4a(x, 0x01010101)
-//   over the chunk's 8 words, once per batch row and chunk, shared by the rows. |isum| is at most
-//   32 * 8 * 127, so the integer sums are exact and convert to float exactly.
+//   Codes are 0..15, so reading them as signed bytes changes nothing and the signed
+//   __dp4a(int, int, int) serves.
+// - Product order: the quantisation stores each block's values so that word j (bytes 4j..4j+3)
+//   holds values 8j, 8j+2, 8j+4, 8j+6 and word 4 + j values 8j+1, 8j+3, 8j+5, 8j+7: the partners
+//   of lo and hi of code word j, with no byte permutes here. It also stores each block's sum q,
+//   for the -8 offset: sum (code - 8) q = sum code q - 8 sum q. Together they save 16
+//   instructions per block and batch row (3,627 against 3,472 GB/s on 28672x8192 in the
+//   harness). |isum| is at most 32 * 8 * 127, so the integer sums are exact and convert to float
+//   exactly.
 // - The 32 activations of a chunk are two 16-byte __ldg (every block reads the same xq, so it is
 //   served from L1/L2), their scale one more.
 // The 16-byte loads are used when `packed` (and, separately, `xq`) is 16-byte aligned (then every
 // chunk is: a row is a whole number of chunks); else byte loads.
 //
-// Quantisation (one warp per block of 32 values, lane = value): amax = max |x| over the block's
+// Quantisation (one warp per block of 32 values, lane = value, written to its slot in product
+// order; the block sum by shuffles): amax = max |x| over the block's
 // non-NaN values, d = amax / 127 (IEEE division: NVRTC's default -prec-div=true), and
 // q = roundf(x / d) (half away from zero) clamped to [-127, 127]; d == 0 gives q = 0, and so does
 // a NaN quotient (a NaN x, or an infinite x, which also makes d infinite): non-finite x yields
@@ -70,7 +74,7 @@ template <bool VEC> __device__ __forceinline__ uint4 ub_q8_load_codes(const unsi
     }
 }
 
-// The 32 int8 activations at p as eight words (byte i of word j is value 4j + i); `vec`: p is
+// The 32 int8 activations of a block at p as eight words (bytes 4j..4j+3 are word j); `vec`: p is
 // 16-byte aligned. Read-only path: every block reads the same activations.
 __device__ __forceinline__ void ub_q8_load_x(const signed char* p, bool vec, int* v) {
     if (vec) {
@@ -102,6 +106,7 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
                                                 const ub_f16* __restrict__ scales,
                                                 const signed char* __restrict__ xq,
                                                 const float* __restrict__ xd,
+                                                const int* __restrict__ xs,
                                                 float* __restrict__ y, unsigned int rows,
                                                 unsigned int cols, unsigned int group,
                                                 unsigned int nb, bool xvec) {
@@ -149,22 +154,14 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
 #pragma unroll
                 for (int b = 0; b < UB_Q4_NB; ++b) {
                     if (b >= (int)nb) break;
+                    // The block's values in product order: words 0-3 the even-numbered
+                    // values of each group of 8, words 4-7 the odd ones; and their sum.
                     int xv[8];
                     ub_q8_load_x(xq + (unsigned long long)b * cols + 32ull * c, xvec, xv);
-                    const float d = __ldg(xd + (unsigned long long)b * chunks + c);
+                    const unsigned long long blk_index = (unsigned long long)b * chunks + c;
+                    const float d = __ldg(xd + blk_index);
                     // isum = sum code * q - 8 * sum q: start every row's sum at the second term.
-                    int sum_q = 0;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) sum_q = ub_dp4a(xv[j], 0x01010101, sum_q);
-                    const int base = -8 * sum_q;
-                    int xe[4], xo[4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const unsigned int a = (unsigned int)xv[2 * j];
-                        const unsigned int bb = (unsigned int)xv[2 * j + 1];
-                        xe[j] = (int)__byte_perm(a, bb, 0x6420u);
-                        xo[j] = (int)__byte_perm(a, bb, 0x7531u);
-                    }
+                    const int base = -8 * __ldg(xs + blk_index);
 #pragma unroll
                     for (int r = 0; r < UB_Q8_R; ++r) {
                         int isum = base;
@@ -174,8 +171,8 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
                                 j == 0 ? w[k][r].x : (j == 1 ? w[k][r].y : (j == 2 ? w[k][r].z : w[k][r].w));
                             const unsigned int lo = word & 0x0f0f0f0fu;
                             const unsigned int hi = (word >> 4) & 0x0f0f0f0fu;
-                            isum = ub_dp4a((int)lo, xe[j], isum);
-                            isum = ub_dp4a((int)hi, xo[j], isum);
+                            isum = ub_dp4a((int)lo, xv[j], isum);
+                            isum = ub_dp4a((int)hi, xv[4 + j], isum);
                         }
                         acc[r][b] = fmaf(s[k][r] * d, (float)isum, acc[r][b]);
                     }
@@ -221,7 +218,7 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
 
 extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS, UB_Q8_MIN_BLOCKS)
 unibuf_q4_matvec_q8(const unsigned char* packed, const ub_f16* scales, const signed char* xq,
-                    const float* xd, float* y, unsigned int rows, unsigned int cols,
+                    const float* xd, const int* xs, float* y, unsigned int rows, unsigned int cols,
                     unsigned int group, unsigned int batch) {
     if (batch == 0u || batch > (unsigned int)UB_Q4_NB || cols == 0u || (cols & 31u) != 0u ||
         (group != 32u && group != 64u && group != 128u) || cols % group != 0u ||
@@ -232,10 +229,17 @@ unibuf_q4_matvec_q8(const unsigned char* packed, const ub_f16* scales, const sig
     // xq rows start 32 bytes apart, so they are all 16-byte aligned if xq itself is.
     const bool xvec = (((unsigned long long)xq) & 15ull) == 0ull;
     if (vec) {
-        ub_q4_q8_matvec<true>(packed, scales, xq, xd, y, rows, cols, group, batch, xvec);
+        ub_q4_q8_matvec<true>(packed, scales, xq, xd, xs, y, rows, cols, group, batch, xvec);
     } else {
-        ub_q4_q8_matvec<false>(packed, scales, xq, xd, y, rows, cols, group, batch, xvec);
+        ub_q4_q8_matvec<false>(packed, scales, xq, xd, xs, y, rows, cols, group, batch, xvec);
     }
+}
+
+// One block of 32 values per warp (lane = value), warps grid-striding over the blocks; every
+// lane of a warp takes the same path, so the warp-wide shuffles see all 32 lanes.
+// The position of value `lane` of a block in product order (`Q8Activations::slot` in q8.rs).
+__device__ __forceinline__ unsigned int ub_q8_slot(unsigned int lane) {
+    return (lane & 1u) * 16u + ((lane >> 3) << 2) + ((lane & 7u) >> 1);
 }
 
 // One block of 32 values per warp (lane = value), warps grid-striding over the blocks; every
@@ -243,7 +247,8 @@ unibuf_q4_matvec_q8(const unsigned char* packed, const ub_f16* scales, const sig
 template <typename X>
 __device__ __forceinline__ void ub_quantize_q8(const X* __restrict__ x,
                                                signed char* __restrict__ values,
-                                               float* __restrict__ scales, unsigned int blocks) {
+                                               float* __restrict__ scales,
+                                               int* __restrict__ sums, unsigned int blocks) {
     if ((blockDim.x & 31u) != 0u) {
         return;  // the launcher uses whole warps
     }
@@ -259,17 +264,25 @@ __device__ __forceinline__ void ub_quantize_q8(const X* __restrict__ x,
             const float t = v / d;
             if (t == t) q = (int)fminf(fmaxf(roundf(t), -127.0f), 127.0f);
         }
-        values[32ull * k + lane] = (signed char)q;
-        if (lane == 0u) scales[k] = d;
+        values[32ull * k + ub_q8_slot(lane)] = (signed char)q;
+        int sum = q;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0u) {
+            scales[k] = d;
+            sums[k] = sum;
+        }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS)
-unibuf_quantize_q8_f32(const float* x, signed char* values, float* scales, unsigned int blocks) {
-    ub_quantize_q8<float>(x, values, scales, blocks);
+unibuf_quantize_q8_f32(const float* x, signed char* values, float* scales, int* sums,
+                       unsigned int blocks) {
+    ub_quantize_q8<float>(x, values, scales, sums, blocks);
 }
 
 extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS)
-unibuf_quantize_q8_f16(const ub_f16* x, signed char* values, float* scales, unsigned int blocks) {
-    ub_quantize_q8<ub_f16>(x, values, scales, blocks);
+unibuf_quantize_q8_f16(const ub_f16* x, signed char* values, float* scales, int* sums,
+                       unsigned int blocks) {
+    ub_quantize_q8<ub_f16>(x, values, scales, sums, blocks);
 }

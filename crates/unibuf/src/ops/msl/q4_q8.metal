@@ -5,9 +5,11 @@ using namespace metal;
 // (`unibuf_quantize_q8_*`), then y[b, r] = sum_k scale[r, k / (group / 32)] * d[b, k] * isum,
 // isum = sum over the block's 32 columns of (code - 8) * q, exact in integers
 // (`unibuf_q4_matvec_q8`). `packed` is [rows, cols / 2] bytes, the low nibble the even column;
-// `scales` is half [rows, cols / group]; `xq` is char (int8) [batch, cols]; `xd` is float
-// [batch, cols / 32]. The semantics are those of cuda/q4_q8.cu; Metal has no four-way byte dot
-// product, so the sums are plain integer multiply-adds.
+// `scales` is half [rows, cols / group]; `xq` is char (int8) [batch, cols] in product order
+// (value i of a block at ub_q8_slot(i): see cuda/q4_q8.cu), `xd` float [batch, cols / 32] the
+// block scales and `xs` int [batch, cols / 32] the block sums. The semantics are those of
+// cuda/q4_q8.cu; Metal has no four-way byte dot product, so the sums are plain integer
+// multiply-adds (which need no block sums).
 //
 // The matvec is structured as msl/q4.metal: one SIMD-group per output row (grid-stride over
 // rows); the lanes take consecutive 16-byte chunks, so the SIMD-group's loads are contiguous;
@@ -17,9 +19,14 @@ using namespace metal;
 // amax = max |x| over the block's non-NaN values, d = amax / 127 (IEEE division: the library is
 // compiled without fast math), q = round(x / d) (half away from zero) clamped to [-127, 127];
 // d == 0 and a NaN quotient give q = 0, so non-finite x never reaches a float-to-int conversion.
+// Where value i of a block goes in product order (`Q8Activations::slot` in q8.rs).
+static inline uint ub_q8_slot(uint i) {
+    return (i & 1u) * 16u + ((i >> 3) << 2) + ((i & 7u) >> 1);
+}
+
 template <typename X>
 static inline void ub_quantize_q8(const device X* x, device char* values, device float* scales,
-                                  uint blocks, uint gid, uint gsize) {
+                                  device int* sums, uint blocks, uint gid, uint gsize) {
     for (ulong k = gid; k < blocks; k += gsize) {
         const device X* xb = x + k * 32;
         float amax = 0.0f;
@@ -28,6 +35,7 @@ static inline void ub_quantize_q8(const device X* x, device char* values, device
             amax = isnan(v) ? amax : fmax(amax, fabs(v));
         }
         const float d = amax / 127.0f;
+        int sum = 0;
         for (uint i = 0; i < 32; ++i) {
             int q = 0;
             if (d != 0.0f) {
@@ -36,39 +44,44 @@ static inline void ub_quantize_q8(const device X* x, device char* values, device
                     q = int(clamp(round(t), -127.0f, 127.0f));
                 }
             }
-            values[k * 32 + i] = char(q);
+            values[k * 32 + ub_q8_slot(i)] = char(q);
+            sum += q;
         }
         scales[k] = d;
+        sums[k] = sum;
     }
 }
 
 kernel void unibuf_quantize_q8_f32(const device float* x [[buffer(0)]],
                                    device char* values [[buffer(1)]],
                                    device float* scales [[buffer(2)]],
-                                   constant uint& blocks [[buffer(3)]],
+                                   device int* sums [[buffer(3)]],
+                                   constant uint& blocks [[buffer(4)]],
                                    uint gid [[thread_position_in_grid]],
                                    uint gsize [[threads_per_grid]]) {
-    ub_quantize_q8<float>(x, values, scales, blocks, gid, gsize);
+    ub_quantize_q8<float>(x, values, scales, sums, blocks, gid, gsize);
 }
 
 kernel void unibuf_quantize_q8_f16(const device half* x [[buffer(0)]],
                                    device char* values [[buffer(1)]],
                                    device float* scales [[buffer(2)]],
-                                   constant uint& blocks [[buffer(3)]],
+                                   device int* sums [[buffer(3)]],
+                                   constant uint& blocks [[buffer(4)]],
                                    uint gid [[thread_position_in_grid]],
                                    uint gsize [[threads_per_grid]]) {
-    ub_quantize_q8<half>(x, values, scales, blocks, gid, gsize);
+    ub_quantize_q8<half>(x, values, scales, sums, blocks, gid, gsize);
 }
 
 kernel void unibuf_q4_matvec_q8(const device uchar* packed [[buffer(0)]],
                                 const device half* scales [[buffer(1)]],
                                 const device char* xq [[buffer(2)]],
                                 const device float* xd [[buffer(3)]],
-                                device float* y [[buffer(4)]],
-                                constant uint& rows [[buffer(5)]],
-                                constant uint& cols [[buffer(6)]],
-                                constant uint& group [[buffer(7)]],
-                                constant uint& batch [[buffer(8)]],
+                                const device int* xs [[buffer(4)]],
+                                device float* y [[buffer(5)]],
+                                constant uint& rows [[buffer(6)]],
+                                constant uint& cols [[buffer(7)]],
+                                constant uint& group [[buffer(8)]],
+                                constant uint& batch [[buffer(9)]],
                                 uint tg [[threadgroup_position_in_grid]],
                                 uint tgs [[threadgroups_per_grid]],
                                 uint sg [[simdgroup_index_in_threadgroup]],
@@ -99,7 +112,7 @@ kernel void unibuf_q4_matvec_q8(const device uchar* packed [[buffer(0)]],
                 const device char* xr = xq + ulong(b) * cols + ulong(c) * 32;
                 int isum = 0;
                 for (uint i = 0; i < 32; ++i) {
-                    isum += w[i] * int(xr[i]);
+                    isum += w[i] * int(xr[ub_q8_slot(i)]);
                 }
                 const float d = xd[ulong(b) * chunks + c];
                 acc[b] = fma(s * d, float(isum), acc[b]);
