@@ -217,8 +217,9 @@ __device__ __forceinline__ void ub_q4_q8_matvec(const unsigned char* __restrict_
 #define UB_Q8_MIN_BLOCKS (UB_Q4_NB <= 2 ? 4 : 3)
 
 extern "C" __global__ void __launch_bounds__(UB_Q8_THREADS, UB_Q8_MIN_BLOCKS)
-unibuf_q4_matvec_q8(const unsigned char* packed, const ub_f16* scales, const signed char* xq,
-                    const float* xd, const int* xs, float* y, unsigned int rows, unsigned int cols,
+unibuf_q4_matvec_q8(const unsigned char* __restrict__ packed, const ub_f16* __restrict__ scales,
+                    const signed char* __restrict__ xq, const float* __restrict__ xd,
+                    const int* __restrict__ xs, float* __restrict__ y, unsigned int rows, unsigned int cols,
                     unsigned int group, unsigned int batch) {
     if (batch == 0u || batch > (unsigned int)UB_Q4_NB || cols == 0u || (cols & 31u) != 0u ||
         (group != 32u && group != 64u && group != 128u) || cols % group != 0u ||
