@@ -20,6 +20,7 @@
 #include "../../crates/unibuf/src/ops/cuda/common.cuh"
 // The shipped kernel itself (batch-1 variant), timed beside the variants below.
 #define UB_Q4_NB 1
+#define UB_Q8_ALIGNED 1
 #include "../../crates/unibuf/src/ops/cuda/q4_q8.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -383,6 +384,52 @@ void run_persistent(Ctx& c, const char* name) {
     });
     report(c, name, blocks, us, fa);
 }
+// Bisecting the shipped kernel: its device function alone in a template kernel (BODY 0), with
+// the shipped prologue's checks (1), and with the aligned/unaligned branch as shipped (2).
+template <int BODY>
+__global__ void __launch_bounds__(256, 4)
+shipped_body(const unsigned char* __restrict__ packed, const ub_f16* __restrict__ scales,
+             const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ xs,
+             float* __restrict__ y, unsigned rows, unsigned cols, unsigned group, unsigned nb) {
+    if (BODY == 1 || BODY == 2) {
+        if (nb == 0u || nb > 1u || cols == 0u || (cols & 31u) != 0u ||
+            (group != 32u && group != 64u && group != 128u) || cols % group != 0u || blockDim.x != 256u)
+            return;
+    }
+    if (BODY == 3 && blockDim.x != 256u) return;
+    if (BODY == 4 && (nb == 0u || nb > 1u || cols == 0u || (cols & 31u) != 0u ||
+                      (group != 32u && group != 64u && group != 128u) || blockDim.x != 256u))
+        return;
+    if (BODY == 5) {
+        const bool ok = !(nb == 0u || nb > 1u || cols == 0u || (cols & 31u) != 0u ||
+                          (group != 32u && group != 64u && group != 128u) || cols % group != 0u ||
+                          blockDim.x != 256u);
+        if (ok) ub_q4_q8_matvec<true>(packed, scales, xq, xd, xs, y, rows, cols, group, nb, true);
+        return;
+    }
+    if (BODY == 2) {
+        const bool vec = (((unsigned long long)packed) & 15ull) == 0ull;
+        const bool xvec = (((unsigned long long)xq) & 15ull) == 0ull;
+        if (vec) ub_q4_q8_matvec<true>(packed, scales, xq, xd, xs, y, rows, cols, group, nb, xvec);
+        else ub_q4_q8_matvec<false>(packed, scales, xq, xd, xs, y, rows, cols, group, nb, xvec);
+    } else {
+        ub_q4_q8_matvec<true>(packed, scales, xq, xd, xs, y, rows, cols, group, nb, true);
+    }
+}
+template <int BODY> void run_body(Ctx& c, const char* name) {
+    unsigned chunks = c.cols >> 5, tpg = 32;
+    while (tpg * UB_Q8_CPT < chunks && tpg < 256) tpg <<= 1;
+    const unsigned per_block = (256 / tpg) * UB_Q8_R, blocks = (c.rows + per_block - 1) / per_block;
+    cudaFuncAttributes fa;
+    cudaFuncGetAttributes(&fa, shipped_body<BODY>);
+    cudaMemset(c.y, 0xff, c.rows * 4ull);
+    const double us = time_us([&] {
+        shipped_body<BODY><<<blocks, 256>>>(c.p, c.s, reinterpret_cast<const signed char*>(c.xp), c.xd, c.xs, c.y,
+                                            c.rows, c.cols, 64u, 1u);
+    });
+    report(c, name, blocks, us, fa);
+}
+
 // The shipped source, launched as the ops launcher does (activations in product order).
 void run_shipped_source(Ctx& c, const char* name) {
     unsigned chunks = c.cols >> 5, tpg = 32;
@@ -497,6 +544,12 @@ int main() {
         // d. pre-arranged activations
         run<4, 1, 4, 0, 1>(c, "R4 C1 M4 xpre");
         run_shipped_source(c, "q4_q8.cu as shipped");
+        run_body<0>(c, "shipped body, template kernel");
+        run_body<1>(c, "  + prologue checks");
+        run_body<2>(c, "  + both load paths");
+        run_body<3>(c, "body, blockDim check only");
+        run_body<4>(c, "body, checks without %");
+        run_body<5>(c, "body, checks as if (ok)");
         run<2, 2, 4, 0, 1>(c, "R2 C2 M4 xpre");
         run<2, 1, 4, 0, 1>(c, "R2 C1 M4 xpre");
         run<4, 1, 4, 2, 1>(c, "R4 C1 M4 xpre L2_256B");

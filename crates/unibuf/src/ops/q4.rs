@@ -341,11 +341,21 @@ fn batch_constants(batch: usize) -> Constants {
     Constants::new().with("UB_Q4_NB", batch.next_power_of_two() as i64)
 }
 
+/// The constants of the int8-activation variant for `batch` rows of x, aligned or not
+/// (`UB_Q8_ALIGNED`: the codes and the activations start 16-byte aligned, as every buffer from
+/// the allocator does, and the kernel is compiled with 16-byte loads only).
+fn q8_constants(batch: usize, aligned: bool) -> Constants {
+    batch_constants(batch).with("UB_Q8_ALIGNED", i64::from(aligned))
+}
+
 /// Compiles every variant a launch can ask for, for [`Device::warm_all`](crate::Device::warm_all).
 pub(crate) fn warm(dev: &crate::Device) -> Result<()> {
-    for name in [F32_KERNEL, F16_KERNEL, Q8_KERNEL] {
-        for nb in BATCH_VARIANTS {
+    for nb in BATCH_VARIANTS {
+        for name in [F32_KERNEL, F16_KERNEL] {
             dev.kernel_with(name, &batch_constants(nb as usize))?;
+        }
+        for aligned in [true, false] {
+            dev.kernel_with(Q8_KERNEL, &q8_constants(nb as usize, aligned))?;
         }
     }
     Ok(())
@@ -496,8 +506,12 @@ pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer
     expect_shape("q4_matvec_q8 y", y, &y_shape)?;
     let rows = index_u32("q4 rows", m.rows)?;
     let cols = index_u32("q4 cols", m.cols)?;
-    // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
-    let k = q.device().kernel_with(Q8_KERNEL, &batch_constants(batch))?;
+    // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`), and for
+    // 16-byte aligned codes and activations when they are.
+    let aligned = m.packed.device_address() % 16 == 0 && xq.values().device_address() % 16 == 0;
+    let k = q
+        .device()
+        .kernel_with(Q8_KERNEL, &q8_constants(batch, aligned))?;
     let blocks = rows
         .div_ceil(rows_per_block(cols, Q8_CHUNKS_PER_THREAD))
         .clamp(1, MAX_BLOCKS);
