@@ -251,7 +251,6 @@ unibuf_q4_matvec_q8(const unsigned char* __restrict__ packed, const ub_f16* __re
     }
 #endif
 }
-}
 
 // One block of 32 values per warp (lane = value), warps grid-striding over the blocks; every
 // lane of a warp takes the same path, so the warp-wide shuffles see all 32 lanes.
