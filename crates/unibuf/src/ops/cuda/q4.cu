@@ -108,8 +108,7 @@ __device__ __forceinline__ void ub_q4_matvec(const unsigned char* __restrict__ p
     const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const unsigned int warps_per_group = tpg >> 5;
     const unsigned int chunk_shift = group == 32u ? 0u : (group == 64u ? 1u : 2u);
-    // cols / group without a division (group is 32 << chunk_shift for every valid group).
-    const unsigned long long ngroups = cols >> (5u + chunk_shift);
+    const unsigned long long ngroups = cols / group;
     const unsigned long long pitch = cols >> 1;
     const unsigned long long per_block = (unsigned long long)groups * UB_Q4_R;
 
@@ -213,11 +212,10 @@ __device__ __forceinline__ void ub_q4_entry(const unsigned char* packed, const u
                                             const X* x, float* y, unsigned int rows,
                                             unsigned int cols, unsigned int group,
                                             unsigned int batch) {
-    // The launcher validates the geometry; the kernel checks only what its own memory safety
-    // rests on: the block size (the shared partial sums are sized for it). Checking the
-    // geometry here too made the q8 kernel 10-15% slower on an H200.
-    if (blockDim.x != (unsigned int)UB_Q4_THREADS) {
-        return;
+    if (batch == 0u || batch > (unsigned int)UB_Q4_NB || cols == 0u || (cols & 31u) != 0u ||
+        (group != 32u && group != 64u && group != 128u) || cols % group != 0u ||
+        blockDim.x != (unsigned int)UB_Q4_THREADS) {
+        return;  // the launcher validated these; never read out of bounds on a bad launch
     }
     const bool vec = (((unsigned long long)packed) & 15ull) == 0ull;
     // x rows start 32 elements apart from an aligned x only if x itself is 16-byte aligned.
