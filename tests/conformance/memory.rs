@@ -303,8 +303,7 @@ fn the_snapshot_accounts_for_every_byte() {
 }
 
 /// Memory whose granules were unmapped (by `trim` or by the bound on cached memory) and mapped
-/// again, possibly at the same addresses while the unmapping is still in flight, holds exactly
-/// what is written to it: blocks of several granules, uploaded, checked, some kept alive across
+/// again, often at the same addresses, holds exactly what is written to it: blocks of several granules, uploaded, checked, some kept alive across
 /// trims so that neighbours of unmapped ranges stay mapped.
 #[test]
 fn remapped_memory_holds_what_is_written() {

@@ -314,7 +314,7 @@ fn q4_matvec_q8_is_within_the_quantisation_bound() {
                 let packed = q.download::<u8>(m.packed()).expect("packed");
                 let scales = q.download::<f16>(m.scales()).expect("scales");
                 let wq = dequantize(&packed, &scales, rows, cols, group);
-                for batch in [1, 3] {
+                for batch in [1, 3, 8] {
                     for xd in [DType::F32, DType::F16] {
                         let what = format!("q8: {rows}x{cols} group {group} batch {batch} x {xd}");
                         let shape = if batch == 1 && xd == DType::F32 {

@@ -168,8 +168,12 @@ mod cuda {
     impl Drop for DriverCeiling {
         fn drop(&mut self) {
             if let Some(h) = self.held.take() {
-                // SAFETY: the stream is synchronised before the memory goes.
+                // SAFETY: the stream's context is made current, and the stream synchronised,
+                // before the memory goes.
                 unsafe {
+                    let mut c = std::ptr::null_mut();
+                    sys::cuStreamGetCtx(self.stream, &mut c);
+                    sys::cuCtxSetCurrent(c);
                     sys::cuStreamSynchronize(self.stream);
                     h.free();
                 }
@@ -309,7 +313,7 @@ mod cuda {
             let pageable = held.pageable.as_mut_ptr().cast::<c_void>();
             // SAFETY: every pointer was allocated by `held` for at least `bytes` bytes (the
             // pinned and pageable ones when the op needs them) and lives until the next size
-            // or the end of the process; each timed op ends with a stream synchronisation.
+            // or until the ceiling is dropped; each timed op ends with a stream synchronisation.
             unsafe {
                 match op {
                     "h2d_pinned" | "h2d_external" => self.time(bytes, samples, || {

@@ -241,15 +241,15 @@ fn cases<'a>(dev: &Device, z: &Sizes) -> unibuf::Result<Vec<Case<'a>>> {
             launch: Box::new(move |q| ops::q4_matvec_q8_into(q, &m_q8, &xq, &y_q8)),
         });
     }
-    // The int8 quantisation of a decode step's f16 activations: x read, values and scales
-    // written.
+    // The int8 quantisation of a decode step's f16 activations: x read, values, scales and
+    // block sums written.
     {
         let n = z.hidden;
         let x = filled(dev, "x", &[n], 14, half)?;
         let xq = ops::Q8Activations::alloc(dev, "x_q8", &[n])?;
         cases.push(Case {
             name: format!("quantize q8 {n}"),
-            bytes: (n * 2 + n + n / ops::Q8_BLOCK * 4) as u64,
+            bytes: (n * 2 + n + n / ops::Q8_BLOCK * 8) as u64,
             launch: Box::new(move |q| ops::quantize_activations_into(q, &x, &xq)),
         });
     }

@@ -63,15 +63,6 @@ pub(crate) struct Block {
 /// of peak live. On the shared llama decode trace: 1.032, with about one map per 480 events.
 const SLACK_DIVISOR: usize = 50;
 
-fn whole_block_min() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("UNIBUF_WHOLE_MIN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(usize::MAX)
-    })
-}
 const FLOOR_GRANULES: usize = 2;
 const QUICK_DIVISOR: usize = 128;
 const QUICK_MIN: usize = 2 << 20;
@@ -199,7 +190,7 @@ impl Allocator {
         }
         let arena_vm = backend
             .virtual_memory(kind)
-            .filter(|_| !self.no_arena.contains(&kind) && class < whole_block_min());
+            .filter(|_| !self.no_arena.contains(&kind));
         let block = if let Some(vm) = arena_vm {
             match self.allocate_in_arena_or_blocks(backend, vm, kind, requested) {
                 Err(_) if self.no_arena.contains(&kind) => {

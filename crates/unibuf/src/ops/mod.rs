@@ -11,6 +11,11 @@
 //! writes a buffer the caller owns. Temporaries need no care from the caller: a buffer
 //! dropped while a submission uses it is reused only after that submission's fence completes.
 //!
+//! The op kernels can be looked up by name (`unibuf_*`) and launched directly, but their
+//! contract is the op's: an op checks every shape and scalar before it launches, and the
+//! kernels do not all check them again (the int8-activation matvec checks only its block size,
+//! since more checks slowed it by 10-15%), so a direct launch must pass what the op would.
+//!
 //! Arithmetic is in f32 whatever the storage dtype (f32, f16, bf16), with results rounded once
 //! to the output dtype.
 //!

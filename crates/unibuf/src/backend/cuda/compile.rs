@@ -69,6 +69,16 @@ pub(super) fn cubin(
     dir: Option<&Path>,
     counters: &CompileCounters,
 ) -> Result<Vec<u8>> {
+    // Before asking NVRTC its version: cudarc's dynamic loading panics when the library is
+    // absent, and this is reached from submissions (the backend's copy and fill kernels).
+    // SAFETY: no preconditions; it only probes for the library.
+    if !unsafe { nvrtc::is_culib_present() } {
+        return Err(Error::Compile {
+            kernel: name.to_owned(),
+            log: "libnvrtc was not found (add the CUDA lib64 directory to LD_LIBRARY_PATH)"
+                .to_owned(),
+        });
+    }
     let opts = options(constants, cc);
     let (vmaj, vmin) = nvrtc_version();
     let version = format!("nvrtc {vmaj}.{vmin}");

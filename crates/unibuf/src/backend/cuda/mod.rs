@@ -145,8 +145,8 @@ pub struct CudaBackend {
     fill64: OnceLock<Result<PipelineId>>,
     copy16: OnceLock<Result<PipelineId>>,
     fill16: OnceLock<Result<PipelineId>>,
-    /// `UNIBUF_CUDA_DRIVER_COPIES` set: arena copies and fills use the driver's calls too (to
-    /// compare the two).
+    /// `UNIBUF_CUDA_DRIVER_COPIES` set (to any value): arena copies and fills use the driver's
+    /// calls too (to compare the two).
     driver_copies: bool,
     cache_dir: Option<std::path::PathBuf>,
     counters: CompileCounters,
@@ -332,24 +332,17 @@ impl CudaBackend {
             && self.mappings.reserved(addr, r.bytes)
     }
 
-    /// Launches `source` (COPY16 or FILL16), compiled on first use into `slot`.
-    fn bulk_launch(
+    /// The pipeline of `source` (COPY16 or FILL16), compiled on first use into `slot`; `None`
+    /// where it cannot be built (no NVRTC on this machine): the driver's calls serve then.
+    fn bulk_pipeline(
         &self,
-        stream: sys::CUstream,
         slot: &OnceLock<Result<PipelineId>>,
         source: &KernelSource,
-        args: &[LaunchArg],
-        n: u64,
-    ) -> Result<()> {
-        let pipeline = slot
-            .get_or_init(|| self.compile(source, &Constants::new()))
-            .clone()?;
-        self.launch(
-            stream,
-            pipeline,
-            LaunchDims::linear(bulk_blocks(n), 256),
-            args,
-        )
+    ) -> Option<PipelineId> {
+        slot.get_or_init(|| self.compile(source, &Constants::new()))
+            .as_ref()
+            .ok()
+            .copied()
     }
 
     /// The event a queue must wait on for `fence`, and whether it was recorded just for this
@@ -396,7 +389,10 @@ impl CudaBackend {
         let cu = |e: CuError| e.into_error("encoding a submission");
         match cmd {
             Command::Copy { src, dst } => {
-                if self.bulk_kernel(src) && self.bulk_kernel(dst) {
+                let bulk = (self.bulk_kernel(src) && self.bulk_kernel(dst))
+                    .then(|| self.bulk_pipeline(&self.copy16, &COPY16))
+                    .flatten();
+                if let Some(pipeline) = bulk {
                     let n = (src.bytes / 16) as u64;
                     let args = [
                         LaunchArg::Buffer {
@@ -411,7 +407,12 @@ impl CudaBackend {
                         },
                         LaunchArg::Scalar(ScalarArg::U64(n)),
                     ];
-                    return self.bulk_launch(stream, &self.copy16, &COPY16, &args, n);
+                    return self.launch(
+                        stream,
+                        pipeline,
+                        LaunchDims::linear(bulk_blocks(n), 256),
+                        &args,
+                    );
                 }
                 // SAFETY: caller's contract; unified addressing resolves every kind of memory.
                 check(
@@ -420,7 +421,9 @@ impl CudaBackend {
                 )
                 .map_err(cu)
             }
-            Command::Fill { dst, pattern } if self.bulk_kernel(dst) => {
+            Command::Fill { dst, pattern }
+                if self.bulk_kernel(dst) && self.bulk_pipeline(&self.fill16, &FILL16).is_some() =>
+            {
                 // The pattern repeated to 16 bytes (its width divides 16).
                 let p = pattern.bytes();
                 let mut v = [0u8; 16];
@@ -439,7 +442,15 @@ impl CudaBackend {
                     LaunchArg::Scalar(ScalarArg::U64(half(&v[8..]))),
                     LaunchArg::Scalar(ScalarArg::U64(n)),
                 ];
-                self.bulk_launch(stream, &self.fill16, &FILL16, &args, n)
+                let pipeline = self
+                    .bulk_pipeline(&self.fill16, &FILL16)
+                    .ok_or_else(|| Error::invalid("fill", "the fill kernel is unavailable"))?;
+                self.launch(
+                    stream,
+                    pipeline,
+                    LaunchDims::linear(bulk_blocks(n), 256),
+                    &args,
+                )
             }
             Command::Fill { dst, pattern } => {
                 let p = pattern.bytes();

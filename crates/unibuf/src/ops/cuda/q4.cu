@@ -215,7 +215,7 @@ __device__ __forceinline__ void ub_q4_entry(const unsigned char* packed, const u
     if (batch == 0u || batch > (unsigned int)UB_Q4_NB || cols == 0u || (cols & 31u) != 0u ||
         (group != 32u && group != 64u && group != 128u) || cols % group != 0u ||
         blockDim.x != (unsigned int)UB_Q4_THREADS) {
-        return;  // the launcher validated these; never read out of bounds on a bad launch
+        return;  // the launcher validated these; a launch with bad scalars writes nothing
     }
     const bool vec = (((unsigned long long)packed) & 15ull) == 0ull;
     // x rows start 32 elements apart from an aligned x only if x itself is 16-byte aligned.

@@ -253,8 +253,6 @@ unibuf_q4_matvec_q8(const unsigned char* __restrict__ packed, const ub_f16* __re
 #endif
 }
 
-// One block of 32 values per warp (lane = value), warps grid-striding over the blocks; every
-// lane of a warp takes the same path, so the warp-wide shuffles see all 32 lanes.
 // The position of value `lane` of a block in product order (`Q8Activations::slot` in q8.rs).
 __device__ __forceinline__ unsigned int ub_q8_slot(unsigned int lane) {
     return (lane & 1u) * 16u + ((lane >> 3) << 2) + ((lane & 7u) >> 1);

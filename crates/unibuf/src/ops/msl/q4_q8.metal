@@ -16,14 +16,14 @@ using namespace metal;
 // simd_sum adds the lanes. The quantisation runs one thread per block of 32 values (grid-stride
 // over the blocks), so it does not depend on the SIMD-group width.
 
-// amax = max |x| over the block's non-NaN values, d = amax / 127 (IEEE division: the library is
-// compiled without fast math), q = round(x / d) (half away from zero) clamped to [-127, 127];
-// d == 0 and a NaN quotient give q = 0, so non-finite x never reaches a float-to-int conversion.
 // Where value i of a block goes in product order (`Q8Activations::slot` in q8.rs).
 static inline uint ub_q8_slot(uint i) {
     return (i & 1u) * 16u + ((i >> 3) << 2) + ((i & 7u) >> 1);
 }
 
+// amax = max |x| over the block's non-NaN values, d = amax / 127 (IEEE division: the library is
+// compiled without fast math), q = round(x / d) (half away from zero) clamped to [-127, 127];
+// d == 0 and a NaN quotient give q = 0, so non-finite x never reaches a float-to-int conversion.
 template <typename X>
 static inline void ub_quantize_q8(const device X* x, device char* values, device float* scales,
                                   device int* sums, uint blocks, uint gid, uint gsize) {
