@@ -17,6 +17,7 @@
 //! `x` once for every matrix that reads it; the f32 path where `x` must enter unrounded.
 
 use super::q8::{Q8Activations, CUDA as Q8_CUDA, MSL as Q8_MSL};
+use super::row_common::expect_len;
 use super::{expect_dtype, expect_shape, index_u32, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -548,6 +549,22 @@ impl XFloat for f16 {
     }
 }
 
+/// The scalar arguments of a CPU q4 kernel, checked as the launchers check them.
+fn cpu_geometry(
+    name: &str,
+    cols: usize,
+    group: usize,
+    batch: usize,
+) -> std::result::Result<(), String> {
+    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
+        return Err(format!("{name}: bad geometry cols {cols}, group {group}"));
+    }
+    if batch == 0 || batch > Q4_MAX_BATCH {
+        return Err(format!("{name}: batch {batch} is not 1..={Q4_MAX_BATCH}"));
+    }
+    Ok(())
+}
+
 fn q4_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
     const NAME: &str = "unibuf_q4_matvec";
     let rows = args.u32(4)? as usize;
@@ -558,22 +575,9 @@ fn q4_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), St
     let scales = args.input::<f16>(1)?;
     let x = args.input::<X>(2)?;
     let y = args.output::<f32>(3)?;
-    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
-        return Err(format!("{NAME}: bad geometry cols {cols}, group {group}"));
-    }
-    if batch == 0 || batch > Q4_MAX_BATCH {
-        return Err(format!("{NAME}: batch {batch} is not 1..={Q4_MAX_BATCH}"));
-    }
+    cpu_geometry(NAME, cols, group, batch)?;
     let ngroups = cols / group;
-    let check = |what: &str, have: usize, want: usize| {
-        if have == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{NAME}: '{what}' has {have} elements, expected {want}"
-            ))
-        }
-    };
+    let check = |what: &str, have: usize, want: usize| expect_len(NAME, what, have, want);
     check("packed", packed.len(), rows * cols / 2)?;
     check("scales", scales.len(), rows * ngroups)?;
     check("x", x.len(), batch * cols)?;
@@ -616,22 +620,9 @@ fn q4_q8_cpu(args: &mut CpuKernelArgs<'_>) -> std::result::Result<(), String> {
     let xd = args.input::<f32>(3)?;
     let xs = args.input::<i32>(4)?;
     let y = args.output::<f32>(5)?;
-    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
-        return Err(format!("{NAME}: bad geometry cols {cols}, group {group}"));
-    }
-    if batch == 0 || batch > Q4_MAX_BATCH {
-        return Err(format!("{NAME}: batch {batch} is not 1..={Q4_MAX_BATCH}"));
-    }
+    cpu_geometry(NAME, cols, group, batch)?;
     let (chunks, ngroups) = (cols / 32, cols / group);
-    let check = |what: &str, have: usize, want: usize| {
-        if have == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{NAME}: '{what}' has {have} elements, expected {want}"
-            ))
-        }
-    };
+    let check = |what: &str, have: usize, want: usize| expect_len(NAME, what, have, want);
     check("packed", packed.len(), rows * cols / 2)?;
     check("scales", scales.len(), rows * ngroups)?;
     check("xq", xq.len(), batch * cols)?;

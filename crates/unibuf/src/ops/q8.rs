@@ -3,6 +3,7 @@
 //! ([`q4_matvec_q8`](super::q4_matvec_q8)).
 
 use super::q4::XFloat;
+use super::row_common::expect_len;
 use super::{index_u32, output};
 use crate::backend::cpu::CpuKernelArgs;
 use crate::backend::LaunchDims;
@@ -304,12 +305,7 @@ fn quantize_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<
     let blocks = args.u32(4)? as usize;
     let x = args.input::<X>(0)?;
     let n = blocks * Q8_BLOCK;
-    if x.len() != n {
-        return Err(format!(
-            "{NAME}: {blocks} blocks need {n} values of x, got {}",
-            x.len()
-        ));
-    }
+    expect_len(NAME, "x", x.len(), n)?;
     let xf: Vec<f32> = x.iter().map(|v| v.f32()).collect();
     let mut values = vec![0i8; n];
     let mut scales = vec![0.0f32; blocks];
@@ -327,15 +323,7 @@ fn quantize_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<
             sums[k] += i32::from(q);
         }
     }
-    let check = |what: &str, have: usize, want: usize| {
-        if have == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{NAME}: '{what}' has {have} elements, expected {want}"
-            ))
-        }
-    };
+    let check = |what: &str, have: usize, want: usize| expect_len(NAME, what, have, want);
     let out = args.output::<i8>(1)?;
     check("values", out.len(), n)?;
     out.copy_from_slice(&values);
