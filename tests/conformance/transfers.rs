@@ -80,29 +80,37 @@ fn upload_download_views_in_every_mode() {
 }
 
 /// Fills with every pattern width over views at aligned odd offsets and odd lengths.
+/// The fill widths, with an unsigned dtype of each.
+const FILL_WIDTHS: [(DType, usize); 4] = [
+    (DType::U8, 1),
+    (DType::U16, 2),
+    (DType::U32, 4),
+    (DType::U64, 8),
+];
+
+/// A fill pattern of `width` bytes: the low bytes of `value`.
+fn pattern_of(width: usize, value: u64) -> FillPattern {
+    match width {
+        1 => FillPattern::u8(value as u8),
+        2 => FillPattern::u16(value as u16),
+        4 => FillPattern::u32(value as u32),
+        _ => FillPattern::u64(value),
+    }
+}
+
 #[test]
 fn fill_every_width_in_every_mode() {
     let dev = device();
     let q = dev.queue();
     let mut rng = Rng::new("fill_every_width_in_every_mode");
     for mode in MODES {
-        for (dtype, width) in [
-            (DType::U8, 1usize),
-            (DType::U16, 2),
-            (DType::U32, 4),
-            (DType::U64, 8),
-        ] {
+        for (dtype, width) in FILL_WIDTHS {
             let n = rng.range(3, 3000) | 1;
             let b = buffer(&dev, mode, dtype, &[n], "fill");
             poison(&dev, &b);
             let (off, len) = (1, n - 2);
             let value = rng.next_u64() | 1;
-            let pattern = match width {
-                1 => FillPattern::u8(value as u8),
-                2 => FillPattern::u16(value as u16),
-                4 => FillPattern::u32(value as u32),
-                _ => FillPattern::u64(value),
-            };
+            let pattern = pattern_of(width, value);
             q.fill(&b.slice(off..off + len).unwrap(), pattern).unwrap();
             let got: Vec<u8> = q.download(&b.cast(DType::U8).unwrap()).unwrap();
             for (i, chunk) in got.chunks(width).enumerate() {
@@ -127,23 +135,13 @@ fn whole_buffer_fills_of_every_width() {
     let q = dev.queue();
     let mut rng = Rng::new("whole_buffer_fills_of_every_width");
     for mode in MODES {
-        for (dtype, width) in [
-            (DType::U8, 1usize),
-            (DType::U16, 2),
-            (DType::U32, 4),
-            (DType::U64, 8),
-        ] {
+        for (dtype, width) in FILL_WIDTHS {
             let bytes = 16 * rng.range(1, 70_000);
             let b = buffer(&dev, mode, dtype, &[bytes / width], "fill16");
             poison(&dev, &b);
             // The low byte is 0x03, never the poison's 0xA5, so an unwritten element shows.
             let value = (rng.next_u64() & 0x00ff_ffff_ffff_ff00) | 0x0102_0000_0000_0003;
-            let pattern = match width {
-                1 => FillPattern::u8(value as u8),
-                2 => FillPattern::u16(value as u16),
-                4 => FillPattern::u32(value as u32),
-                _ => FillPattern::u64(value),
-            };
+            let pattern = pattern_of(width, value);
             q.fill(&b, pattern).unwrap();
             let got: Vec<u8> = q.download(&b.cast(DType::U8).unwrap()).unwrap();
             for (i, chunk) in got.chunks(width).enumerate() {
