@@ -62,15 +62,25 @@ fn upload_x(dev: &Device, rng: &mut Rng, dtype: DType, shape: &[usize]) -> (Buff
     }
 }
 
-#[test]
-fn q4_matvec_matches_an_f64_reference() {
+/// A check of a product: (y, dequantised w, exact x, rows, cols, what).
+type ProductCheck = fn(&[f32], &[f64], &[f64], usize, usize, &str);
+
+/// Every group size, rows 1, 7 and 33, a one-group and a wide row (more than 256 threads'
+/// worth of 32-code chunks for 7 rows, so the CUDA kernels' widest row groups and the second
+/// pass of their chunk loops run too), each batch in `batches` and x f32 and f16: quantises
+/// fresh random weights, uploads fresh x, poisons y, runs `product(m, x, y)` and hands the
+/// result to `check(y, dequantised w, exact x, rows, cols, what)`.
+fn sweep_q4_products(
+    stream: &str,
+    batches: &[usize],
+    mut product: impl FnMut(&Queue, &Q4Matrix, &Buffer, &Buffer, &str),
+    check: ProductCheck,
+) {
     let dev = device();
     let q = dev.queue();
-    let mut rng = Rng::new("q4_matvec");
+    let mut rng = Rng::new(stream);
     for group in [32, 64, 128] {
         for rows in [1, 7, 33] {
-            // 16416 columns: more than 256 threads' worth of 32-code chunks per row, so the
-            // CUDA kernel's widest row groups and its chunk loop's second pass run too.
             let wide = if rows == 7 {
                 16384 + group
             } else {
@@ -82,9 +92,10 @@ fn q4_matvec_matches_an_f64_reference() {
                 let packed = q.download::<u8>(m.packed()).expect("packed");
                 let scales = q.download::<f16>(m.scales()).expect("scales");
                 let wq = dequantize(&packed, &scales, rows, cols, group);
-                for batch in [1, 3] {
+                for &batch in batches {
                     for xd in [DType::F32, DType::F16] {
-                        let what = format!("{rows}x{cols} group {group} batch {batch} x {xd}");
+                        let what =
+                            format!("{stream}: {rows}x{cols} group {group} batch {batch} x {xd}");
                         let shape = if batch == 1 && xd == DType::F32 {
                             vec![cols]
                         } else {
@@ -100,14 +111,26 @@ fn q4_matvec_matches_an_f64_reference() {
                             .alloc(DType::F32, &y_shape, unibuf::StorageMode::Auto)
                             .expect("y");
                         poison_nan(&dev, &y);
-                        ops::q4_matvec_into(&q, &m, &x, &y).expect(&what);
+                        product(&q, &m, &x, &y, &what);
                         let got = q.download::<f32>(&y).expect("y");
-                        check_product(&got, &wq, &xv, rows, cols, &what);
+                        check(&got, &wq, &xv, rows, cols, &what);
                     }
                 }
             }
         }
     }
+}
+
+#[test]
+fn q4_matvec_matches_an_f64_reference() {
+    sweep_q4_products(
+        "q4_matvec",
+        &[1, 3],
+        |q, m, x, y, what| {
+            ops::q4_matvec_into(q, m, x, y).expect(what);
+        },
+        check_product,
+    );
 }
 
 #[test]
@@ -296,51 +319,15 @@ fn check_q8_product(y: &[f32], w: &[f64], x: &[f64], rows: usize, cols: usize, w
 
 #[test]
 fn q4_matvec_q8_is_within_the_quantisation_bound() {
-    let dev = device();
-    let q = dev.queue();
-    let mut rng = Rng::new("q4_matvec_q8");
-    for group in [32, 64, 128] {
-        for rows in [1, 7, 33] {
-            // As in the f32 test: the widest case covers the CUDA kernel's 256-thread row groups
-            // and the second pass of its chunk loop.
-            let wide = if rows == 7 {
-                16384 + group
-            } else {
-                4096 + group
-            };
-            for cols in [group, wide] {
-                let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
-                let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
-                let packed = q.download::<u8>(m.packed()).expect("packed");
-                let scales = q.download::<f16>(m.scales()).expect("scales");
-                let wq = dequantize(&packed, &scales, rows, cols, group);
-                for batch in [1, 3, 8] {
-                    for xd in [DType::F32, DType::F16] {
-                        let what = format!("q8: {rows}x{cols} group {group} batch {batch} x {xd}");
-                        let shape = if batch == 1 && xd == DType::F32 {
-                            vec![cols]
-                        } else {
-                            vec![batch, cols]
-                        };
-                        let (x, xv) = upload_x(&dev, &mut rng, xd, &shape);
-                        let xq = ops::quantize_activations(&q, &x).expect(&what);
-                        let y_shape = if shape.len() == 1 {
-                            vec![rows]
-                        } else {
-                            vec![batch, rows]
-                        };
-                        let y = dev
-                            .alloc(DType::F32, &y_shape, unibuf::StorageMode::Auto)
-                            .expect("y");
-                        poison_nan(&dev, &y);
-                        ops::q4_matvec_q8_into(&q, &m, &xq, &y).expect(&what);
-                        let got = q.download::<f32>(&y).expect("y");
-                        check_q8_product(&got, &wq, &xv, rows, cols, &what);
-                    }
-                }
-            }
-        }
-    }
+    sweep_q4_products(
+        "q4_matvec_q8",
+        &[1, 3, 8],
+        |q, m, x, y, what| {
+            let xq = ops::quantize_activations(q, x).expect(what);
+            ops::q4_matvec_q8_into(q, m, &xq, y).expect(what);
+        },
+        check_q8_product,
+    );
 }
 
 #[test]
