@@ -318,31 +318,49 @@ impl CudaBackend {
             .clone()
     }
 
-    /// Whether a copy or fill of `r` goes through the 16-byte kernels: arena memory, whole
-    /// 16-byte words at 16-byte aligned addresses. Over arena memory the driver's cuMemcpy and
-    /// cuMemsetD8/D32 ran at 0.73-0.94 of their speed on cuMemAlloc memory (H200, 16 MiB to
-    /// 1 GiB), the kernels at 0.95-1.03 (docs/BENCHMARKS.md); a standalone program mapping
-    /// granules the same way did not show the loss, so it comes from the process's mapping
-    /// history, which an engine's allocator has too.
-    fn bulk_kernel(&self, r: &crate::backend::RawRange) -> bool {
-        let addr = r.addr + r.offset as u64;
-        !self.driver_copies
-            && addr % 16 == 0
-            && r.bytes % 16 == 0
-            && self.mappings.reserved(addr, r.bytes)
-    }
-
-    /// The pipeline of `source` (COPY16 or FILL16), compiled on first use into `slot`; `None`
-    /// where it cannot be built (no NVRTC on this machine): the driver's calls serve then.
+    /// The pipeline of `source` (COPY16 or FILL16) when a copy or fill of `ranges` goes through
+    /// the 16-byte kernels: arena memory, whole 16-byte words at 16-byte aligned addresses;
+    /// `None` (the driver's calls serve) otherwise, or where the kernel cannot be built (no
+    /// NVRTC on this machine). It is compiled on first use into `slot`.
+    ///
+    /// Over arena memory the driver's cuMemcpy and cuMemsetD8/D32 ran at 0.73-0.94 of their
+    /// speed on cuMemAlloc memory (H200, 16 MiB to 1 GiB), the kernels at 0.95-1.03
+    /// (docs/BENCHMARKS.md); a standalone program mapping granules the same way did not show
+    /// the loss, so it comes from the process's mapping history, which an engine's allocator
+    /// has too.
     fn bulk_pipeline(
         &self,
+        ranges: &[&crate::backend::RawRange],
         slot: &OnceLock<Result<PipelineId>>,
         source: &KernelSource,
     ) -> Option<PipelineId> {
+        let eligible = |r: &crate::backend::RawRange| {
+            let addr = r.addr + r.offset as u64;
+            addr % 16 == 0 && r.bytes % 16 == 0 && self.mappings.reserved(addr, r.bytes)
+        };
+        if self.driver_copies || !ranges.iter().all(|r| eligible(r)) {
+            return None;
+        }
         slot.get_or_init(|| self.compile(source, &Constants::new()))
             .as_ref()
             .ok()
             .copied()
+    }
+
+    /// Launches a 16-byte kernel over `n` 16-byte elements.
+    fn launch_bulk(
+        &self,
+        stream: sys::CUstream,
+        pipeline: PipelineId,
+        n: u64,
+        args: &[LaunchArg],
+    ) -> Result<()> {
+        self.launch(
+            stream,
+            pipeline,
+            LaunchDims::linear(bulk_blocks(n), 256),
+            args,
+        )
     }
 
     /// The event a queue must wait on for `fence`, and whether it was recorded just for this
@@ -389,10 +407,7 @@ impl CudaBackend {
         let cu = |e: CuError| e.into_error("encoding a submission");
         match cmd {
             Command::Copy { src, dst } => {
-                let bulk = (self.bulk_kernel(src) && self.bulk_kernel(dst))
-                    .then(|| self.bulk_pipeline(&self.copy16, &COPY16))
-                    .flatten();
-                if let Some(pipeline) = bulk {
+                if let Some(pipeline) = self.bulk_pipeline(&[src, dst], &self.copy16, &COPY16) {
                     let n = (src.bytes / 16) as u64;
                     let args = [
                         LaunchArg::Buffer {
@@ -407,12 +422,7 @@ impl CudaBackend {
                         },
                         LaunchArg::Scalar(ScalarArg::U64(n)),
                     ];
-                    return self.launch(
-                        stream,
-                        pipeline,
-                        LaunchDims::linear(bulk_blocks(n), 256),
-                        &args,
-                    );
+                    return self.launch_bulk(stream, pipeline, n, &args);
                 }
                 // SAFETY: caller's contract; unified addressing resolves every kind of memory.
                 check(
@@ -421,39 +431,28 @@ impl CudaBackend {
                 )
                 .map_err(cu)
             }
-            Command::Fill { dst, pattern }
-                if self.bulk_kernel(dst) && self.bulk_pipeline(&self.fill16, &FILL16).is_some() =>
-            {
-                // The pattern repeated to 16 bytes (its width divides 16).
-                let p = pattern.bytes();
-                let mut v = [0u8; 16];
-                for (i, b) in v.iter_mut().enumerate() {
-                    *b = p[i % p.len()];
-                }
-                let half = |h: &[u8]| u64::from_ne_bytes(h.try_into().expect("8 bytes"));
-                let n = (dst.bytes / 16) as u64;
-                let args = [
-                    LaunchArg::Buffer {
-                        range: *dst,
-                        dtype: DType::U64,
-                        writable: true,
-                    },
-                    LaunchArg::Scalar(ScalarArg::U64(half(&v[..8]))),
-                    LaunchArg::Scalar(ScalarArg::U64(half(&v[8..]))),
-                    LaunchArg::Scalar(ScalarArg::U64(n)),
-                ];
-                let pipeline = self
-                    .bulk_pipeline(&self.fill16, &FILL16)
-                    .ok_or_else(|| Error::invalid("fill", "the fill kernel is unavailable"))?;
-                self.launch(
-                    stream,
-                    pipeline,
-                    LaunchDims::linear(bulk_blocks(n), 256),
-                    &args,
-                )
-            }
             Command::Fill { dst, pattern } => {
                 let p = pattern.bytes();
+                if let Some(pipeline) = self.bulk_pipeline(&[dst], &self.fill16, &FILL16) {
+                    // The pattern repeated to 16 bytes (its width divides 16).
+                    let mut v = [0u8; 16];
+                    for (i, b) in v.iter_mut().enumerate() {
+                        *b = p[i % p.len()];
+                    }
+                    let half = |h: &[u8]| u64::from_ne_bytes(h.try_into().expect("8 bytes"));
+                    let n = (dst.bytes / 16) as u64;
+                    let args = [
+                        LaunchArg::Buffer {
+                            range: *dst,
+                            dtype: DType::U64,
+                            writable: true,
+                        },
+                        LaunchArg::Scalar(ScalarArg::U64(half(&v[..8]))),
+                        LaunchArg::Scalar(ScalarArg::U64(half(&v[8..]))),
+                        LaunchArg::Scalar(ScalarArg::U64(n)),
+                    ];
+                    return self.launch_bulk(stream, pipeline, n, &args);
+                }
                 let d = at(dst);
                 // SAFETY: caller's contract; the core checked the range's alignment to the width.
                 let r = unsafe {
