@@ -306,32 +306,30 @@ fn quantize_cpu<X: XFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result<
     let x = args.input::<X>(0)?;
     let n = blocks * Q8_BLOCK;
     expect_len(NAME, "x", x.len(), n)?;
-    let xf: Vec<f32> = x.iter().map(|v| v.f32()).collect();
-    let mut values = vec![0i8; n];
-    let mut scales = vec![0.0f32; blocks];
-    let mut sums = vec![0i32; blocks];
-    for (k, xb) in xf.chunks_exact(Q8_BLOCK).enumerate() {
-        let amax = xb
+    // Outputs are distinct buffers, borrowed for the whole call.
+    let values = args.output::<i8>(1)?;
+    let scales = args.output::<f32>(2)?;
+    let sums = args.output::<i32>(3)?;
+    expect_len(NAME, "values", values.len(), n)?;
+    expect_len(NAME, "scales", scales.len(), blocks)?;
+    expect_len(NAME, "sums", sums.len(), blocks)?;
+    let mut xf = [0.0f32; Q8_BLOCK];
+    for (k, xb) in x.chunks_exact(Q8_BLOCK).enumerate() {
+        for (f, v) in xf.iter_mut().zip(xb) {
+            *f = v.f32();
+        }
+        let amax = xf
             .iter()
             .filter(|f| !f.is_nan())
             .fold(0.0f32, |a, f| a.max(f.abs()));
         let d = amax / 127.0;
         scales[k] = d;
-        for (i, &v) in xb.iter().enumerate() {
+        sums[k] = 0;
+        for (i, &v) in xf.iter().enumerate() {
             let q = quantize_value(v, d);
             values[Q8Activations::slot(k * Q8_BLOCK + i)] = q;
             sums[k] += i32::from(q);
         }
     }
-    let check = |what: &str, have: usize, want: usize| expect_len(NAME, what, have, want);
-    let out = args.output::<i8>(1)?;
-    check("values", out.len(), n)?;
-    out.copy_from_slice(&values);
-    let out = args.output::<f32>(2)?;
-    check("scales", out.len(), blocks)?;
-    out.copy_from_slice(&scales);
-    let out = args.output::<i32>(3)?;
-    check("sums", out.len(), blocks)?;
-    out.copy_from_slice(&sums);
     Ok(())
 }
