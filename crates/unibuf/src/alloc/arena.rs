@@ -132,6 +132,9 @@ pub(crate) struct Placement {
 #[derive(Debug)]
 pub(crate) struct Arena {
     granule: u64,
+    /// log2 of `granule`: granule indices come from shifts, not divisions, on every
+    /// placement and release (a 64-bit division costs tens of cycles).
+    granule_shift: u32,
     len: u64,
     free_by_addr: BTreeMap<u64, Extent>,
     free_by_size: BTreeSet<(u64, u64)>,
@@ -159,6 +162,7 @@ impl Arena {
         debug_assert!(granule.is_power_of_two() && granule >= BLOCK_ALIGN && len % granule == 0);
         let mut a = Arena {
             granule,
+            granule_shift: granule.trailing_zeros(),
             len,
             free_by_addr: BTreeMap::new(),
             free_by_size: BTreeSet::new(),
@@ -211,7 +215,8 @@ impl Arena {
     }
 
     fn granules_of(&self, offset: u64, bytes: u64) -> Range<u64> {
-        offset / self.granule..(offset + bytes).div_ceil(self.granule)
+        let round_up = self.granule - 1;
+        offset >> self.granule_shift..(offset + bytes + round_up) >> self.granule_shift
     }
 
     /// Sets the quick list's byte bound; blocks over it go to the free space directly.
@@ -367,8 +372,8 @@ impl Arena {
     /// or 0 together and change as a range.
     fn split_granules(&self, offset: u64, bytes: u64) -> (Range<u64>, Range<u64>, Range<u64>) {
         let all = self.granules_of(offset, bytes);
-        let first_whole = offset.div_ceil(self.granule);
-        let end_whole = (offset + bytes) / self.granule;
+        let first_whole = (offset + self.granule - 1) >> self.granule_shift;
+        let end_whole = (offset + bytes) >> self.granule_shift;
         if first_whole >= end_whole {
             return (all, 0..0, 0..0);
         }

@@ -6,11 +6,16 @@
 //! Elsewhere, freed blocks go to a cache keyed by (memory kind, size class) and the stats say
 //! so (`MemoryStats::virtual_memory` is false).
 //!
-//! Either way, freed memory carries the fences of the work that last touched it. Reuse needs no wait here: the new owner inherits those fences
-//! as pending writes (`UseState::inherited` in `epoch.rs`), so the hazard
-//! tracker orders its first use after them — for free on the same queue, by a device-side wait
-//! on another, by a blocking wait for host access. Memory goes back to the backend only once its
-//! fences have completed.
+//! Either way, freed memory carries the fences of the work that last touched it. Reuse needs no
+//! wait here: the new owner inherits those fences as pending writes (`UseState::inherited` in
+//! `epoch.rs`), so the hazard tracker orders its first use after them — for free on the same
+//! queue, by a device-side wait on another, by a blocking wait for host access. Memory goes back
+//! to the backend only once its fences have completed.
+//!
+//! When mapping new granules would pass the bound on memory held, idle cached granules are
+//! unmapped first and their physical memory moves to the new ones
+//! (`VirtualMemory::unmap_for_reuse`): on CUDA a move costs an unmap and a map, where releasing
+//! and creating the memory again would add about 20 µs per 2 MiB granule.
 //!
 //! When the backend refuses an allocation, recovery is staged: release cached blocks that are
 //! idle, then wait for the rest and release them too, then fail with the figures.
@@ -92,6 +97,13 @@ pub(crate) struct Allocator {
     free_counter: u64,
     /// The largest total of requested live bytes seen: the basis of the unmapping bound.
     peak_requested: usize,
+    /// The largest arena granule: the unmapping bound's floor is counted in it.
+    granule: usize,
+    /// Bytes and count of the whole blocks in `cache` (the arenas' cached granules are counted
+    /// when the stats are read: keeping them current would cost every allocation a pass over
+    /// the arenas).
+    block_cache_bytes: usize,
+    block_cache_count: usize,
 }
 
 fn wait_all(backend: &dyn Backend, fences: &FenceSet) {
@@ -111,6 +123,9 @@ impl Allocator {
             budget,
             free_counter: 0,
             peak_requested: 0,
+            granule: 0,
+            block_cache_bytes: 0,
+            block_cache_count: 0,
         }
     }
 
@@ -144,7 +159,16 @@ impl Allocator {
     }
 
     pub fn stats(&self) -> MemoryStats {
-        self.stats
+        let granules: usize = self
+            .arenas
+            .iter()
+            .map(|a| a.arena.cached_granules() as usize)
+            .sum();
+        MemoryStats {
+            cached_bytes: self.cached_granule_bytes() + self.block_cache_bytes,
+            cached_count: granules + self.block_cache_count,
+            ..self.stats
+        }
     }
 
     pub fn stats_mut(&mut self) -> &mut MemoryStats {
@@ -258,6 +282,7 @@ impl Allocator {
             base,
             arena: Arena::new(len, granule),
         });
+        self.granule = self.granule.max(granule as usize);
         self.stats.virtual_memory = true;
         Ok(self.arenas.len() - 1)
     }
@@ -320,13 +345,15 @@ impl Allocator {
                 let peak = self
                     .peak_requested
                     .max(self.stats.requested_bytes + requested);
-                self.enforce_bound_for(backend, new_bytes, peak);
+                // Physical memory unmapped here is kept for the map below (a move).
+                self.enforce_bound_for(backend, new_bytes, peak, Some(kind));
             }
             let mapped = if over_budget {
                 Ok(())
             } else {
                 self.map_ranges(vm, i, &p.to_map)
             };
+            vm.release_kept(kind);
             if !over_budget && mapped.is_ok() {
                 let s = &mut self.stats;
                 if new_bytes == 0 {
@@ -335,7 +362,6 @@ impl Allocator {
                     s.reserved_bytes += new_bytes;
                     s.peak_reserved_bytes = s.peak_reserved_bytes.max(s.reserved_bytes);
                 }
-                self.refresh_cache_stats();
                 let pool = &self.arenas[i];
                 let addr = pool.base + p.offset;
                 return Ok(Block {
@@ -444,18 +470,6 @@ impl Allocator {
         }
     }
 
-    /// Recomputes the cache figures after arena changes: cached blocks plus cached granules.
-    fn refresh_cache_stats(&mut self) {
-        let granules: usize = self
-            .arenas
-            .iter()
-            .map(|a| a.arena.cached_granules() as usize)
-            .sum();
-        let blocks: usize = self.cache.values().map(Vec::len).sum();
-        self.stats.cached_bytes = self.cached_granule_bytes() + self.cached_block_bytes();
-        self.stats.cached_count = granules + blocks;
-    }
-
     /// Bytes held in arenas but used by no live block: cached granules (quick-list blocks hold
     /// no granule references, so theirs are among them).
     fn cached_granule_bytes(&self) -> usize {
@@ -466,19 +480,20 @@ impl Allocator {
     }
 
     fn cached_block_bytes(&self) -> usize {
-        self.cache
-            .iter()
-            .map(|((_, class), list)| class * list.len())
-            .sum()
+        self.block_cache_bytes
     }
 
-    /// Unmaps cached granules of every arena while `keep_unmapping` says so, skipping those
-    /// whose work is still running unless `wait`. Returns bytes unmapped.
+    /// Unmaps up to `budget_bytes` of cached granules (rounded up to whole granules) of every
+    /// arena, skipping those whose work is still running unless `wait`. Returns bytes unmapped.
+    ///
+    /// Granules of `reuse_for` memory are unmapped with `unmap_for_reuse`: the caller maps new
+    /// granules next and then calls `release_kept`.
     fn unmap_cached(
         &mut self,
         backend: &dyn Backend,
         mut budget_bytes: usize,
         wait: bool,
+        reuse_for: Option<MemoryKind>,
     ) -> usize {
         let mut unmapped = 0;
         for pool in &mut self.arenas {
@@ -507,7 +522,14 @@ impl Allocator {
                     }
                     // SAFETY: no live block overlaps these granules (they were cached) and the
                     // work that last used them has completed (checked or waited above).
-                    unsafe { vm.unmap(pool.kind, pool.base + r.start * g, bytes) };
+                    unsafe {
+                        let addr = pool.base + r.start * g;
+                        if reuse_for == Some(pool.kind) {
+                            vm.unmap_for_reuse(pool.kind, addr, bytes);
+                        } else {
+                            vm.unmap(pool.kind, addr, bytes);
+                        }
+                    }
                     self.stats.device_frees += 1;
                     self.stats.reserved_bytes -= bytes;
                     unmapped += bytes;
@@ -525,39 +547,41 @@ impl Allocator {
     /// Unmaps cached granules past the bound: (1 + 1/50) x the largest live total seen plus two
     /// granules, and the cache limit. Only idle granules go; busy ones are retried later.
     fn enforce_bound(&mut self, backend: &dyn Backend) {
-        self.enforce_bound_before_mapping(backend, 0);
+        self.enforce_bound_for(backend, 0, self.peak_requested, None);
     }
 
-    /// As `enforce_bound`, counting `incoming` bytes about to be mapped.
-    fn enforce_bound_before_mapping(&mut self, backend: &dyn Backend, incoming: usize) {
-        self.enforce_bound_for(backend, incoming, self.peak_requested);
-    }
-
-    /// The bound computed from `peak` live bytes rather than the recorded high-water mark.
-    fn enforce_bound_for(&mut self, backend: &dyn Backend, incoming: usize, peak: usize) {
+    /// As `enforce_bound`, counting `incoming` bytes about to be mapped and computing the bound
+    /// from `peak` live bytes rather than the recorded high-water mark; memory unmapped from
+    /// `reuse_for`'s arena is kept for the caller's map (see `unmap_cached`).
+    fn enforce_bound_for(
+        &mut self,
+        backend: &dyn Backend,
+        incoming: usize,
+        peak: usize,
+        reuse_for: Option<MemoryKind>,
+    ) {
+        // Every free comes through here: the common case (within the bound, no cache limit)
+        // must cost a few instructions.
+        let bound = peak + peak / SLACK_DIVISOR + FLOOR_GRANULES * self.granule;
+        let mut excess = (self.stats.reserved_bytes + incoming).saturating_sub(bound);
+        if excess == 0 && self.budget.cache_limit.is_none() {
+            return;
+        }
         let cached = self.cached_granule_bytes();
         if cached == 0 {
             return;
         }
-        let granule = self
-            .arenas
-            .iter()
-            .map(|a| a.arena.granule() as usize)
-            .max()
-            .unwrap_or(0);
-        let bound = peak + peak / SLACK_DIVISOR + FLOOR_GRANULES * granule;
-        let mut excess = (self.stats.reserved_bytes + incoming).saturating_sub(bound);
         if let Some(limit) = self.budget.cache_limit {
             excess = excess.max((cached + self.cached_block_bytes()).saturating_sub(limit));
         }
         if excess > 0 {
-            self.unmap_cached(backend, excess, false);
+            self.unmap_cached(backend, excess, false, reuse_for);
         }
     }
 
     /// Releases every arena's reservation. Only valid when no block is live.
     pub fn shutdown(&mut self, backend: &dyn Backend) {
-        self.unmap_cached(backend, usize::MAX, true);
+        self.unmap_cached(backend, usize::MAX, true, None);
         for pool in self.arenas.drain(..) {
             if let Some(vm) = backend.virtual_memory(pool.kind) {
                 // SAFETY: nothing is live (the caller's contract) and every cached granule was
@@ -573,8 +597,8 @@ impl Allocator {
         if list.is_empty() {
             self.cache.remove(&(kind, class));
         }
-        self.stats.cached_bytes -= class;
-        self.stats.cached_count -= 1;
+        self.block_cache_bytes -= class;
+        self.block_cache_count -= 1;
         Some(Block {
             raw: c.raw,
             fences: c.fences,
@@ -622,7 +646,9 @@ impl Allocator {
                         in_arena: false,
                     });
                 }
-                Err(Error::OutOfMemory { .. }) if attempt < 2 && self.stats.cached_bytes > 0 => {
+                Err(Error::OutOfMemory { .. })
+                    if attempt < 2 && self.cached_granule_bytes() + self.block_cache_bytes > 0 =>
+                {
                     self.stats.oom_retries += 1;
                     self.release_cached(backend, usize::MAX, attempt == 1);
                     attempt += 1;
@@ -675,11 +701,10 @@ impl Allocator {
                 &mut |f| fence_retired(backend, f),
             );
             self.enforce_bound(backend);
-            self.refresh_cache_stats();
             return;
         }
-        s.cached_bytes += class;
-        s.cached_count += 1;
+        self.block_cache_bytes += class;
+        self.block_cache_count += 1;
         self.free_counter += 1;
         self.cache
             .entry((block.raw.kind, class))
@@ -690,8 +715,9 @@ impl Allocator {
                 freed_at: self.free_counter,
             });
         if let Some(limit) = self.budget.cache_limit {
-            if self.stats.cached_bytes > limit {
-                let excess = self.stats.cached_bytes - limit;
+            let cached = self.cached_granule_bytes() + self.block_cache_bytes;
+            if cached > limit {
+                let excess = cached - limit;
                 self.release_cached(backend, excess, false);
             }
         }
@@ -700,11 +726,8 @@ impl Allocator {
     /// Releases cached blocks, oldest first, until `bytes` have been released. Blocks whose work
     /// is still pending are released only if `wait` is set, after waiting for that work.
     pub fn release_cached(&mut self, backend: &dyn Backend, bytes: usize, wait: bool) -> usize {
-        let unmapped = self.unmap_cached(backend, bytes, wait);
-        let released =
-            unmapped + self.release_cached_blocks(backend, bytes.saturating_sub(unmapped), wait);
-        self.refresh_cache_stats();
-        released
+        let unmapped = self.unmap_cached(backend, bytes, wait, None);
+        unmapped + self.release_cached_blocks(backend, bytes.saturating_sub(unmapped), wait)
     }
 
     fn release_cached_blocks(&mut self, backend: &dyn Backend, bytes: usize, wait: bool) -> usize {
@@ -738,8 +761,8 @@ impl Allocator {
                 self.cache.remove(&(kind, class));
             }
             wait_all(backend, &c.fences);
-            self.stats.cached_bytes -= class;
-            self.stats.cached_count -= 1;
+            self.block_cache_bytes -= class;
+            self.block_cache_count -= 1;
             self.release_raw(backend, c.raw);
         }
         released

@@ -153,6 +153,11 @@ pub fn replay_simulated(trace: &Trace, budget: Budget) -> Result<ReplayReport> {
 struct SimulatedMemory {
     info: DeviceInfo,
     next: AtomicU64,
+    /// Bytes unmapped by `unmap_for_reuse` that no map took and `release_kept` did not return:
+    /// the allocator must leave none behind (the tests check).
+    kept: AtomicU64,
+    /// Bytes ever unmapped by `unmap_for_reuse`.
+    moved: AtomicU64,
     /// Reservations larger than this fail (an address-space limit), for tests.
     reserve_limit: u64,
 }
@@ -171,6 +176,8 @@ impl SimulatedMemory {
                 timestamps: false,
             },
             next: AtomicU64::new(1 << 20),
+            kept: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
             reserve_limit: u64::MAX,
         }
     }
@@ -256,10 +263,23 @@ impl VirtualMemory for SimulatedMemory {
             .fetch_add(bytes as u64, Ordering::Relaxed)
             .next_multiple_of(2 << 20))
     }
-    unsafe fn map(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) -> Result<()> {
+    unsafe fn map(&self, _kind: MemoryKind, _addr: u64, bytes: usize) -> Result<()> {
+        // Kept memory is taken first, as the CUDA backend does.
+        let _ = self
+            .kept
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
+                Some(k.saturating_sub(bytes as u64))
+            });
         Ok(())
     }
     unsafe fn unmap(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) {}
+    unsafe fn unmap_for_reuse(&self, _kind: MemoryKind, _addr: u64, bytes: usize) {
+        self.kept.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.moved.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    fn release_kept(&self, _kind: MemoryKind) {
+        self.kept.store(0, Ordering::Relaxed);
+    }
     unsafe fn unreserve(&self, _kind: MemoryKind, _base: u64, _bytes: usize) {}
 }
 
@@ -329,6 +349,7 @@ mod tests {
                 }
                 let s = alloc.stats();
                 prop_assert_eq!((s.active_bytes, s.requested_bytes, s.active_count), (live_bytes, live_requested, live.len()));
+                prop_assert_eq!(backend.kept.load(Ordering::Relaxed), 0, "memory kept for reuse past an allocation");
                 if let Some(limit) = budget.memory_limit {
                     prop_assert!(s.reserved_bytes <= limit, "{} over the budget", s.reserved_bytes);
                 }
@@ -365,6 +386,47 @@ mod validation_tests {
             a.shutdown(&mem);
             assert_eq!(a.stats().reserved_bytes, 0);
         }
+    }
+
+    /// At the unmapping bound, mapping new granules first unmaps idle ones "for reuse" (on CUDA
+    /// their physical memory moves instead of being released and created again), and nothing
+    /// stays kept once the allocation returns.
+    #[test]
+    fn memory_moves_at_the_bound_and_none_stays_kept() {
+        const MIB: usize = 1 << 20;
+        let mem = SimulatedMemory::new();
+        let mut a = Allocator::new(Budget::default());
+        let low = a.allocate(&mem, MemoryKind::Device, 20 * MIB).unwrap();
+        let high = a.allocate(&mem, MemoryKind::Device, 20 * MIB).unwrap();
+        a.free(&mem, low, 20 * MIB);
+        assert_eq!(
+            mem.moved.load(Ordering::Relaxed),
+            0,
+            "within the bound nothing moves"
+        );
+        let reserved = a.stats().reserved_bytes;
+        // 30 MiB does not fit the 20 MiB hole: it is placed above and needs 15 new granules,
+        // but the bound (50 MiB live at most, plus 1/50 and two granules) allows 55 MiB held.
+        let big = a.allocate(&mem, MemoryKind::Device, 30 * MIB).unwrap();
+        let s = a.stats();
+        assert!(
+            s.reserved_bytes <= 55 * MIB + MIB,
+            "{} held",
+            s.reserved_bytes
+        );
+        let moved = mem.moved.load(Ordering::Relaxed) as usize;
+        assert_eq!(
+            moved,
+            reserved + 30 * MIB - s.reserved_bytes,
+            "moved what was unmapped"
+        );
+        assert!(moved > 0, "the hole's granules moved");
+        assert_eq!(mem.kept.load(Ordering::Relaxed), 0);
+        a.free(&mem, high, 20 * MIB);
+        a.free(&mem, big, 30 * MIB);
+        a.release_cached(&mem, usize::MAX, true);
+        a.shutdown(&mem);
+        assert_eq!(a.stats().reserved_bytes, 0);
     }
 
     #[test]

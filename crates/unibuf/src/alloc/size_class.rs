@@ -23,7 +23,10 @@ pub fn size_class(bytes: usize) -> Option<usize> {
         let high_bit = usize::BITS - 1 - bytes.leading_zeros();
         ((1usize << high_bit) / 8).max(MIN_CLASS)
     };
-    bytes.checked_next_multiple_of(step)
+    // `step` is a power of two: round with a mask (`checked_next_multiple_of` divides, and
+    // this runs on every allocation).
+    debug_assert!(step.is_power_of_two());
+    Some(bytes.checked_add(step - 1)? & !(step - 1))
 }
 
 #[cfg(test)]

@@ -148,6 +148,9 @@ pub struct CudaBackend {
     /// `UNIBUF_CUDA_DRIVER_COPIES` set (to any value): arena copies and fills use the driver's
     /// calls too (to compare the two).
     driver_copies: bool,
+    /// `UNIBUF_CUDA_RELEASE_UNMAPPED` set: physical memory the allocator moves is released and
+    /// created again instead (to compare the two).
+    pub(super) release_unmapped: bool,
     cache_dir: Option<std::path::PathBuf>,
     counters: CompileCounters,
     /// The virtual-memory granule for device memory, where the GPU supports the VMM API.
@@ -256,6 +259,7 @@ impl CudaBackend {
             copy16: OnceLock::new(),
             fill16: OnceLock::new(),
             driver_copies: std::env::var_os("UNIBUF_CUDA_DRIVER_COPIES").is_some(),
+            release_unmapped: std::env::var_os("UNIBUF_CUDA_RELEASE_UNMAPPED").is_some(),
             cache_dir: options
                 .kernel_cache_dir
                 .clone()

@@ -11,22 +11,34 @@ use cudarc::driver::sys::{self, CUresult};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// The physical allocation behind each mapped granule, by address, and the reserved ranges.
+/// Physical allocations: the one behind each mapped granule, by address, and those unmapped by
+/// `unmap_for_reuse` and kept for the next `map`.
 #[derive(Default)]
-pub(super) struct Mappings(
-    Mutex<HashMap<u64, sys::CUmemGenericAllocationHandle>>,
-    Mutex<Vec<std::ops::Range<u64>>>,
-);
+struct Physical {
+    by_addr: HashMap<u64, sys::CUmemGenericAllocationHandle>,
+    kept: Vec<sys::CUmemGenericAllocationHandle>,
+}
+
+/// The physical memory behind the reserved ranges, and the ranges themselves.
+#[derive(Default)]
+pub(super) struct Mappings {
+    physical: Mutex<Physical>,
+    reserved: Mutex<Vec<std::ops::Range<u64>>>,
+}
 
 impl Mappings {
     /// Whether `addr..addr + bytes` lies in one reserved range (memory of the allocator's arena).
     pub fn reserved(&self, addr: u64, bytes: usize) -> bool {
         let end = addr.saturating_add(bytes as u64);
-        self.1
+        self.reserved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|r| r.start <= addr && end <= r.end)
+    }
+
+    fn physical(&self) -> std::sync::MutexGuard<'_, Physical> {
+        self.physical.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -83,7 +95,7 @@ impl VirtualMemory for CudaBackend {
         )
         .map_err(|e| e.into_error("reserving device address space"))?;
         self.mappings
-            .1
+            .reserved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(ptr..ptr + bytes as u64);
@@ -98,15 +110,23 @@ impl VirtualMemory for CudaBackend {
             location: prop.location,
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut physical = self.mappings.physical();
         let mut done = 0usize;
         while done < bytes {
             let at = addr + done as u64;
-            let mut h: sys::CUmemGenericAllocationHandle = 0;
-            // SAFETY: valid out-pointer and properties; `at..at + g` lies in our reservation
+            // Memory kept by `unmap_for_reuse` first: it saves a cuMemCreate now and a
+            // cuMemRelease then.
+            let kept = physical.kept.pop();
+            let mut h: sys::CUmemGenericAllocationHandle = kept.unwrap_or(0);
+            // SAFETY: valid out-pointer and properties; a kept handle is a live device
+            // allocation of one granule that nothing maps; `at..at + g` lies in our reservation
             // and is unmapped (the contract); access is set on exactly that range.
             let r = unsafe {
-                check(sys::cuMemCreate(&mut h, g, &prop, 0), "cuMemCreate").and_then(|()| {
+                let created = match kept {
+                    Some(_) => Ok(()),
+                    None => check(sys::cuMemCreate(&mut h, g, &prop, 0), "cuMemCreate"),
+                };
+                created.and_then(|()| {
                     let mapped = check(sys::cuMemMap(at, g, 0, h, 0), "cuMemMap");
                     if mapped.is_err() {
                         sys::cuMemRelease(h);
@@ -117,7 +137,7 @@ impl VirtualMemory for CudaBackend {
             // Access is granted once for the whole range below: one driver call, not one per
             // granule (the calls dominate the cost of growing an arena).
             if let Err(e) = r {
-                drop(handles);
+                drop(physical);
                 // SAFETY: the granules before `at` were mapped by this call and are unused.
                 unsafe { self.unmap(MemoryKind::Device, addr, done) };
                 return Err(match e.code {
@@ -130,7 +150,7 @@ impl VirtualMemory for CudaBackend {
                     _ => e.into_error("mapping device memory"),
                 });
             }
-            handles.insert(at, h);
+            physical.by_addr.insert(at, h);
             done += g;
         }
         // SAFETY: `addr..addr + bytes` is mapped (just above) inside our reservation.
@@ -139,7 +159,7 @@ impl VirtualMemory for CudaBackend {
             "cuMemSetAccess",
         );
         if let Err(e) = access {
-            drop(handles);
+            drop(physical);
             // SAFETY: mapped by this call and unused.
             unsafe { self.unmap(MemoryKind::Device, addr, bytes) };
             return Err(e.into_error("granting access to mapped device memory"));
@@ -148,31 +168,62 @@ impl VirtualMemory for CudaBackend {
     }
 
     unsafe fn unmap(&self, _kind: MemoryKind, addr: u64, bytes: usize) {
-        if self.bind().is_err() {
+        // SAFETY: the caller's contract.
+        unsafe { self.unmap_granules(addr, bytes, false) }
+    }
+
+    unsafe fn unmap_for_reuse(&self, _kind: MemoryKind, addr: u64, bytes: usize) {
+        // SAFETY: the caller's contract; it releases what `map` does not take.
+        unsafe { self.unmap_granules(addr, bytes, !self.release_unmapped) }
+    }
+
+    fn release_kept(&self, _kind: MemoryKind) {
+        let kept = std::mem::take(&mut self.mappings.physical().kept);
+        if kept.is_empty() || self.bind().is_err() {
             return;
         }
-        let g = self.granularity();
-        let mut handles = self.mappings.0.lock().unwrap_or_else(|e| e.into_inner());
-        for at in (addr..addr + bytes as u64).step_by(g) {
-            if let Some(h) = handles.remove(&at) {
-                // SAFETY: mapped by `map` with this handle; unused (the contract).
-                unsafe {
-                    sys::cuMemUnmap(at, g);
-                    sys::cuMemRelease(h);
-                }
-            }
+        for h in kept {
+            // SAFETY: a handle `unmap_for_reuse` unmapped and nothing mapped again.
+            unsafe { sys::cuMemRelease(h) };
         }
     }
 
     unsafe fn unreserve(&self, _kind: MemoryKind, base: u64, bytes: usize) {
         self.mappings
-            .1
+            .reserved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|r| r.start != base);
         if self.bind().is_ok() {
             // SAFETY: reserved by `reserve`; nothing is mapped in it (the contract).
             unsafe { sys::cuMemAddressFree(base, bytes) };
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Unmaps the granules of `addr..addr + bytes`, releasing their physical memory or, with
+    /// `keep`, keeping it for the next `map`.
+    ///
+    /// # Safety
+    /// The range is mapped by `map`, and no pending work and no live buffer uses it.
+    unsafe fn unmap_granules(&self, addr: u64, bytes: usize, keep: bool) {
+        if self.bind().is_err() {
+            return;
+        }
+        let g = self.granularity();
+        let mut physical = self.mappings.physical();
+        for at in (addr..addr + bytes as u64).step_by(g) {
+            if let Some(h) = physical.by_addr.remove(&at) {
+                // SAFETY: mapped by `map` with this handle; unused (the contract).
+                unsafe { sys::cuMemUnmap(at, g) };
+                if keep {
+                    physical.kept.push(h);
+                } else {
+                    // SAFETY: unmapped just above; nothing else maps it.
+                    unsafe { sys::cuMemRelease(h) };
+                }
+            }
         }
     }
 }
