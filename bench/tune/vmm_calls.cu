@@ -81,5 +81,42 @@ int main() {
         for (int i = 0; i < n; ++i) CK(cuMemRelease(h[i]));
     }
     CK(cuMemAddressFree(base, n * g * 8));
+    // Moves as the allocator makes them: 150 granules mapped (the shared trace's peak), then
+    // unmap one, map its handle further on, grant access; in a small reservation and in one of
+    // twice the device's memory (the allocator's arena), to see whether the range's size or
+    // the resident mappings change the price.
+    size_t total = 0;
+    CK(cuDeviceTotalMem(&total, dev));
+    for (size_t reserve : {size_t(1024) * g, (2 * total + g - 1) / g * g}) {
+        CUdeviceptr b;
+        CK(cuMemAddressReserve(&b, reserve, g, 0, 0));
+        const int live = 150, moves = 256;
+        std::vector<CUmemGenericAllocationHandle> h(live);
+        for (int i = 0; i < live; ++i) {
+            CK(cuMemCreate(&h[i], g, &prop, 0));
+            CK(cuMemMap(b + i * g, g, 0, h[i], 0));
+        }
+        CK(cuMemSetAccess(b, live * g, &access, 1));
+        CK(cuMemsetD8(b, 1, live * g));
+        CK(cuCtxSynchronize());
+        double tu = 0, tm = 0, ta = 0;
+        for (int k = 0; k < moves; ++k) {
+            const int from = k % live, to = live + k;  // slides up by one granule per move
+            (void)to;
+            double t0 = now_us();
+            CK(cuMemUnmap(b + size_t(k) * g, g));
+            double t1 = now_us();
+            CK(cuMemMap(b + size_t(k + live) * g, g, 0, h[from], 0));
+            double t2 = now_us();
+            CK(cuMemSetAccess(b + size_t(k + live) * g, g, &access, 1));
+            double t3 = now_us();
+            tu += t1 - t0, tm += t2 - t1, ta += t3 - t2;
+        }
+        printf("moves, %d granules mapped, reservation %zu GiB: unmap %.1f map %.1f access %.1f us\n",
+               live, reserve >> 30, tu / moves, tm / moves, ta / moves);
+        for (int k = moves; k < moves + live; ++k) CK(cuMemUnmap(b + size_t(k) * g, g));
+        for (int i = 0; i < live; ++i) CK(cuMemRelease(h[i]));
+        CK(cuMemAddressFree(b, reserve));
+    }
     return 0;
 }

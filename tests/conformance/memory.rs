@@ -342,3 +342,48 @@ fn remapped_memory_holds_what_is_written() {
     let s = dev.memory_stats();
     assert_eq!((s.active_bytes, s.reserved_bytes), (0, 0), "{s}");
 }
+
+/// A trace replayed on the device's own memory: the figures match the trace, and the time
+/// spent in the backend's memory calls is measured and is part of the total.
+#[test]
+fn device_replay_reports_live_reserved_and_call_time() {
+    use unibuf::alloc::{Trace, TraceEvent};
+    let dev = device();
+    let mut rng = Rng::new("device_replay_reports_live_reserved_and_call_time");
+    // Blocks of 1–9 MiB (odd sizes), up to 6 live: the arena maps and unmaps granules.
+    let mut events = Vec::new();
+    let mut live: Vec<(u64, usize)> = Vec::new();
+    let (mut live_bytes, mut peak_live) = (0usize, 0usize);
+    for id in 0..400u64 {
+        if live.len() == 6 || (!live.is_empty() && rng.range(0, 3) == 0) {
+            let (slot, size) = live.swap_remove(rng.range(0, live.len()));
+            events.push(TraceEvent::Free { id: slot });
+            live_bytes -= size;
+        }
+        let size = rng.range(1 << 20, 9 << 20) | 1;
+        events.push(TraceEvent::Alloc {
+            id,
+            size,
+            stream: 0,
+        });
+        live.push((id, size));
+        live_bytes += size;
+        peak_live = peak_live.max(live_bytes);
+    }
+    let trace = Trace { events, slots: 400 };
+    let r = dev.replay(&trace).unwrap();
+    assert_eq!(r.events, trace.events.len());
+    assert_eq!(r.peak_live_bytes, peak_live);
+    assert!(
+        r.peak_reserved_bytes >= peak_live && r.fragmentation() < 1.5,
+        "reserved {} for {peak_live} live",
+        r.peak_reserved_bytes
+    );
+    assert!(r.stats.device_allocs > 0, "{:?}", r.stats);
+    let calls = r.device_call_ns_per_event();
+    assert!(
+        calls > 0.0 && calls <= r.ns_per_event,
+        "{calls} ns of {} per event in calls",
+        r.ns_per_event
+    );
+}

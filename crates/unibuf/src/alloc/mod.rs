@@ -41,6 +41,7 @@ use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
 use arena::Arena;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 /// Limits the allocator enforces. The staging ring of the transfer engine is not counted: it is
 /// a fixed, configured amount of host memory (see `MemoryStats::staging_bytes`).
@@ -104,6 +105,11 @@ pub(crate) struct Allocator {
     /// the arenas).
     block_cache_bytes: usize,
     block_cache_count: usize,
+}
+
+/// Nanoseconds since `started`, for `MemoryStats::device_call_ns`.
+fn elapsed_ns(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn wait_all(backend: &dyn Backend, fences: &FenceSet) {
@@ -353,7 +359,11 @@ impl Allocator {
             } else {
                 self.map_ranges(vm, i, &p.to_map)
             };
-            vm.release_kept(kind);
+            if new_bytes > 0 {
+                let started = Instant::now();
+                vm.release_kept(kind);
+                self.stats.device_call_ns += elapsed_ns(started);
+            }
             if !over_budget && mapped.is_ok() {
                 let s = &mut self.stats;
                 if new_bytes == 0 {
@@ -422,6 +432,7 @@ impl Allocator {
         let pool = &self.arenas[i];
         let g = pool.arena.granule();
         for (n, r) in ranges.iter().enumerate() {
+            let started = Instant::now();
             // SAFETY: the arena reports these granules unmapped and inside its reservation.
             let mapped = unsafe {
                 vm.map(
@@ -430,6 +441,7 @@ impl Allocator {
                     ((r.end - r.start) * g) as usize,
                 )
             };
+            self.stats.device_call_ns += elapsed_ns(started);
             if let Err(e) = mapped {
                 for done in &ranges[..n] {
                     // SAFETY: mapped just above by this call, used by nothing.
@@ -520,6 +532,7 @@ impl Allocator {
                         }
                         wait_all(backend, &fences);
                     }
+                    let started = Instant::now();
                     // SAFETY: no live block overlaps these granules (they were cached) and the
                     // work that last used them has completed (checked or waited above).
                     unsafe {
@@ -530,6 +543,7 @@ impl Allocator {
                             vm.unmap(pool.kind, addr, bytes);
                         }
                     }
+                    self.stats.device_call_ns += elapsed_ns(started);
                     self.stats.device_frees += 1;
                     self.stats.reserved_bytes -= bytes;
                     unmapped += bytes;
@@ -632,9 +646,12 @@ impl Allocator {
         // everything cached.
         let mut attempt = 0;
         loop {
+            let started = Instant::now();
             // SAFETY: kind is Device or HostShared (External memory never comes from here), and
             // the block is released only through `release_raw` once its fences completed.
-            match unsafe { backend.allocate(kind, class) } {
+            let allocated = unsafe { backend.allocate(kind, class) };
+            self.stats.device_call_ns += elapsed_ns(started);
+            match allocated {
                 Ok(raw) => {
                     let s = &mut self.stats;
                     s.device_allocs += 1;
@@ -771,8 +788,10 @@ impl Allocator {
     fn release_raw(&mut self, backend: &dyn Backend, raw: RawAlloc) {
         self.stats.reserved_bytes -= raw.bytes;
         self.stats.device_frees += 1;
+        let started = Instant::now();
         // SAFETY: the block came from `backend.allocate`, and every fence that touched it has
         // completed (checked or waited for by the caller).
         unsafe { backend.release(raw) };
+        self.stats.device_call_ns += elapsed_ns(started);
     }
 }

@@ -29,6 +29,9 @@ pub struct MemoryStats {
     pub device_allocs: u64,
     /// Calls to the backend's release, or granule ranges unmapped.
     pub device_frees: u64,
+    /// Nanoseconds spent in those backend calls (allocate and release, map and unmap): the
+    /// driver's share of the allocator's time.
+    pub device_call_ns: u64,
     /// Times an allocation released the cache or waited for pending work and tried again.
     pub oom_retries: u64,
     /// Allocations that failed with `OutOfMemory` or `BudgetExceeded`.
