@@ -20,6 +20,18 @@ const PIECE_MIN: usize = 512 << 10;
 /// Copies at least this large bypass the cache on the destination side.
 const STREAM_MIN: usize = 256 << 10;
 
+/// How a copy writes its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stores {
+    /// Non-temporal stores for copies of `STREAM_MIN` bytes or more: the destination is not read
+    /// into the cache first and does not evict it. For memory nothing reads soon from the cache:
+    /// the caller's pageable memory after a download.
+    Streaming,
+    /// Plain stores through the cache. For a staging chunk the copy engine reads right after the
+    /// copy: from the last-level cache, where the bytes may still be, instead of DRAM.
+    Cached,
+}
+
 /// Counts outstanding pieces; the caller sleeps until it reaches zero.
 struct Latch {
     remaining: Mutex<usize>,
@@ -46,6 +58,7 @@ struct Piece {
     src: usize,
     dst: usize,
     len: usize,
+    stores: Stores,
     latch: Arc<Latch>,
 }
 
@@ -68,7 +81,9 @@ impl HostCopyPool {
                     for p in rx {
                         // SAFETY: `copy` blocks until every piece is done, so both ranges stay
                         // valid; they do not overlap (the caller's contract).
-                        unsafe { copy_piece(p.dst as *mut u8, p.src as *const u8, p.len) };
+                        unsafe {
+                            copy_piece(p.dst as *mut u8, p.src as *const u8, p.len, p.stores)
+                        };
                         p.latch.done();
                     }
                 });
@@ -95,11 +110,11 @@ impl HostCopyPool {
     ///
     /// # Safety
     /// `src` is valid for reads and `dst` for writes of `len` bytes, and they do not overlap.
-    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize, stores: Stores) {
         let parts = (len / PIECE_MIN).min(self.senders.len() + 1);
         if len < PARALLEL_MIN || parts < 2 {
             // SAFETY: the caller's contract.
-            unsafe { copy_piece(dst, src, len) };
+            unsafe { copy_piece(dst, src, len, stores) };
             return;
         }
         // Pieces of equal size rounded to cache lines; the caller takes the first.
@@ -120,6 +135,7 @@ impl HostCopyPool {
                 src: src as usize + at,
                 dst: dst as usize + at,
                 len: n,
+                stores,
                 latch: latch.clone(),
             };
             if tx
@@ -130,17 +146,17 @@ impl HostCopyPool {
             {
                 // A helper is gone: copy its piece here.
                 // SAFETY: the caller's contract covers every sub-range.
-                unsafe { copy_piece(dst.add(at), src.add(at), n) };
+                unsafe { copy_piece(dst.add(at), src.add(at), n, stores) };
                 latch.done();
             }
             sent += 1;
             at += n;
         }
         // SAFETY: the caller's contract; the first piece and any remainder are ours.
-        unsafe { copy_piece(dst, src, piece.min(len)) };
+        unsafe { copy_piece(dst, src, piece.min(len), stores) };
         if at < len {
             // SAFETY: as above.
-            unsafe { copy_piece(dst.add(at), src.add(at), len - at) };
+            unsafe { copy_piece(dst.add(at), src.add(at), len - at, stores) };
         }
         if sent > 0 {
             latch.wait();
@@ -148,12 +164,12 @@ impl HostCopyPool {
     }
 }
 
-/// Copies one piece: with streaming stores when it is large, plain `memcpy` otherwise.
+/// Copies one piece: with streaming stores when asked for and large, plain `memcpy` otherwise.
 ///
 /// # Safety
 /// `src` is valid for reads and `dst` for writes of `len` bytes; they do not overlap.
-unsafe fn copy_piece(dst: *mut u8, src: *const u8, len: usize) {
-    if len >= STREAM_MIN {
+unsafe fn copy_piece(dst: *mut u8, src: *const u8, len: usize, stores: Stores) {
+    if stores == Stores::Streaming && len >= STREAM_MIN {
         // SAFETY: the caller's contract.
         unsafe { stream_copy(dst, src, len) }
     } else {
@@ -222,7 +238,10 @@ mod tests {
 
     #[test]
     fn parallel_copies_are_exact_at_odd_sizes() {
-        for helpers in [0, 1, 3] {
+        for (helpers, stores) in [0, 1, 3]
+            .into_iter()
+            .flat_map(|h| [(h, Stores::Streaming), (h, Stores::Cached)])
+        {
             let pool = HostCopyPool::new(helpers);
             for len in [
                 0usize,
@@ -235,8 +254,12 @@ mod tests {
                 let src: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
                 let mut dst = vec![0xA5u8; len + 1];
                 // SAFETY: both buffers hold at least `len` bytes and are distinct.
-                unsafe { pool.copy(dst.as_mut_ptr(), src.as_ptr(), len) };
-                assert_eq!(&dst[..len], &src[..], "{helpers} helpers, {len} bytes");
+                unsafe { pool.copy(dst.as_mut_ptr(), src.as_ptr(), len, stores) };
+                assert_eq!(
+                    &dst[..len],
+                    &src[..],
+                    "{helpers} helpers, {len} bytes, {stores:?}"
+                );
                 assert_eq!(dst[len], 0xA5, "wrote past the end");
             }
         }

@@ -187,7 +187,7 @@ impl Queue {
             // and the copy that last used it has completed (StagingPool::take).
             unsafe {
                 dev.staging
-                    .host_copy(chunk.host(), piece.as_ptr(), piece.len())
+                    .copy_into_chunk(chunk.host(), piece.as_ptr(), piece.len())
             };
             let submitted = dev.submit(
                 self.id(),
@@ -271,7 +271,7 @@ impl Queue {
                 // to us and holds at least `n` bytes.
                 unsafe {
                     dev.staging
-                        .host_copy(out[at..at + n].as_mut_ptr(), chunk.host(), n)
+                        .copy_out_of_chunk(out[at..at + n].as_mut_ptr(), chunk.host(), n)
                 };
             }
             dev.staging.put(chunk, None);

@@ -4,7 +4,7 @@
 //! grows to `max_chunks`; past that, a transfer waits for the oldest chunk in flight, so a large
 //! transfer streams through a bounded ring instead of allocating its own size in staging memory.
 
-use super::host_copy::HostCopyPool;
+use super::host_copy::{HostCopyPool, Stores};
 use crate::backend::{fence_retired, Backend, RawAlloc, RawRange};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
@@ -84,6 +84,8 @@ pub(crate) struct StagingPool {
     returned: Condvar,
     /// Threads that split host copies into and out of chunks; started on first use.
     copier: OnceLock<HostCopyPool>,
+    /// How uploads write into chunks: `UNIBUF_STAGING_UPLOAD_STORES` = `cached` or `streaming`.
+    upload_stores: Stores,
 }
 
 enum Pick {
@@ -103,6 +105,10 @@ impl StagingPool {
             }),
             returned: Condvar::new(),
             copier: OnceLock::new(),
+            upload_stores: match std::env::var("UNIBUF_STAGING_UPLOAD_STORES").as_deref() {
+                Ok("cached") => Stores::Cached,
+                _ => Stores::Streaming,
+            },
         }
     }
 
@@ -112,14 +118,25 @@ impl StagingPool {
         (self.config.max_chunks / 2).max(1)
     }
 
-    /// Copies between host memory and a chunk with the copy threads.
+    /// Copies host memory into a chunk (an upload) with the copy threads.
     ///
     /// # Safety
-    /// `src` is valid for reads and `dst` for writes of `len` bytes; they do not overlap.
-    pub unsafe fn host_copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+    /// `src` is valid for reads and `chunk` for writes of `len` bytes; they do not overlap.
+    pub unsafe fn copy_into_chunk(&self, chunk: *mut u8, src: *const u8, len: usize) {
         let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
         // SAFETY: the caller's contract.
-        unsafe { pool.copy(dst, src, len) };
+        unsafe { pool.copy(chunk, src, len, self.upload_stores) };
+    }
+
+    /// Copies a chunk out to host memory (a download) with the copy threads, bypassing the
+    /// cache on the destination.
+    ///
+    /// # Safety
+    /// `chunk` is valid for reads and `dst` for writes of `len` bytes; they do not overlap.
+    pub unsafe fn copy_out_of_chunk(&self, dst: *mut u8, chunk: *const u8, len: usize) {
+        let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
+        // SAFETY: the caller's contract.
+        unsafe { pool.copy(dst, chunk, len, Stores::Streaming) };
     }
 
     pub fn chunk_bytes(&self) -> usize {
