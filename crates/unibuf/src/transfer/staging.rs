@@ -84,7 +84,10 @@ pub(crate) struct StagingPool {
     returned: Condvar,
     /// Threads that split host copies into and out of chunks; started on first use.
     copier: OnceLock<HostCopyPool>,
-    /// How uploads write into chunks: `UNIBUF_STAGING_UPLOAD_STORES` = `cached` or `streaming`.
+    /// How uploads write into chunks: through the cache, unless `UNIBUF_STAGING_UPLOAD_STORES`
+    /// is `streaming` (for comparison). The copy engine reads a chunk right after it is
+    /// filled, and finds much of it still in the last-level cache: pageable→device at 1 GiB on
+    /// an H200 host went from 41.6–43.2 GB/s with streaming stores to 52.2–52.6.
     upload_stores: Stores,
 }
 
@@ -106,8 +109,8 @@ impl StagingPool {
             returned: Condvar::new(),
             copier: OnceLock::new(),
             upload_stores: match std::env::var("UNIBUF_STAGING_UPLOAD_STORES").as_deref() {
-                Ok("cached") => Stores::Cached,
-                _ => Stores::Streaming,
+                Ok("streaming") => Stores::Streaming,
+                _ => Stores::Cached,
             },
         }
     }
