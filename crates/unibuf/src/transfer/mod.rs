@@ -186,8 +186,12 @@ impl Queue {
             // SAFETY: the chunk is checked out to us, host-visible, at least chunk_bytes long,
             // and the copy that last used it has completed (StagingPool::take).
             unsafe {
-                dev.staging
-                    .copy_into_chunk(chunk.host(), piece.as_ptr(), piece.len())
+                dev.staging.copy_into_chunk(
+                    chunk.host(),
+                    piece.as_ptr(),
+                    piece.len(),
+                    i >= dev.staging.depth(),
+                )
             };
             let submitted = dev.submit(
                 self.id(),
