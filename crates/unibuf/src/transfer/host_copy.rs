@@ -6,9 +6,9 @@
 //! of a few MiB). Downloads write the caller's memory with non-temporal stores: the destination
 //! is not read into the cache before being overwritten, which takes a third of the memory
 //! traffic off every byte (H100 host, 16 cores, 1 GiB: memcpy 34 GB/s with 8 threads and 43 with
-//! 16, streaming stores 42 and 56). Uploads refilling a staging chunk write it through the
-//! cache instead (`Stores::Cached`, see `StagingPool::copy_into_chunk`): the copy engine reads
-//! the chunk next, much of it from the last-level cache.
+//! 16, streaming stores 42 and 56). Long uploads write staging chunks through the cache instead
+//! (`Stores::Cached`, see `StagingPool::copy_into_chunk`): the chunks stay in the last-level
+//! cache between fills, and the copy engine reads much of each chunk from there.
 //! Written by hand because the job is one fork-join over raw ranges plus a streaming copy,
 //! which neither std nor a general thread pool provides.
 

@@ -180,6 +180,7 @@ impl Queue {
         let dev = &self.device;
         let mut fence = self.done_fence();
         let base = dst.byte_offset();
+        let long_transfer = dev.staging.is_long_upload(bytes.len());
         for (i, piece) in bytes.chunks(dev.staging.chunk_bytes()).enumerate() {
             let off = base + i * dev.staging.chunk_bytes();
             let chunk = dev.staging.take(&*dev.backend)?;
@@ -190,7 +191,7 @@ impl Queue {
                     chunk.host(),
                     piece.as_ptr(),
                     piece.len(),
-                    i >= dev.staging.depth(),
+                    long_transfer,
                 )
             };
             let submitted = dev.submit(

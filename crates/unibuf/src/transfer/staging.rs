@@ -120,22 +120,29 @@ impl StagingPool {
         (self.config.max_chunks / 2).max(1)
     }
 
-    /// Copies host memory into a chunk (an upload) with the copy threads. `refill` says the
-    /// chunk was filled earlier in the same transfer (it is `depth()` chunks or more in).
+    /// Copies host memory into a chunk (an upload) with the copy threads. `long_transfer` says
+    /// the upload fills each chunk in flight several times (`is_long_upload`).
     ///
-    /// A refilled chunk is written through the cache: its lines are likely still in the
-    /// last-level cache from the previous fill, so the stores cost no DRAM reads, and the copy
-    /// engine then reads much of the chunk from the cache too. A chunk's first fill in a
-    /// transfer streams instead, since through the cache every store would first read the line
-    /// from DRAM. Measured on H200 hosts (pageable→device, GB/s, streaming / cached for every
-    /// chunk): 1 GiB 39.5–43.2 / 42.4–52.6 (median 41.8 / 51.3); 16 MiB, one chunk,
-    /// 22.9–30.5 / 13.4–18.4.
+    /// A long upload writes through the cache: from its second pass over the ring on, the
+    /// chunks' lines are still in the last-level cache from the previous fill, so the stores
+    /// cost no DRAM reads, and the copy engine reads much of each chunk from the cache too.
+    /// Shorter uploads stream, since through the cache every store of a first fill reads its
+    /// line from DRAM. Measured on H200 hosts (pageable→device, GB/s, streaming / cached):
+    /// 1 GiB 39.5–43.2 / 42.4–52.6 (medians 41.8 / 51.1); 256 MiB 38.6–43.5 / 24.7–47.5, a
+    /// wash; 16 MiB, one chunk, 22.9–30.5 / 13.4–18.4. Streaming the first pass and caching
+    /// the rest was worse than either at 256 MiB (33.8–35.3): the refills then miss the cache.
     ///
     /// # Safety
     /// `src` is valid for reads and `chunk` for writes of `len` bytes; they do not overlap.
-    pub unsafe fn copy_into_chunk(&self, chunk: *mut u8, src: *const u8, len: usize, refill: bool) {
+    pub unsafe fn copy_into_chunk(
+        &self,
+        chunk: *mut u8,
+        src: *const u8,
+        len: usize,
+        long_transfer: bool,
+    ) {
         let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
-        let stores = self.upload_stores.unwrap_or(if refill {
+        let stores = self.upload_stores.unwrap_or(if long_transfer {
             Stores::Cached
         } else {
             Stores::Streaming
@@ -153,6 +160,12 @@ impl StagingPool {
         let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
         // SAFETY: the caller's contract.
         unsafe { pool.copy(dst, chunk, len, Stores::Streaming) };
+    }
+
+    /// Whether an upload of `bytes` is long enough to fill through the cache
+    /// (`copy_into_chunk`): at least four passes over the chunks a transfer keeps in flight.
+    pub fn is_long_upload(&self, bytes: usize) -> bool {
+        bytes.div_ceil(self.config.chunk_bytes) >= 4 * self.depth()
     }
 
     pub fn chunk_bytes(&self) -> usize {
@@ -303,5 +316,32 @@ fn checkout(chunks: &[Chunk], i: usize) -> StagingChunk {
         index: i,
         raw_range: c.raw.range(0, c.raw.bytes),
         host: c.host as *mut u8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_of_four_passes_over_the_chunks_in_flight_are_long() {
+        // Depth 2 (half of 4 chunks): long from 8 chunks on.
+        let pool = StagingPool::new(StagingConfig {
+            chunk_bytes: 1 << 20,
+            max_chunks: 4,
+        });
+        assert_eq!(pool.depth(), 2);
+        for (bytes, long) in [
+            (0, false),
+            (1, false),
+            (7 << 20, false),
+            ((7 << 20) + 1, true),
+            (8 << 20, true),
+            (1 << 30, true),
+        ] {
+            assert_eq!(pool.is_long_upload(bytes), long, "{bytes} bytes");
+        }
+        let default = StagingPool::new(StagingConfig::for_device(false));
+        assert!(!default.is_long_upload(256 << 20) && default.is_long_upload(1 << 30));
     }
 }
