@@ -197,11 +197,14 @@ impl Allocator {
         requested: usize,
     ) -> Result<Block> {
         let info = backend.info();
-        let class = size_class(requested).ok_or(Error::NeverFits {
-            requested,
-            limit: info.max_buffer_len,
-            limit_name: "maximum buffer length",
-        })?;
+        // Not `ok_or`: building (and dropping) the error on every allocation shows in profiles.
+        let Some(class) = size_class(requested) else {
+            return Err(Error::NeverFits {
+                requested,
+                limit: info.max_buffer_len,
+                limit_name: "maximum buffer length",
+            });
+        };
         for (limit, limit_name) in [
             (info.max_buffer_len, "maximum buffer length"),
             (info.total_memory, "device memory"),
@@ -221,30 +224,31 @@ impl Allocator {
         let arena_vm = backend
             .virtual_memory(kind)
             .filter(|_| !self.no_arena.contains(&kind));
-        let block = if let Some(vm) = arena_vm {
-            match self.allocate_in_arena_or_blocks(backend, vm, kind, requested) {
-                Err(_) if self.no_arena.contains(&kind) => {
-                    // The address range could not be reserved: whole blocks for this kind.
-                    self.allocate_new(backend, kind, class)?
-                }
-                other => other?,
+        if let Some(vm) = arena_vm {
+            // Returned as it is: unpacking the block and building the result again would move
+            // it right after it was written, which stalls on store forwarding (a fifth of a hot
+            // alloc/free pair).
+            return self.allocate_in_arena_or_blocks(backend, vm, kind, requested, class);
+        }
+        let block = match self.take_cached(kind, class) {
+            Some(b) => {
+                self.stats.cache_hits += 1;
+                b
             }
-        } else {
-            match self.take_cached(kind, class) {
-                Some(b) => {
-                    self.stats.cache_hits += 1;
-                    b
-                }
-                None => self.allocate_new(backend, kind, class)?,
-            }
+            None => self.allocate_new(backend, kind, class)?,
         };
+        self.count_active(block.raw.bytes, requested);
+        Ok(block)
+    }
+
+    /// Counts a block handed out for `requested` bytes.
+    fn count_active(&mut self, bytes: usize, requested: usize) {
         let s = &mut self.stats;
-        s.active_bytes += block.raw.bytes;
+        s.active_bytes += bytes;
         s.active_count += 1;
         s.requested_bytes += requested;
         s.peak_active_bytes = s.peak_active_bytes.max(s.active_bytes);
         self.peak_requested = self.peak_requested.max(s.requested_bytes);
-        Ok(block)
     }
 
     fn arena_index(
@@ -293,14 +297,26 @@ impl Allocator {
         Ok(self.arenas.len() - 1)
     }
 
+    /// Allocates in the arena of `kind` memory, or, where its address range could not be
+    /// reserved, a whole block of `class` bytes.
     fn allocate_in_arena_or_blocks(
         &mut self,
         backend: &dyn Backend,
         vm: &dyn VirtualMemory,
         kind: MemoryKind,
         requested: usize,
+        class: usize,
     ) -> Result<Block> {
-        let i = self.arena_index(backend, vm, kind)?;
+        let i = match self.arena_index(backend, vm, kind) {
+            Ok(i) => i,
+            Err(_) if self.no_arena.contains(&kind) => {
+                // The address range could not be reserved: whole blocks for this kind.
+                let block = self.allocate_new(backend, kind, class)?;
+                self.count_active(block.raw.bytes, requested);
+                return Ok(block);
+            }
+            Err(e) => return Err(e),
+        };
         let granule = self.arenas[i].arena.granule() as usize;
         // The quick list may hold 1/128 of the largest live total (at least 2 MiB): enough for
         // the working sizes of a decode step, too little to matter for fragmentation.
@@ -372,6 +388,7 @@ impl Allocator {
                     s.reserved_bytes += new_bytes;
                     s.peak_reserved_bytes = s.peak_reserved_bytes.max(s.reserved_bytes);
                 }
+                self.count_active(p.bytes as usize, requested);
                 let pool = &self.arenas[i];
                 let addr = pool.base + p.offset;
                 return Ok(Block {
