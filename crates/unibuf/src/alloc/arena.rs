@@ -345,26 +345,41 @@ impl Arena {
     /// Re-references the granules of a block taken back from the quick list: they are still
     /// mapped (granules are unmapped only after the list is flushed), so nothing is mapped.
     fn take_refs(&mut self, offset: u64, bytes: u64) {
+        // Most blocks of a hot pair lie within one granule: the head alone, no inner range.
         let (head, inner, tail) = self.split_granules(offset, bytes);
-        for g in head.chain(tail) {
-            let r = &mut self.refs[g as usize];
-            if *r == 0 {
-                self.cached.remove(g);
-            }
-            *r += 1;
+        for g in head {
+            self.take_ref(g);
         }
-        self.refs[inner.start as usize..inner.end as usize].fill(1);
-        self.cached.set_range(inner, false);
+        for g in tail {
+            self.take_ref(g);
+        }
+        if !inner.is_empty() {
+            self.refs[inner.start as usize..inner.end as usize].fill(1);
+            self.cached.set_range(inner, false);
+        }
+    }
+
+    fn take_ref(&mut self, g: u64) {
+        let r = &mut self.refs[g as usize];
+        if *r == 0 {
+            self.cached.remove(g);
+        }
+        *r += 1;
     }
 
     /// Drops a block's granule references; those left unreferenced become cached.
     fn drop_block_refs(&mut self, offset: u64, bytes: u64) {
         let (head, inner, tail) = self.split_granules(offset, bytes);
-        for g in head.chain(tail) {
+        for g in head {
             self.drop_ref(g);
         }
-        self.refs[inner.start as usize..inner.end as usize].fill(0);
-        self.cached.set_range(inner, true);
+        for g in tail {
+            self.drop_ref(g);
+        }
+        if !inner.is_empty() {
+            self.refs[inner.start as usize..inner.end as usize].fill(0);
+            self.cached.set_range(inner, true);
+        }
     }
 
     /// A block's granules as (partial head, inner, partial tail). Blocks never overlap, so the
