@@ -496,7 +496,7 @@ impl DeviceInner {
         label: &str,
         what: &'static str,
         uses: &[Use<'_>],
-        mut commands: Vec<Command>,
+        commands: &[Command],
         completion: Completion,
     ) -> Result<Fence> {
         self.check_fault()?;
@@ -537,11 +537,19 @@ impl DeviceInner {
         }
         waits.retain_pending(|f| self.backend.completed(f.queue).is_ok_and(|c| c >= f.epoch));
         let wait_count = waits.iter().count() as u32;
-        if !waits.is_empty() {
-            let mut with_waits: Vec<Command> = waits.iter().map(Command::Wait).collect();
-            with_waits.append(&mut commands);
-            commands = with_waits;
-        }
+        // Commands arrive as a slice (most submissions are one command built on the caller's
+        // stack); a vector is built only when waits go first.
+        let with_waits: Vec<Command>;
+        let commands = if waits.is_empty() {
+            commands
+        } else {
+            with_waits = waits
+                .iter()
+                .map(Command::Wait)
+                .chain(commands.iter().cloned())
+                .collect();
+            &with_waits
+        };
         self.residency.commit(&*self.backend);
         // SAFETY: every range in `commands` was bounds-checked against its allocation by the
         // caller; the allocations stay alive until this epoch completes because their fences
@@ -552,7 +560,7 @@ impl DeviceInner {
                 queue,
                 Submission {
                     label,
-                    commands: &commands,
+                    commands,
                     exact_completion: completion == Completion::Exact,
                 },
             )

@@ -222,7 +222,7 @@ impl Queue {
             self.submission_label(&batch.label),
             "launch batch",
             &uses,
-            vec![Command::Batch {
+            &[Command::Batch {
                 id: batch.id,
                 launches,
             }],

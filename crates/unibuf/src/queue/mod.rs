@@ -262,7 +262,7 @@ impl Queue {
             label,
             "launch",
             &uses,
-            vec![Command::Launch {
+            &[Command::Launch {
                 pipeline: kernel.pipeline,
                 dims,
                 args: launch_args,

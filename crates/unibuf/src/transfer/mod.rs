@@ -204,7 +204,7 @@ impl Queue {
                     end: off + piece.len(),
                     access: Access::Write,
                 }],
-                vec![Command::Copy {
+                &[Command::Copy {
                     src: chunk.range(piece.len()),
                     dst: dst.alloc.range(off, piece.len()),
                 }],
@@ -326,7 +326,7 @@ impl Queue {
                     end: off + n,
                     access: Access::Read,
                 }],
-                vec![Command::Copy {
+                &[Command::Copy {
                     src: src.alloc.range(off, n),
                     dst: chunk.range(n),
                 }],
@@ -397,7 +397,7 @@ impl Queue {
                     access: Access::Write,
                 },
             ],
-            vec![Command::Copy {
+            &[Command::Copy {
                 src: src.alloc.range(r.start, bytes),
                 dst: snapshot.range(0, bytes),
             }],
@@ -466,7 +466,7 @@ impl Queue {
                         access: Access::Write,
                     },
                 ],
-                vec![Command::Copy {
+                &[Command::Copy {
                     src: src.alloc.range(s.start, s.len()),
                     dst: dst.alloc.range(d.start, d.len()),
                 }],
@@ -530,7 +530,7 @@ impl Queue {
                     end: d.end,
                     access: Access::Write,
                 }],
-                vec![Command::Fill {
+                &[Command::Fill {
                     dst: dst.alloc.range(d.start, d.len()),
                     pattern,
                 }],

@@ -153,7 +153,7 @@ impl Queue {
                 end: off + p.len,
                 access: Access::Write,
             }],
-            vec![Command::Copy {
+            &[Command::Copy {
                 src: chunk.range(p.len),
                 dst: p.dst.alloc.range(off, p.len),
             }],

@@ -553,10 +553,26 @@ impl CudaBackend {
                     Error::invalid("pipeline", format!("{} does not exist", pipeline.0))
                 })?
         };
-        // Each argument's value in an 8-byte slot; the driver copies them at launch.
-        let mut slots: Vec<[u8; 8]> = args
-            .iter()
-            .map(|a| match a {
+        // Each argument's value in an 8-byte slot; the driver copies them at launch. On the
+        // stack up to `STACK_ARGS` arguments (every kernel here has far fewer), so that a
+        // launch allocates nothing here: this runs once per kernel, on the host's critical
+        // path.
+        const STACK_ARGS: usize = 32;
+        let mut slot_array = [[0u8; 8]; STACK_ARGS];
+        let mut param_array = [std::ptr::null_mut::<c_void>(); STACK_ARGS];
+        let (mut slot_vec, mut param_vec);
+        let (slots, params): (&mut [[u8; 8]], &mut [*mut c_void]) = if args.len() <= STACK_ARGS {
+            (
+                &mut slot_array[..args.len()],
+                &mut param_array[..args.len()],
+            )
+        } else {
+            slot_vec = vec![[0u8; 8]; args.len()];
+            param_vec = vec![std::ptr::null_mut::<c_void>(); args.len()];
+            (&mut slot_vec[..], &mut param_vec[..])
+        };
+        for (slot, a) in slots.iter_mut().zip(args) {
+            *slot = match a {
                 LaunchArg::Buffer { range, .. } => (range.addr + range.offset as u64).to_ne_bytes(),
                 LaunchArg::Scalar(ScalarArg::U32(v)) => u64::from(*v).to_ne_bytes(),
                 LaunchArg::Scalar(ScalarArg::I32(v)) => {
@@ -570,10 +586,11 @@ impl CudaBackend {
                     s
                 }
                 LaunchArg::Scalar(ScalarArg::U64(v)) => v.to_ne_bytes(),
-            })
-            .collect();
-        let mut params: Vec<*mut c_void> =
-            slots.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
+            };
+        }
+        for (param, slot) in params.iter_mut().zip(slots.iter_mut()) {
+            *param = slot.as_mut_ptr().cast();
+        }
         let [gx, gy, gz] = dims.grid;
         let [bx, by, bz] = dims.block;
         // SAFETY: `function` is a loaded kernel whose parameters the core checked against the
