@@ -375,10 +375,19 @@ fn device_replay_reports_live_reserved_and_call_time() {
     assert_eq!(r.events, trace.events.len());
     assert_eq!(r.peak_live_bytes, peak_live);
     assert!(
-        r.peak_reserved_bytes >= peak_live && r.fragmentation() < 1.5,
+        r.peak_reserved_bytes >= peak_live,
         "reserved {} for {peak_live} live",
         r.peak_reserved_bytes
     );
+    // Placement in mapped granules bounds what is held; caching whole blocks by size class
+    // (backends without virtual memory) does not.
+    if r.stats.virtual_memory {
+        assert!(
+            r.fragmentation() < 1.5,
+            "reserved/live {}",
+            r.fragmentation()
+        );
+    }
     assert!(r.stats.device_allocs > 0, "{:?}", r.stats);
     let calls = r.device_call_ns_per_event();
     assert!(

@@ -177,6 +177,8 @@ impl Allocator {
         }
     }
 
+    /// The counters for the device to update (external, staging, growable figures). Its
+    /// `cached_bytes` and `cached_count` are not kept current: `stats` computes them.
     pub fn stats_mut(&mut self) -> &mut MemoryStats {
         &mut self.stats
     }

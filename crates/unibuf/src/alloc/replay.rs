@@ -169,6 +169,13 @@ struct SimulatedMemory {
     kept: AtomicU64,
     /// Bytes ever unmapped by `unmap_for_reuse`.
     moved: AtomicU64,
+    /// Set by `unmap_for_reuse`, cleared only by `release_kept`: the allocator must call the
+    /// latter before it returns whenever it called the former (the tests check).
+    release_owed: std::sync::atomic::AtomicBool,
+    /// Bytes mapped now (kept memory not counted), and the most that may be: maps past it fail
+    /// with `OutOfMemory`, for tests of the failure paths.
+    mapped: AtomicU64,
+    map_limit: u64,
     /// Reservations larger than this fail (an address-space limit), for tests.
     reserve_limit: u64,
 }
@@ -189,6 +196,9 @@ impl SimulatedMemory {
             next: AtomicU64::new(1 << 20),
             kept: AtomicU64::new(0),
             moved: AtomicU64::new(0),
+            release_owed: std::sync::atomic::AtomicBool::new(false),
+            mapped: AtomicU64::new(0),
+            map_limit: u64::MAX,
             reserve_limit: u64::MAX,
         }
     }
@@ -275,6 +285,16 @@ impl VirtualMemory for SimulatedMemory {
             .next_multiple_of(2 << 20))
     }
     unsafe fn map(&self, _kind: MemoryKind, _addr: u64, bytes: usize) -> Result<()> {
+        let mapped = self.mapped.load(Ordering::Relaxed);
+        if mapped + bytes as u64 > self.map_limit {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                reserved: mapped as usize,
+                free: self.map_limit.saturating_sub(mapped) as usize,
+                largest_free: 0,
+            });
+        }
+        self.mapped.fetch_add(bytes as u64, Ordering::Relaxed);
         // Kept memory is taken first, as the CUDA backend does.
         let _ = self
             .kept
@@ -283,13 +303,18 @@ impl VirtualMemory for SimulatedMemory {
             });
         Ok(())
     }
-    unsafe fn unmap(&self, _kind: MemoryKind, _addr: u64, _bytes: usize) {}
+    unsafe fn unmap(&self, _kind: MemoryKind, _addr: u64, bytes: usize) {
+        self.mapped.fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
     unsafe fn unmap_for_reuse(&self, _kind: MemoryKind, _addr: u64, bytes: usize) {
+        self.mapped.fetch_sub(bytes as u64, Ordering::Relaxed);
         self.kept.fetch_add(bytes as u64, Ordering::Relaxed);
         self.moved.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.release_owed.store(true, Ordering::Relaxed);
     }
     fn release_kept(&self, _kind: MemoryKind) {
         self.kept.store(0, Ordering::Relaxed);
+        self.release_owed.store(false, Ordering::Relaxed);
     }
     unsafe fn unreserve(&self, _kind: MemoryKind, _base: u64, _bytes: usize) {}
 }
@@ -361,6 +386,7 @@ mod tests {
                 let s = alloc.stats();
                 prop_assert_eq!((s.active_bytes, s.requested_bytes, s.active_count), (live_bytes, live_requested, live.len()));
                 prop_assert_eq!(backend.kept.load(Ordering::Relaxed), 0, "memory kept for reuse past an allocation");
+                prop_assert!(!backend.release_owed.load(Ordering::Relaxed), "release_kept not called after a move");
                 if let Some(limit) = budget.memory_limit {
                     prop_assert!(s.reserved_bytes <= limit, "{} over the budget", s.reserved_bytes);
                 }
@@ -433,11 +459,55 @@ mod validation_tests {
         );
         assert!(moved > 0, "the hole's granules moved");
         assert_eq!(mem.kept.load(Ordering::Relaxed), 0);
+        assert!(
+            !mem.release_owed.load(Ordering::Relaxed),
+            "release_kept was called"
+        );
         a.free(&mem, high, 20 * MIB);
         a.free(&mem, big, 30 * MIB);
         a.release_cached(&mem, usize::MAX, true);
         a.shutdown(&mem);
         assert_eq!(a.stats().reserved_bytes, 0);
+    }
+
+    /// A map that fails after idle granules were unmapped for reuse: the allocator returns
+    /// the kept memory, retries after releasing its cache, fails with `OutOfMemory`, and
+    /// allocates again once memory is freed.
+    #[test]
+    fn a_failed_map_after_a_move_releases_the_kept_memory_and_recovers() {
+        const MIB: usize = 1 << 20;
+        let mem = SimulatedMemory {
+            map_limit: 40 * MIB as u64,
+            ..SimulatedMemory::new()
+        };
+        let mut a = Allocator::new(Budget::default());
+        let low = a.allocate(&mem, MemoryKind::Device, 20 * MIB).unwrap();
+        let high = a.allocate(&mem, MemoryKind::Device, 20 * MIB).unwrap();
+        a.free(&mem, low, 20 * MIB);
+        // 30 MiB above `high`: the bound moves part of the hole's granules, then the map
+        // passes the 40 MiB the memory holds.
+        let Err(e) = a.allocate(&mem, MemoryKind::Device, 30 * MIB) else {
+            panic!("30 MiB fit in memory holding 40 MiB with 20 MiB live");
+        };
+        assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+        assert!(mem.moved.load(Ordering::Relaxed) > 0, "a move was tried");
+        assert!(
+            !mem.release_owed.load(Ordering::Relaxed),
+            "kept memory returned"
+        );
+        let s = a.stats();
+        assert_eq!((s.active_bytes, s.ooms), (20 * MIB, 1));
+        assert_eq!(s.reserved_bytes as u64, mem.mapped.load(Ordering::Relaxed));
+        a.free(&mem, high, 20 * MIB);
+        let again = a.allocate(&mem, MemoryKind::Device, 30 * MIB).unwrap();
+        assert_eq!(
+            a.stats().reserved_bytes as u64,
+            mem.mapped.load(Ordering::Relaxed)
+        );
+        a.free(&mem, again, 30 * MIB);
+        a.release_cached(&mem, usize::MAX, true);
+        a.shutdown(&mem);
+        assert_eq!(mem.mapped.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -538,7 +538,8 @@ impl DeviceInner {
         waits.retain_pending(|f| self.backend.completed(f.queue).is_ok_and(|c| c >= f.epoch));
         let wait_count = waits.iter().count() as u32;
         // Commands arrive as a slice (most submissions are one command built on the caller's
-        // stack); a vector is built only when waits go first.
+        // stack); a vector is built, and the commands cloned into it, only when waits go first
+        // (work on memory another queue used: the rare case).
         let with_waits: Vec<Command>;
         let commands = if waits.is_empty() {
             commands

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 const PARALLEL_MIN: usize = 1 << 20;
 /// The smallest piece a helper gets.
 const PIECE_MIN: usize = 512 << 10;
-/// Copies at least this large bypass the cache on the destination side.
+/// `Stores::Streaming` copies at least this large bypass the cache on the destination side.
 const STREAM_MIN: usize = 256 << 10;
 
 /// How a copy writes its destination.

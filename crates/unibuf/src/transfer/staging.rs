@@ -121,7 +121,7 @@ impl StagingPool {
     }
 
     /// Copies host memory into a chunk (an upload) with the copy threads. `long_transfer` says
-    /// the upload fills each chunk in flight several times (`is_long_upload`).
+    /// the upload fills each chunk of the ring several times (`is_long_upload`).
     ///
     /// A long upload writes through the cache: from its second pass over the ring on, the
     /// chunks' lines are still in the last-level cache from the previous fill, so the stores
@@ -163,9 +163,10 @@ impl StagingPool {
     }
 
     /// Whether an upload of `bytes` is long enough to fill through the cache
-    /// (`copy_into_chunk`): at least four passes over the chunks a transfer keeps in flight.
+    /// (`copy_into_chunk`): at least two passes over the ring (an upload cycles through all of
+    /// its chunks, waiting for the oldest), 512 MiB with the default ring of 16 × 16 MiB.
     pub fn is_long_upload(&self, bytes: usize) -> bool {
-        bytes.div_ceil(self.config.chunk_bytes) >= 4 * self.depth()
+        bytes.div_ceil(self.config.chunk_bytes) >= 2 * self.config.max_chunks
     }
 
     pub fn chunk_bytes(&self) -> usize {
@@ -324,13 +325,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uploads_of_four_passes_over_the_chunks_in_flight_are_long() {
-        // Depth 2 (half of 4 chunks): long from 8 chunks on.
+    fn uploads_of_two_passes_over_the_ring_are_long() {
+        // A ring of 4 chunks: long from 8 chunks on.
         let pool = StagingPool::new(StagingConfig {
             chunk_bytes: 1 << 20,
             max_chunks: 4,
         });
-        assert_eq!(pool.depth(), 2);
         for (bytes, long) in [
             (0, false),
             (1, false),

@@ -178,10 +178,12 @@ impl VirtualMemory for CudaBackend {
     }
 
     fn release_kept(&self, _kind: MemoryKind) {
-        let kept = std::mem::take(&mut self.mappings.physical().kept);
-        if kept.is_empty() || self.bind().is_err() {
+        // Bound first: without the context the handles stay kept (a later map or release takes
+        // them) rather than being dropped unreleased.
+        if self.bind().is_err() {
             return;
         }
+        let kept = std::mem::take(&mut self.mappings.physical().kept);
         for h in kept {
             // SAFETY: a handle `unmap_for_reuse` unmapped and nothing mapped again.
             unsafe { sys::cuMemRelease(h) };
