@@ -219,6 +219,50 @@ impl Arena {
         offset >> self.granule_shift..(offset + bytes + round_up) >> self.granule_shift
     }
 
+    /// Granules of the block at `offset..offset + bytes` that no other block references: those
+    /// the block alone keeps mapped.
+    pub fn sole_granules(&self, offset: u64, bytes: u64) -> u64 {
+        self.granules_of(offset, bytes)
+            .filter(|g| self.refs[*g as usize] == 1)
+            .count() as u64
+    }
+
+    /// Whether `release` would keep a block of `bytes` whole now (in the quick list or the
+    /// large slot) rather than return it to the free space.
+    fn keeps_whole(&self, bytes: u64) -> bool {
+        self.quick_bytes + bytes <= self.quick_limit
+            || (self.quick_limit > 0 && bytes > self.quick_limit)
+    }
+
+    /// Takes quick-list room for a freed block the caller keeps outside the arena with its
+    /// granule references (the allocator's front block): false if `release` would not put it
+    /// in the quick list. The block is counted as if it were in the list, so the arena keeps
+    /// whole exactly what it would keep anyway, and placement is unchanged. The caller gives
+    /// the room back with `unreserve_quick` when it reuses the block, or hands the block over
+    /// with `push_reserved_quick` — before anything flushes the quick list.
+    pub fn reserve_quick(&mut self, bytes: u64) -> bool {
+        let fits = self.quick_bytes + bytes <= self.quick_limit;
+        if fits {
+            self.quick_bytes += bytes;
+        }
+        fits
+    }
+
+    /// Gives back the room `reserve_quick` took for a block reused from outside the arena.
+    pub fn unreserve_quick(&mut self, bytes: u64) {
+        self.quick_bytes -= bytes;
+    }
+
+    /// Puts a block whose room `reserve_quick` took into the quick list.
+    pub fn push_reserved_quick(&mut self, offset: u64, bytes: u64, fences: FenceSet) {
+        self.drop_block_refs(offset, bytes);
+        self.quick[Self::quick_bucket(bytes)].push(QuickBlock {
+            offset,
+            bytes,
+            fences,
+        });
+    }
+
     /// Sets the quick list's byte bound; blocks over it go to the free space directly.
     pub fn set_quick_limit(&mut self, bytes: u64) {
         self.quick_limit = bytes;
@@ -315,10 +359,8 @@ impl Arena {
         fences: FenceSet,
         retired: &mut dyn FnMut(Fence) -> bool,
     ) {
-        let keep_whole = self.quick_bytes + bytes <= self.quick_limit
-            // A zero limit turns whole-block keeping off altogether (the large slot included).
-            || (self.quick_limit > 0 && bytes > self.quick_limit);
-        if !keep_whole {
+        // A zero limit turns whole-block keeping off altogether (the large slot included).
+        if !self.keeps_whole(bytes) {
             self.release_to_free(offset, bytes, fences, retired);
             return;
         }

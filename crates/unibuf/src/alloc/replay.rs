@@ -387,6 +387,10 @@ mod tests {
                 prop_assert_eq!((s.active_bytes, s.requested_bytes, s.active_count), (live_bytes, live_requested, live.len()));
                 prop_assert_eq!(backend.kept.load(Ordering::Relaxed), 0, "memory kept for reuse past an allocation");
                 prop_assert!(!backend.release_owed.load(Ordering::Relaxed), "release_kept not called after a move");
+                prop_assert!(s.cached_bytes <= s.reserved_bytes, "{} cached of {} held", s.cached_bytes, s.reserved_bytes);
+                if live.is_empty() {
+                    prop_assert_eq!(s.cached_bytes, s.reserved_bytes, "with nothing live, everything held is cached");
+                }
                 if let Some(limit) = budget.memory_limit {
                     prop_assert!(s.reserved_bytes <= limit, "{} over the budget", s.reserved_bytes);
                 }
