@@ -237,8 +237,9 @@ impl Arena {
     /// Takes quick-list room for a freed block the caller keeps outside the arena with its
     /// granule references (the allocator's front block): false if `release` would not put it
     /// in the quick list. The block is counted as if it were in the list, so the arena keeps
-    /// whole what it would have kept (on the shared llama trace placement is unchanged: the
-    /// same maps, 1.032; random traces differ slightly, either way). The caller gives
+    /// whole what it would have kept and placement is unchanged (the allocator flushes the
+    /// block before a request for another size of its bucket, whose `swap_remove` would have
+    /// moved it). The caller gives
     /// the room back with `unreserve_quick` when it reuses the block, or hands the block over
     /// with `push_reserved_quick` — before anything flushes the quick list.
     pub fn reserve_quick(&mut self, bytes: u64) -> bool {
@@ -269,12 +270,18 @@ impl Arena {
         self.quick_limit = bytes;
     }
 
+    /// Whether the large slot holds a block of exactly `bytes` (a multiple of `BLOCK_ALIGN`):
+    /// `place` takes it before anything in the quick list.
+    pub fn large_holds(&self, bytes: u64) -> bool {
+        self.large.as_ref().is_some_and(|q| q.bytes == bytes)
+    }
+
     /// Bytes waiting in the quick list and the large slot.
     pub fn quick_bytes(&self) -> u64 {
         self.quick_bytes + self.large.as_ref().map_or(0, |q| q.bytes)
     }
 
-    fn quick_bucket(bytes: u64) -> usize {
+    pub(crate) fn quick_bucket(bytes: u64) -> usize {
         ((u64::BITS - (bytes / BLOCK_ALIGN).leading_zeros()) as usize).min(QUICK_BUCKETS - 1)
     }
 

@@ -338,11 +338,23 @@ impl Allocator {
         let rounded = requested
             .max(1)
             .next_multiple_of(arena::BLOCK_ALIGN as usize);
-        if self
-            .front
-            .as_ref()
-            .is_some_and(|f| f.raw.kind == kind && f.raw.bytes == rounded)
-        {
+        // The front block is what `place` would hand out first from the quick list, unless
+        // the large slot holds this size. A request for another size of its bucket reorders
+        // the bucket (`swap_remove`) with the block in it: flush it first, so that placement
+        // stays exactly what the quick list alone would give.
+        let arena = &self.arenas[i].arena;
+        let front_fits = self.front.as_ref().map(|f| {
+            (
+                f.raw.kind == kind && f.raw.bytes == rounded && !arena.large_holds(rounded as u64),
+                f.raw.kind == kind
+                    && Arena::quick_bucket(f.raw.bytes as u64)
+                        == Arena::quick_bucket(rounded as u64),
+            )
+        });
+        if let Some((false, true)) = front_fits {
+            self.flush_front();
+        }
+        if let Some((true, _)) = front_fits {
             let block = self.front.take().expect("checked above");
             self.arenas[i].arena.unreserve_quick(block.raw.bytes as u64);
             self.stats.cache_hits += 1;

@@ -556,3 +556,141 @@ mod validation_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod front_tests {
+    use super::*;
+    use crate::epoch::{Fence, FenceSet};
+
+    const G: usize = 2 << 20;
+
+    fn pending(epoch: u64) -> FenceSet {
+        let mut f = FenceSet::new();
+        f.insert(Fence {
+            device: 0,
+            queue: QueueId(1),
+            epoch,
+        });
+        f
+    }
+
+    fn epochs(f: &FenceSet) -> Vec<u64> {
+        f.iter().map(|f| f.epoch).collect()
+    }
+
+    /// The front block's granules count as cached only where no live block shares them, and
+    /// the stats are the same once it is flushed into the quick list (as a snapshot does).
+    #[test]
+    fn front_block_accounting_matches_the_quick_list() {
+        let m = SimulatedMemory::new();
+        let mut a = Allocator::new(Budget::default());
+        let x = a.allocate(&m, MemoryKind::Device, 1000).unwrap();
+        let y = a.allocate(&m, MemoryKind::Device, 1000).unwrap();
+        a.free(&m, x, 1000);
+        assert!(a.front.is_some(), "the freed block waits in front");
+        let s = a.stats();
+        assert_eq!(
+            (s.cached_bytes, s.cached_count),
+            (0, 0),
+            "its granule is shared with a live block"
+        );
+        a.free(&m, y, 1000); // displaces x into the quick list
+        let s = a.stats();
+        assert_eq!((s.cached_bytes, s.cached_count), (G, 1));
+        assert_eq!(
+            a.arenas[0].arena.quick_bytes(),
+            2048,
+            "both blocks' room, counted once"
+        );
+        let _ = a.snapshot();
+        assert!(a.front.is_none());
+        let t = a.stats();
+        assert_eq!(
+            (t.cached_bytes, t.cached_count),
+            (s.cached_bytes, s.cached_count)
+        );
+        assert_eq!(a.arenas[0].arena.quick_bytes(), 2048);
+        let z = a.allocate(&m, MemoryKind::Device, 1000).unwrap();
+        a.free(&m, z, 1000);
+        let z = a.allocate(&m, MemoryKind::Device, 1000).unwrap();
+        assert_eq!(
+            a.arenas[0].arena.quick_bytes(),
+            1024,
+            "a front hit gives its room back"
+        );
+        a.free(&m, z, 1000);
+        a.release_cached(&m, usize::MAX, true);
+        a.shutdown(&m);
+    }
+
+    /// A block reused from the front, or from the quick list after a displacement, carries the
+    /// fences of its last use.
+    #[test]
+    fn reuse_from_the_front_and_the_quick_list_inherits_fences() {
+        let m = SimulatedMemory::new();
+        let mut a = Allocator::new(Budget::default());
+        let mut x = a.allocate(&m, MemoryKind::Device, 4096).unwrap();
+        let mut y = a.allocate(&m, MemoryKind::Device, 8192).unwrap();
+        x.fences = pending(7);
+        y.fences = pending(9);
+        let (xa, ya) = (x.raw.addr, y.raw.addr);
+        a.free(&m, x, 4096);
+        a.free(&m, y, 8192); // x goes to the quick list, y waits in front
+        let y2 = a.allocate(&m, MemoryKind::Device, 8192).unwrap();
+        assert_eq!((y2.raw.addr, epochs(&y2.fences)), (ya, vec![9]));
+        let x2 = a.allocate(&m, MemoryKind::Device, 4096).unwrap();
+        assert_eq!((x2.raw.addr, epochs(&x2.fences)), (xa, vec![7]));
+        a.free(&m, x2, 4096);
+        a.free(&m, y2, 8192);
+        a.release_cached(&m, usize::MAX, true);
+        a.shutdown(&m);
+    }
+
+    /// When the address space is full, the front block is flushed with the quick list before
+    /// the retry: a request that fits only in its range succeeds.
+    #[test]
+    fn a_full_address_space_flushes_the_front_before_retrying() {
+        const TIB: usize = 1 << 40;
+        let m = SimulatedMemory::new(); // 1 TiB of memory: 2 TiB of address space
+        let mut a = Allocator::new(Budget::default());
+        let big: Vec<_> = (0..2)
+            .map(|_| a.allocate(&m, MemoryKind::Device, 3 * TIB / 4).unwrap())
+            .collect();
+        let c = a.allocate(&m, MemoryKind::Device, 1024).unwrap();
+        a.free(&m, c, 1024);
+        assert!(a.front.is_some());
+        let Ok(d) = a.allocate(&m, MemoryKind::Device, TIB / 2 - 512) else {
+            panic!("fits once the front block is free space");
+        };
+        a.free(&m, d, TIB / 2 - 512);
+        for b in big {
+            a.free(&m, b, 3 * TIB / 4);
+        }
+        a.release_cached(&m, usize::MAX, true);
+        a.shutdown(&m);
+        assert_eq!(a.stats().reserved_bytes, 0);
+    }
+
+    /// Placement is what the quick list alone would give: a request for another size of the
+    /// front block's bucket reorders that bucket with the block in it (the list takes blocks
+    /// with `swap_remove`), so the next request for the block's size gets an older block.
+    #[test]
+    fn the_front_block_keeps_the_quick_list_order() {
+        let m = SimulatedMemory::new();
+        let mut a = Allocator::new(Budget::default());
+        let y = a.allocate(&m, MemoryKind::Device, 1536).unwrap();
+        let z = a.allocate(&m, MemoryKind::Device, 1024).unwrap();
+        let f = a.allocate(&m, MemoryKind::Device, 1024).unwrap();
+        let (ya, za) = (y.raw.addr, z.raw.addr);
+        a.free(&m, y, 1536);
+        a.free(&m, z, 1024);
+        a.free(&m, f, 1024);
+        let y2 = a.allocate(&m, MemoryKind::Device, 1536).unwrap();
+        let z2 = a.allocate(&m, MemoryKind::Device, 1024).unwrap();
+        assert_eq!((y2.raw.addr, z2.raw.addr), (ya, za));
+        a.free(&m, y2, 1536);
+        a.free(&m, z2, 1024);
+        a.release_cached(&m, usize::MAX, true);
+        a.shutdown(&m);
+    }
+}
