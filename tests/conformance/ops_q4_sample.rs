@@ -133,11 +133,16 @@ fn q4_matvec_matches_an_f64_reference() {
     );
 }
 
-#[test]
-fn q4_matvec_takes_views_at_unaligned_offsets() {
+/// A q4 product over a matrix whose codes and scales start one element into larger buffers
+/// (not 16-byte aligned) and over x views at odd offsets, in f32 and f16.
+fn sweep_unaligned_views(
+    stream: &str,
+    product: impl Fn(&Queue, &Q4Matrix, &Buffer) -> Buffer,
+    check: ProductCheck,
+) {
     let dev = device();
     let q = dev.queue();
-    let mut rng = Rng::new("q4_views");
+    let mut rng = Rng::new(stream);
     let (rows, cols, group) = (9, 192, 64);
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
     let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
@@ -169,11 +174,27 @@ fn q4_matvec_takes_views_at_unaligned_offsets() {
             .unwrap()
             .reshape(&[2, cols])
             .unwrap();
-        let y = ops::q4_matvec(&q, &m2, &x).expect("q4_matvec");
+        let y = product(&q, &m2, &x);
         assert_eq!(y.shape(), &[2, rows]);
         let got = q.download::<f32>(&y).expect("y");
-        check_product(&got, &wq, &xv[1..], rows, cols, &format!("views, x {xd}"));
+        check(
+            &got,
+            &wq,
+            &xv[1..],
+            rows,
+            cols,
+            &format!("{stream}, x {xd}"),
+        );
     }
+}
+
+#[test]
+fn q4_matvec_takes_views_at_unaligned_offsets() {
+    sweep_unaligned_views(
+        "q4_views",
+        |q, m, x| ops::q4_matvec(q, m, x).expect("q4_matvec"),
+        check_product,
+    );
 }
 
 #[test]
@@ -332,56 +353,14 @@ fn q4_matvec_q8_is_within_the_quantisation_bound() {
 
 #[test]
 fn q4_matvec_q8_takes_views_at_unaligned_offsets() {
-    let dev = device();
-    let q = dev.queue();
-    let mut rng = Rng::new("q4_q8_views");
-    let (rows, cols, group) = (9, 192, 64);
-    let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
-    let m = Q4Matrix::quantize(&dev, "w", &w, rows, cols, group).expect("quantize");
-    let packed = q.download::<u8>(m.packed()).expect("packed");
-    let scales = q.download::<f16>(m.scales()).expect("scales");
-    let wq = dequantize(&packed, &scales, rows, cols, group);
-    // The same codes and scales one element into larger buffers: not 16-byte aligned.
-    let mut p1 = vec![0x5Au8];
-    p1.extend_from_slice(&packed);
-    let mut s1 = vec![f16::from_f32(3.0)];
-    s1.extend_from_slice(&scales);
-    let pb = dev.from_slice("packed+1", &p1, &[p1.len()]).expect("p");
-    let sb = dev.from_slice("scales+1", &s1, &[s1.len()]).expect("s");
-    let pv = pb
-        .slice(1..p1.len())
-        .unwrap()
-        .reshape(&[rows, cols / 2])
-        .unwrap();
-    let sv = sb
-        .slice(1..s1.len())
-        .unwrap()
-        .reshape(&[rows, cols / group])
-        .unwrap();
-    let m2 = Q4Matrix::from_parts(pv, sv, rows, cols, group).expect("from_parts");
-    for xd in [DType::F32, DType::F16] {
-        let (xb, xv) = upload_x(&dev, &mut rng, xd, &[2 * cols + 1]);
-        let x = xb
-            .slice(1..2 * cols + 1)
-            .unwrap()
-            .reshape(&[2, cols])
-            .unwrap();
-        let xq = ops::quantize_activations(&q, &x).expect("quantize_activations");
-        let y = ops::q4_matvec_q8(&q, &m2, &xq).expect("q4_matvec_q8");
-        assert_eq!(y.shape(), &[2, rows]);
-        let got = q.download::<f32>(&y).expect("y");
-        check_q8_product(
-            &got,
-            &wq,
-            &xv[1..],
-            rows,
-            cols,
-            &format!("q8 views, x {xd}"),
-        );
-        // The aligned matrix gives the same sums (the same integers, scaled alike).
-        let y_aligned = ops::q4_matvec_q8(&q, &m, &xq).expect("q4_matvec_q8");
-        assert_eq!(q.download::<f32>(&y_aligned).expect("y"), got, "x {xd}");
-    }
+    sweep_unaligned_views(
+        "q4_q8_views",
+        |q, m, x| {
+            let xq = ops::quantize_activations(q, x).expect("quantize_activations");
+            ops::q4_matvec_q8(q, m, &xq).expect("q4_matvec_q8")
+        },
+        check_q8_product,
+    );
 }
 
 /// Activations as stored (each block in the product order documented at `Q8Activations`:
