@@ -369,11 +369,9 @@ impl Allocator {
                 .arena
                 .place(requested as u64, &mut |f| fence_retired(backend, f))
             else {
-                if !quick_flushed
-                    && (self.arenas[i].arena.quick_bytes() > 0 || self.front.is_some())
-                {
-                    // The quick list and the front block hold blocks out of the free space:
-                    // return them and retry.
+                if !quick_flushed && self.arenas[i].arena.quick_bytes() > 0 {
+                    // The quick list and the front block (whose room it counts) hold blocks out
+                    // of the free space: return them and retry.
                     self.flush_front();
                     self.arenas[i]
                         .arena
@@ -384,10 +382,7 @@ impl Allocator {
                 self.stats.ooms += 1;
                 return Err(self.out_of_memory(backend, requested));
             };
-            if !quick_flushed
-                && !p.to_map.is_empty()
-                && (self.arenas[i].arena.quick_bytes() > 0 || self.front.is_some())
-            {
+            if !quick_flushed && !p.to_map.is_empty() && self.arenas[i].arena.quick_bytes() > 0 {
                 // Kept-whole blocks must never make a request map fresh memory: return them to
                 // the free space (where the request may fit in their granules) and place again.
                 self.arenas[i].arena.unplace(p);
@@ -556,10 +551,6 @@ impl Allocator {
             .sum()
     }
 
-    fn cached_block_bytes(&self) -> usize {
-        self.block_cache_bytes
-    }
-
     /// Unmaps up to `budget_bytes` of cached granules (rounded up to whole granules) of every
     /// arena, skipping those whose work is still running unless `wait`. Returns bytes unmapped.
     ///
@@ -654,7 +645,7 @@ impl Allocator {
             return;
         }
         if let Some(limit) = self.budget.cache_limit {
-            excess = excess.max((cached + self.cached_block_bytes()).saturating_sub(limit));
+            excess = excess.max((cached + self.block_cache_bytes).saturating_sub(limit));
         }
         if excess > 0 {
             self.unmap_cached(backend, excess, false, reuse_for);
@@ -787,13 +778,17 @@ impl Allocator {
         }
     }
 
-    /// Puts a block that was in front into its arena's quick list (its room taken already).
-    fn push_front_to_arena(&mut self, block: Block) {
-        let pool = self
-            .arenas
+    /// The arena of a block placed in one.
+    fn arena_of(&mut self, block: &Block) -> &mut ArenaPool {
+        self.arenas
             .iter_mut()
             .find(|a| a.kind == block.raw.kind)
-            .expect("arena blocks come from an arena of their kind");
+            .expect("arena blocks come from an arena of their kind")
+    }
+
+    /// Puts a block that was in front into its arena's quick list (its room taken already).
+    fn push_front_to_arena(&mut self, block: Block) {
+        let pool = self.arena_of(&block);
         pool.arena.push_reserved_quick(
             block.raw.addr - pool.base,
             block.raw.bytes as u64,
@@ -803,11 +798,7 @@ impl Allocator {
 
     /// Returns a freed arena block to the arena it was placed in.
     fn release_to_arena(&mut self, backend: &dyn Backend, block: Block) {
-        let pool = self
-            .arenas
-            .iter_mut()
-            .find(|a| a.kind == block.raw.kind)
-            .expect("arena blocks come from an arena of their kind");
+        let pool = self.arena_of(&block);
         pool.arena.release(
             block.raw.addr - pool.base,
             block.raw.bytes as u64,
@@ -841,12 +832,7 @@ impl Allocator {
         if block.in_arena {
             // The newest freed block waits in front when its arena would put it in the quick
             // list anyway (its room taken there); the block it displaces goes into that list.
-            let pool = self
-                .arenas
-                .iter_mut()
-                .find(|a| a.kind == block.raw.kind)
-                .expect("arena blocks come from an arena of their kind");
-            if pool.arena.reserve_quick(class as u64) {
+            if self.arena_of(&block).arena.reserve_quick(class as u64) {
                 if let Some(old) = self.front.replace(block) {
                     self.push_front_to_arena(old);
                 }
