@@ -65,6 +65,12 @@ fn rows_per_block(cols: u32, per_thread: u32) -> u32 {
     (THREADS / per_group) * ROWS_PER_GROUP
 }
 
+/// The grid for `rows` rows at `rows_per_block`: at least one block, at most `MAX_BLOCKS`.
+fn blocks_for(rows: u32, cols: u32, per_thread: u32) -> u32 {
+    rows.div_ceil(rows_per_block(cols, per_thread))
+        .clamp(1, MAX_BLOCKS)
+}
+
 const fn params(x: DType) -> [Param; 8] {
     [
         Param::input("packed", DType::U8),
@@ -412,9 +418,7 @@ pub fn q4_matvec_into(q: &Queue, m: &Q4Matrix, x: &Buffer, y: &Buffer) -> Result
     let cols = index_u32("q4 cols", m.cols)?;
     // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`).
     let k = q.device().kernel_with(name, &batch_constants(batch))?;
-    let blocks = rows
-        .div_ceil(rows_per_block(cols, CHUNKS_PER_THREAD))
-        .clamp(1, MAX_BLOCKS);
+    let blocks = blocks_for(rows, cols, CHUNKS_PER_THREAD);
     q.launch(
         &k,
         LaunchDims::linear(blocks, THREADS),
@@ -513,9 +517,7 @@ pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer
     let k = q
         .device()
         .kernel_with(Q8_KERNEL, &q8_constants(batch, aligned))?;
-    let blocks = rows
-        .div_ceil(rows_per_block(cols, Q8_CHUNKS_PER_THREAD))
-        .clamp(1, MAX_BLOCKS);
+    let blocks = blocks_for(rows, cols, Q8_CHUNKS_PER_THREAD);
     q.launch(
         &k,
         LaunchDims::linear(blocks, THREADS),
