@@ -30,15 +30,17 @@ impl Mappings {
     /// Whether `addr..addr + bytes` lies in one reserved range (memory of the allocator's arena).
     pub fn reserved(&self, addr: u64, bytes: usize) -> bool {
         let end = addr.saturating_add(bytes as u64);
-        self.reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.ranges()
             .iter()
             .any(|r| r.start <= addr && end <= r.end)
     }
 
     fn physical(&self) -> std::sync::MutexGuard<'_, Physical> {
         self.physical.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ranges(&self) -> std::sync::MutexGuard<'_, Vec<std::ops::Range<u64>>> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -94,11 +96,7 @@ impl VirtualMemory for CudaBackend {
             "cuMemAddressReserve",
         )
         .map_err(|e| e.into_error("reserving device address space"))?;
-        self.mappings
-            .reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(ptr..ptr + bytes as u64);
+        self.mappings.ranges().push(ptr..ptr + bytes as u64);
         Ok(ptr)
     }
 
@@ -191,11 +189,7 @@ impl VirtualMemory for CudaBackend {
     }
 
     unsafe fn unreserve(&self, _kind: MemoryKind, base: u64, bytes: usize) {
-        self.mappings
-            .reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|r| r.start != base);
+        self.mappings.ranges().retain(|r| r.start != base);
         if self.bind().is_ok() {
             // SAFETY: reserved by `reserve`; nothing is mapped in it (the contract).
             unsafe { sys::cuMemAddressFree(base, bytes) };
