@@ -301,6 +301,41 @@ fn submission_stats_count_and_time_each_label() {
     assert!(dev.submission_stats().labels.is_empty());
 }
 
+/// More submissions than the stats keep pending at once (4096): those completed are harvested
+/// as the window fills, so every one is counted and timed.
+#[test]
+fn submission_stats_time_every_submission_past_the_window() {
+    let dev = builder().gpu_timing(true).open().unwrap();
+    dev.register_kernel(SAXPY).unwrap();
+    let k = dev.kernel("conf_saxpy_f32").unwrap();
+    let n = 257;
+    let x = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
+    let y = dev.alloc(DType::F32, &[n], StorageMode::Private).unwrap();
+    let q = dev.queue().labelled("many");
+    let args = [
+        KernelArg::from(&x),
+        KernelArg::from(&y),
+        0.5f32.into(),
+        (n as u32).into(),
+    ];
+    let launches = 5000;
+    for i in 0..launches {
+        q.launch(&k, LaunchDims::linear(blocks(n), 256), &args)
+            .unwrap();
+        if i % 256 == 255 {
+            q.drain().unwrap();
+        }
+    }
+    q.drain().unwrap();
+    let stats = dev.submission_stats();
+    let s = stats.get("many").expect("the label is counted");
+    assert_eq!(s.count, launches);
+    assert_eq!(
+        s.timed, launches,
+        "no completed submission's time was dropped"
+    );
+}
+
 /// A launch batch replays its launches in order as one submission, reads the buffers' contents
 /// as they are at each submission, and is ordered with transfers on the same memory.
 #[test]
