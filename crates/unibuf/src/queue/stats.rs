@@ -14,8 +14,8 @@ use std::fmt;
 use std::sync::Mutex;
 
 /// Submissions kept for their device time and for attributing waits. When this many are held,
-/// the completed ones are harvested; if none has completed, the oldest loses its device time.
-/// No more than a backend keeps spans for (CUDA: 4096 per queue).
+/// the completed ones are harvested; if the oldest has not completed, it loses its device
+/// time. No more than a backend keeps spans for (CUDA: 4096 per queue).
 const RECENT_MAX: usize = 4096;
 
 /// The stats of one label.
@@ -215,6 +215,9 @@ impl StatsCollector {
         let l = &mut c.labels[i];
         l.count += 1;
         l.encode_ns += encode_ns;
+        c.recent.push_back(Recent { fence, label: i });
+        // Harvested once the window is full with this submission in it: the backend has kept
+        // this one's span too, and drops the oldest only on the next (CUDA keeps 4096).
         if c.recent.len() >= RECENT_MAX {
             // The completed prefix only: a full scan here ran on every submission while the
             // device lagged behind (the usual state of an inference loop), 4096 entries each.
@@ -223,7 +226,6 @@ impl StatsCollector {
                 c.recent.pop_front();
             }
         }
-        c.recent.push_back(Recent { fence, label: i });
     }
 
     /// Counts a wait for `fence` that blocked `wait_ns`, for the label of the submission it
