@@ -396,3 +396,135 @@ fn device_replay_reports_live_reserved_and_call_time() {
         r.ns_per_event
     );
 }
+
+/// A unique path in the temp directory for this process and test.
+fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("unibuf-conf-{}-{name}", std::process::id()))
+}
+
+/// Random allocations and frees in both allocator-served modes, recorded to a trace (plain
+/// and gzip): the file reads back as the same sequence, each free naming the block its buffer
+/// had, and its replay sees the recorded peak. A buffer allocated before the recording and
+/// freed during it, and External buffers (not the allocator's), stay out of it.
+#[test]
+fn allocation_traces_record_what_the_allocator_served() {
+    use unibuf::alloc::{replay_simulated, Trace, TraceEvent};
+    let dev = device();
+    for name in ["alloc-trace.csv", "alloc-trace.csv.gz"] {
+        let mut rng = Rng::new("allocation_traces_record_what_the_allocator_served");
+        let before = buffer(&dev, StorageMode::Private, DType::U8, &[4097], "before");
+        let path = temp_path(name);
+        dev.record_alloc_trace(&path).unwrap();
+        drop(before);
+        // (buffer, its requested bytes, the index of its alloc among the recorded allocs)
+        let mut live = Vec::new();
+        let mut expected = Vec::new(); // (is_alloc, bytes, alloc index)
+        let (mut allocs, mut live_bytes, mut peak) = (0usize, 0usize, 0usize);
+        for _ in 0..300 {
+            if !live.is_empty() && (live.len() == 24 || rng.range(0, 2) == 0) {
+                let (b, bytes, index) = live.swap_remove(rng.range(0, live.len()));
+                drop(b);
+                expected.push((false, bytes, index));
+                live_bytes -= bytes;
+                continue;
+            }
+            let mode = MODES[rng.range(0, 3)];
+            let (dtype, n) = match rng.range(0, 3) {
+                0 => (DType::U8, rng.range(1, 5000) | 1),
+                1 => (DType::F32, rng.range(1, 300_000)),
+                _ => (DType::F16, rng.range(1 << 20, 3 << 20) | 1),
+            };
+            let b = buffer(&dev, mode, dtype, &[n], "traced");
+            if mode == StorageMode::External {
+                continue; // dropped at once: wrapped memory is not the allocator's
+            }
+            let bytes = n * dtype.size();
+            expected.push((true, bytes, allocs));
+            live.push((b, bytes, allocs));
+            allocs += 1;
+            live_bytes += bytes;
+            peak = peak.max(live_bytes);
+        }
+        let summary = dev.finish_alloc_trace().unwrap();
+        let frees = expected.iter().filter(|e| !e.0).count();
+        assert_eq!(summary.path, path);
+        assert_eq!(
+            (summary.allocs, summary.frees),
+            (allocs as u64, frees as u64)
+        );
+        assert_eq!(summary.peak_live_bytes, peak);
+        assert_eq!(summary.live_at_end, live.len());
+        // Allocated after the recording stopped: not in the file.
+        drop(buffer(
+            &dev,
+            StorageMode::Private,
+            DType::U8,
+            &[99],
+            "after",
+        ));
+        drop(live);
+
+        let trace = Trace::read(&path).unwrap();
+        assert_eq!(trace.events.len(), expected.len(), "{name}");
+        // The slot each recorded alloc got when the file was read: its free must name it.
+        let mut slot_of = vec![u64::MAX; allocs];
+        for (event, &(is_alloc, bytes, index)) in trace.events.iter().zip(&expected) {
+            match (*event, is_alloc) {
+                (TraceEvent::Alloc { id, size, stream }, true) => {
+                    assert_eq!((size, stream), (bytes, 0), "{name}: alloc {index}");
+                    slot_of[index] = id;
+                }
+                (TraceEvent::Free { id }, false) => {
+                    assert_eq!(id, slot_of[index], "{name}: free of alloc {index}")
+                }
+                (e, _) => panic!("{name}: {e:?} where {expected:?} was expected"),
+            }
+        }
+        let replay = replay_simulated(&trace, Default::default()).unwrap();
+        assert_eq!(replay.peak_live_bytes, peak);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// A second recording is refused while one runs, without touching the running one's file; a
+/// finish with none running and a file that cannot be created are errors naming the problem.
+#[test]
+fn allocation_trace_misuse_is_refused() {
+    let dev = device();
+    let path = temp_path("misuse.csv");
+    match dev.finish_alloc_trace() {
+        Err(Error::InvalidArgument {
+            what,
+            detail: reason,
+        }) => {
+            assert_eq!(what, "allocation trace");
+            assert!(reason.contains("no recording"), "{reason}");
+        }
+        other => panic!("finish without a recording: {other:?}"),
+    }
+    let missing = std::env::temp_dir()
+        .join(format!("unibuf-no-such-dir-{}", std::process::id()))
+        .join("t.csv");
+    match dev.record_alloc_trace(&missing) {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("t.csv"), "{e}"),
+        other => panic!("a file in a missing directory: {other:?}"),
+    }
+    dev.record_alloc_trace(&path).unwrap();
+    let a = buffer(&dev, StorageMode::Shared, DType::U32, &[777], "kept");
+    match dev.record_alloc_trace(&path) {
+        Err(Error::InvalidArgument { detail: reason, .. }) => {
+            assert!(reason.contains("already recording"), "{reason}")
+        }
+        other => panic!("a second recording: {other:?}"),
+    }
+    drop(a);
+    let summary = dev.finish_alloc_trace().unwrap();
+    assert_eq!((summary.allocs, summary.frees), (1, 1));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 3, "header, alloc, free: {text}");
+    assert!(
+        text.starts_with("action,addr,size,stream\nalloc,"),
+        "{text}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}

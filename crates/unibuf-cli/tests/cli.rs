@@ -285,6 +285,55 @@ fn demo_writes_a_chrome_trace() {
     assert_eq!((depth, in_string), (0, false), "unbalanced trace");
 }
 
+/// The demo records the allocator's allocations and frees; `unibuf replay` reads the file and
+/// sees the peak the demo reported.
+#[test]
+fn demo_records_an_allocation_trace_that_replays() {
+    let path = scratch("alloc-trace.csv.gz");
+    let path_arg = path.to_str().expect("a UTF-8 temp path");
+    let o = unibuf(&[&["demo", "--alloc-trace", path_arg][..], &SMALL].concat());
+    assert_success(&o);
+    let out = stdout(&o);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("allocation trace"))
+        .unwrap_or_else(|| panic!("no allocation trace line:\n{out}"));
+    let field = |after: &str, until: char| -> String {
+        let rest = &line[line
+            .find(after)
+            .unwrap_or_else(|| panic!("{after}: {line}"))
+            + after.len()..];
+        rest[..rest.find(until).unwrap_or(rest.len())]
+            .trim()
+            .to_owned()
+    };
+    let allocs: usize = field(": ", ' ').parse().expect("an allocation count");
+    let peak = field("peak live ", '(');
+    assert!(allocs > 0, "{line}");
+    let r = unibuf(&["replay", "--simulate", path_arg]);
+    assert_success(&r);
+    let replay = stdout(&r);
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        replay.contains("events on simulated memory")
+            && replay.contains(&format!("peak live {peak} ")),
+        "demo: {line}\nreplay:\n{replay}"
+    );
+}
+
+#[test]
+fn demo_reports_an_allocation_trace_it_cannot_write() {
+    let path = scratch("no-such-dir").join("alloc.csv");
+    let o = unibuf(&[
+        "demo",
+        "--tokens",
+        "1",
+        "--alloc-trace",
+        path.to_str().expect("UTF-8"),
+    ]);
+    assert_clean_failure(&o, &["--alloc-trace", "no-such-dir"]);
+}
+
 #[test]
 fn demo_reports_a_trace_it_cannot_write() {
     let path = scratch("no-such-dir").join("trace.json");

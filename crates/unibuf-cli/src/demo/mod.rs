@@ -18,7 +18,8 @@
 //!    (`check.rs`). Any mismatch, like any runtime error, ends the command with a non-zero exit
 //!    status.
 //! 5. **Report.** Tokens/s, expert cache stats, the submission table by op, memory stats, the
-//!    copy audit and, with `--trace`, a Chrome trace.
+//!    copy audit and, with `--trace`, a Chrome trace; with `--alloc-trace`, the allocator's
+//!    allocations and frees as a trace for `unibuf replay`.
 //!
 //! The weights are random, so the tokens mean nothing as language, and the model has no
 //! attention (each step sees only its own token): what the demo shows is the runtime at work.
@@ -51,6 +52,9 @@ pub struct Args {
     /// Write a Chrome trace (Perfetto, chrome://tracing) of the copies and submissions to FILE
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Record every allocation and free the caching allocator serves to FILE (CSV, gzip if it ends in .gz), for `unibuf replay`
+    #[arg(long, value_name = "FILE")]
+    alloc_trace: Option<PathBuf>,
     /// Keep the generated weights file at PATH (and reuse it if it was generated with the same flags)
     #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
@@ -222,6 +226,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     }
     let (dev, how) = open_device(args.backend.as_deref())?;
     let info = dev.info();
+    if let Some(path) = &args.alloc_trace {
+        // From the start: the trace holds the model's buffers as well as the decode loop's.
+        dev.record_alloc_trace(path)
+            .map_err(|e| Failure::new(format!("--alloc-trace: {e}")))?;
+    }
 
     let (device_bytes, host_bytes) = cfg.footprint();
     // On unified memory host and device allocations come out of the same memory.
@@ -426,6 +435,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     // reading it are done); then trim() releases the cache and the staging chunks.
     drop(model);
     dev.drain().context("finishing the device's work")?;
+    if args.alloc_trace.is_some() {
+        let t = dev
+            .finish_alloc_trace()
+            .context("writing the allocation trace")?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "allocation trace  {}: {} allocations, {} frees, peak live {} (replay: unibuf replay {})",
+            t.path.display(),
+            t.allocs,
+            t.frees,
+            fmt_bytes(t.peak_live_bytes as u64),
+            t.path.display()
+        )?;
+    }
     let released = dev.trim();
     let after = dev.memory_stats();
     check_released(&after)?;

@@ -21,12 +21,14 @@
 //! idle, then wait for the rest and release them too, then fail with the figures.
 
 pub(crate) mod arena;
+mod record;
 pub(crate) mod replay;
 mod size_class;
 mod snapshot;
 mod stats;
 mod trace;
 
+pub use record::{TraceRecorder, TraceSummary};
 pub use replay::{replay_simulated, ReplayReport};
 pub use size_class::size_class;
 pub use snapshot::{
@@ -112,6 +114,10 @@ pub(crate) struct Allocator {
     /// cached, and goes to its arena's quick list (`flush_front`) before a placement that
     /// would map memory, before any unmapping, and for snapshots.
     front: Option<Block>,
+    /// Where allocations and frees are being recorded, if anywhere. Kept under the allocator's
+    /// lock so that the file's order is the allocator's: an address freed on one thread and
+    /// handed out again on another is written free first.
+    recorder: Option<TraceRecorder>,
 }
 
 /// Nanoseconds since `started`, for `MemoryStats::device_call_ns`.
@@ -140,7 +146,25 @@ impl Allocator {
             block_cache_bytes: 0,
             block_cache_count: 0,
             front: None,
+            recorder: None,
         }
+    }
+
+    /// Starts writing allocations and frees to `recorder`, replacing none: the caller checks
+    /// that no recording runs (`recorder`).
+    pub fn start_recording(&mut self, recorder: TraceRecorder) {
+        debug_assert!(self.recorder.is_none(), "a recording is already running");
+        self.recorder = Some(recorder);
+    }
+
+    /// Stops recording and hands the recorder back to be finished.
+    pub fn stop_recording(&mut self) -> Option<TraceRecorder> {
+        self.recorder.take()
+    }
+
+    /// The running recording, to write an allocation or a free to (see `recorder`).
+    pub fn recorder(&mut self) -> Option<&mut TraceRecorder> {
+        self.recorder.as_mut()
     }
 
     /// Segments and cached blocks as they are now.

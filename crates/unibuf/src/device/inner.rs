@@ -176,7 +176,14 @@ impl DeviceInner {
                 "External buffers wrap caller memory: use Device::wrap_external",
             ));
         }
-        let block = lock(&self.alloc).allocate(&*self.backend, mode.memory_kind(), bytes)?;
+        let block = {
+            let mut a = lock(&self.alloc);
+            let block = a.allocate(&*self.backend, mode.memory_kind(), bytes)?;
+            if let Some(r) = a.recorder() {
+                r.alloc(block.raw.addr, bytes);
+            }
+            block
+        };
         Ok(Allocation::new(
             self.clone(),
             block,
@@ -275,7 +282,41 @@ impl DeviceInner {
 
     pub fn free_block(&self, block: Block, requested: usize) {
         self.residency.forget(block.raw.handle, &block.fences);
-        lock(&self.alloc).free(&*self.backend, block, requested);
+        let mut a = lock(&self.alloc);
+        if let Some(r) = a.recorder() {
+            r.free(block.raw.addr);
+        }
+        a.free(&*self.backend, block, requested);
+    }
+
+    /// Starts recording the allocator's allocations and frees to `path`.
+    pub fn record_alloc_trace(&self, path: &std::path::Path) -> Result<()> {
+        // Under the lock: a second start must be refused before it truncates any file (the
+        // running recording's own, say).
+        let mut a = lock(&self.alloc);
+        if let Some(running) = a.recorder() {
+            return Err(Error::invalid(
+                "allocation trace",
+                format!(
+                    "already recording to {} (finish it first); {} not started",
+                    running.path().display(),
+                    path.display()
+                ),
+            ));
+        }
+        a.start_recording(crate::alloc::TraceRecorder::create(path)?);
+        Ok(())
+    }
+
+    /// Stops the recording and finishes its file.
+    pub fn finish_alloc_trace(&self) -> Result<crate::alloc::TraceSummary> {
+        let recorder = lock(&self.alloc).stop_recording().ok_or_else(|| {
+            Error::invalid(
+                "allocation trace",
+                "no recording is running (start one with Device::record_alloc_trace)",
+            )
+        })?;
+        recorder.finish()
     }
 
     pub fn release_external(&self, block: Block, owner: Owner) {

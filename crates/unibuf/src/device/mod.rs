@@ -386,6 +386,41 @@ impl Device {
         self.inner.memory_snapshot()
     }
 
+    /// Starts recording every allocation and free of Shared and Private buffers (those the
+    /// caching allocator serves) to `path`, as an allocation trace: CSV with the columns
+    /// `action,addr,size,stream`, gzip-compressed when the name ends in `.gz`. Replay it with
+    /// `unibuf replay` (or [`alloc::Trace::read`](crate::alloc::Trace::read) and
+    /// [`alloc::replay_simulated`](crate::alloc::replay_simulated)) to see how the allocator's
+    /// policy does on the program's own pattern.
+    ///
+    /// Sizes are the bytes asked for; frees of buffers allocated before the recording started
+    /// are left out, so the file is a valid trace on its own. Errors if a recording is already
+    /// running or the file cannot be created.
+    ///
+    /// ```
+    /// use unibuf::{DType, Device, StorageMode};
+    /// let dev = Device::open("cpu")?;
+    /// let path = std::env::temp_dir().join(format!("unibuf-doc-{}.csv", std::process::id()));
+    /// dev.record_alloc_trace(&path)?;
+    /// let a = dev.alloc(DType::F32, &[1000], StorageMode::Private)?;
+    /// drop(a);
+    /// let summary = dev.finish_alloc_trace()?;
+    /// assert_eq!((summary.allocs, summary.frees, summary.peak_live_bytes), (1, 1, 4000));
+    /// let trace = unibuf::alloc::Trace::read(&path)?;
+    /// assert_eq!(unibuf::alloc::replay_simulated(&trace, Default::default())?.peak_live_bytes, 4000);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn record_alloc_trace(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.inner.record_alloc_trace(path.as_ref())
+    }
+
+    /// Stops the recording [`Device::record_alloc_trace`] started, finishes its file and says
+    /// what it holds; errors if none runs or the file could not be written.
+    pub fn finish_alloc_trace(&self) -> Result<crate::alloc::TraceSummary> {
+        self.inner.finish_alloc_trace()
+    }
+
     /// Releases cached blocks and idle staging chunks to the backend; returns bytes released.
     pub fn trim(&self) -> usize {
         self.inner.trim()
