@@ -336,6 +336,74 @@ fn submission_stats_time_every_submission_past_the_window() {
     );
 }
 
+/// Two queues, one slow and one fast: while the slow queue's work runs, the fast queue's
+/// submissions fill the stats window. The window is cleared of the fast queue's completed
+/// entries rather than of the slow queue's running ones, which keep their device and wait
+/// times.
+#[test]
+fn submission_stats_keep_a_slow_queue_while_another_fills_the_window() {
+    let dev = builder().gpu_timing(true).open().unwrap();
+    dev.register_kernel(SAXPY).unwrap();
+    let k = dev.kernel("conf_saxpy_f32").unwrap();
+    let big = 1 << 20;
+    let (x, y) = (
+        dev.alloc(DType::F32, &[big], StorageMode::Private).unwrap(),
+        dev.alloc(DType::F32, &[big], StorageMode::Private).unwrap(),
+    );
+    let small = 255;
+    let (u, v) = (
+        dev.alloc(DType::F32, &[small], StorageMode::Private)
+            .unwrap(),
+        dev.alloc(DType::F32, &[small], StorageMode::Private)
+            .unwrap(),
+    );
+    let slow = dev.queue().labelled("slow");
+    let fast = dev.new_queue("fast queue").unwrap().labelled("fast");
+    let big_args = [
+        KernelArg::from(&x),
+        KernelArg::from(&y),
+        0.5f32.into(),
+        (big as u32).into(),
+    ];
+    let mut last = None;
+    for _ in 0..30 {
+        last = Some(
+            slow.launch(&k, LaunchDims::linear(blocks(big), 256), &big_args)
+                .unwrap(),
+        );
+    }
+    let small_args = [
+        KernelArg::from(&u),
+        KernelArg::from(&v),
+        0.5f32.into(),
+        (small as u32).into(),
+    ];
+    let launches = 5000;
+    for i in 0..launches {
+        fast.launch(&k, LaunchDims::linear(blocks(small), 256), &small_args)
+            .unwrap();
+        if i % 256 == 255 {
+            fast.drain().unwrap();
+        }
+    }
+    slow.wait(last.unwrap()).unwrap();
+    fast.drain().unwrap();
+    let stats = dev.submission_stats();
+    let s = stats.get("slow").expect("the slow label is counted");
+    assert_eq!(s.count, 30);
+    assert_eq!(
+        s.timed, 30,
+        "the slow queue's submissions kept their device time"
+    );
+    // The wait blocks only if the slow work still runs: certain on the CPU backend.
+    assert!(s.waits <= 1);
+    if dev.info().backend == "cpu" {
+        assert_eq!(s.waits, 1, "the wait found the slow queue's submission");
+    }
+    let f = stats.get("fast").expect("the fast label is counted");
+    assert_eq!((f.count, f.timed), (launches, launches));
+}
+
 /// A launch batch replays its launches in order as one submission, reads the buffers' contents
 /// as they are at each submission, and is ordered with transfers on the same memory.
 #[test]

@@ -566,8 +566,8 @@ impl Allocator {
         }
     }
 
-    /// Bytes held in arenas but used by no live block: cached granules (quick-list blocks hold
-    /// no granule references, so theirs are among them).
+    /// Bytes held in arenas but used by no live block: cached granules, those of blocks kept
+    /// whole in the quick list and the large slot included (`Arena::cached_granules`).
     fn cached_granule_bytes(&self) -> usize {
         self.arenas
             .iter()

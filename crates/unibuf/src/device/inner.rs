@@ -618,12 +618,14 @@ impl DeviceInner {
         if let Some(q) = lock(&self.queues).get_mut(queue.0 as usize) {
             q.1 = epoch;
         }
-        drop(_serial);
         let encode_ns = self.ledger.now_ns() - started;
-        self.ledger
-            .record_submission(fence, label, wait_count, started, encode_ns);
+        // Under the submission lock: the stats window then holds each queue's submissions in
+        // epoch order, in step with the spans the backend keeps (see `StatsCollector`).
         self.submission_stats
             .submitted(&*self.backend, fence, label, encode_ns);
+        drop(_serial);
+        self.ledger
+            .record_submission(fence, label, wait_count, started, encode_ns);
         self.poll_deferred();
         Ok(fence)
     }

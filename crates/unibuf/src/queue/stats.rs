@@ -122,7 +122,15 @@ struct Collector {
     /// The last label's index: loops submit the same label over and over, and a string
     /// comparison is cheaper than hashing it.
     last: Option<usize>,
+    /// Submissions since the last full harvest of a full window (see `submitted`).
+    since_full_harvest: usize,
 }
+
+/// A full window whose oldest entry is still running is scanned whole at most this often: with
+/// several queues, the completed entries of the others can be taken there, and the slow
+/// queue's oldest keeps its wait and device time; with one lagging queue nothing is complete,
+/// and the scan is paid once per this many submissions instead of on each.
+const FULL_HARVEST_EVERY: usize = 256;
 
 impl Collector {
     fn label_index(&mut self, label: &str) -> usize {
@@ -144,9 +152,10 @@ impl Collector {
     }
 
     /// Moves the device time of the oldest submissions into their labels while they are
-    /// complete: one completion query and the entries taken. Submissions are recorded in
-    /// order, so on one queue this takes every completed one; behind another queue's
-    /// incomplete submission the rest wait for a later harvest (`harvest` takes them all).
+    /// complete: one completion query per queue and the entries taken. Each queue's
+    /// submissions are recorded in epoch order (under the device's submission lock), so on one
+    /// queue this takes every completed one; behind another queue's incomplete submission the
+    /// rest wait for a full `harvest`.
     fn harvest_completed_prefix(&mut self, backend: &dyn Backend) {
         let mut completed = CompletedCache::default();
         while let Some(r) = self.recent.front() {
@@ -216,12 +225,17 @@ impl StatsCollector {
         l.count += 1;
         l.encode_ns += encode_ns;
         c.recent.push_back(Recent { fence, label: i });
+        c.since_full_harvest = c.since_full_harvest.saturating_add(1);
         // Harvested once the window is full with this submission in it: the backend has kept
         // this one's span too, and drops the oldest only on the next (CUDA keeps 4096).
         if c.recent.len() >= RECENT_MAX {
-            // The completed prefix only: a full scan here ran on every submission while the
-            // device lagged behind (the usual state of an inference loop), 4096 entries each.
+            // The completed prefix first: a full scan here on every submission cost 4096
+            // entries each while the device lagged behind (the usual state of a decode loop).
             c.harvest_completed_prefix(backend);
+            if c.recent.len() >= RECENT_MAX && c.since_full_harvest >= FULL_HARVEST_EVERY {
+                c.harvest(backend);
+                c.since_full_harvest = 0;
+            }
             if c.recent.len() >= RECENT_MAX {
                 c.recent.pop_front();
             }

@@ -5,7 +5,8 @@
 //! Times are read back lazily: `span` asks whether the end event completed and then converts
 //! both events to nanoseconds since a base event recorded when the backend opened. Only the
 //! most recent `KEEP` submissions of each queue keep their events; older ones answer `None`
-//! (the submission stats read spans before that: they harvest every `KEEP` submissions).
+//! (the submission stats read spans before that: they harvest when their window of `KEEP`
+//! submissions fills).
 //! A submission to an idle stream starts its span when the start mark runs, which is as soon
 //! as it is enqueued: the span then includes the host's launch latency for the commands after
 //! it. Back-to-back work (a busy stream) measures the work alone.
