@@ -528,3 +528,27 @@ fn allocation_trace_misuse_is_refused() {
     );
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A recording whose file cannot take the writes ends in an I/O error naming the file, and the
+/// allocations it recorded are unaffected.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_allocation_trace_that_cannot_be_written_is_an_error_at_finish() {
+    let dev = device();
+    dev.record_alloc_trace("/dev/full").unwrap();
+    // Enough lines to pass the writer's 64 KiB buffer while recording.
+    for n in 0..4000usize {
+        let b = buffer(&dev, StorageMode::Private, DType::U8, &[n % 97 + 1], "full");
+        drop(b);
+    }
+    match dev.finish_alloc_trace() {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("/dev/full"), "{e}"),
+        other => panic!("writing to /dev/full: {other:?}"),
+    }
+    // The device goes on, and a new recording can start.
+    let path = temp_path("after-full.csv");
+    dev.record_alloc_trace(&path).unwrap();
+    drop(buffer(&dev, StorageMode::Shared, DType::U8, &[5], "after"));
+    assert_eq!(dev.finish_alloc_trace().unwrap().allocs, 1);
+    std::fs::remove_file(&path).unwrap();
+}

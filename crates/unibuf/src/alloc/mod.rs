@@ -28,7 +28,8 @@ mod snapshot;
 mod stats;
 mod trace;
 
-pub use record::{TraceRecorder, TraceSummary};
+pub(crate) use record::TraceRecorder;
+pub use record::TraceSummary;
 pub use replay::{replay_simulated, ReplayReport};
 pub use size_class::size_class;
 pub use snapshot::{

@@ -49,12 +49,14 @@ impl Sink {
     }
 }
 
-/// Writes allocation events to a trace file as they happen.
+/// Writes allocation events to a trace file as they happen, under the allocator's lock.
 ///
 /// Blocks allocated before the recording started are not in it: their frees are left out, so
 /// that the file is a valid trace on its own. Write errors do not fail the allocations being
-/// recorded; the first one is kept and returned by [`TraceRecorder::finish`].
-pub struct TraceRecorder {
+/// recorded; the first one is kept and returned by [`TraceRecorder::finish`]. Dropped without
+/// `finish` (a device dropped while recording), the file is flushed then and errors go
+/// unreported.
+pub(crate) struct TraceRecorder {
     sink: Sink,
     path: PathBuf,
     /// Recorded blocks still live, by address, with their requested sizes.

@@ -394,8 +394,11 @@ impl Device {
     /// policy does on the program's own pattern.
     ///
     /// Sizes are the bytes asked for; frees of buffers allocated before the recording started
-    /// are left out, so the file is a valid trace on its own. Errors if a recording is already
-    /// running or the file cannot be created.
+    /// are left out, so the file is a valid trace on its own. Growable buffers map their own
+    /// memory and are not in it; the format has no column for the memory kind, so a replay
+    /// places Shared and Private blocks alike in device memory. Each allocation and free then
+    /// also formats and writes a line (buffered) under the allocator's lock. Errors if a
+    /// recording is already running or the file cannot be created.
     ///
     /// ```
     /// use unibuf::{DType, Device, StorageMode};
