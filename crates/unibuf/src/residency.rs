@@ -12,6 +12,7 @@ use crate::epoch::Fence;
 use crate::epoch::FenceSet;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -27,7 +28,13 @@ struct State {
 
 /// Residency bookkeeping of one device.
 #[derive(Default)]
-pub(crate) struct Residency(Mutex<State>);
+pub(crate) struct Residency {
+    state: Mutex<State>,
+    /// Whether additions or removals may be pending: every submission commits and applies
+    /// them, and most programs never use residency, so the lock is skipped while this is
+    /// false. Set under the lock when one is queued; cleared under it when none is left.
+    pending: AtomicBool,
+}
 
 /// Residency figures of a device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,7 +53,13 @@ pub struct ResidencyStats {
 
 impl Residency {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records, under the lock `s`, whether anything is left to commit or apply.
+    fn note_pending(&self, s: &State) {
+        let pending = !s.pending_add.is_empty() || !s.pending_remove.is_empty();
+        self.pending.store(pending, Ordering::Release);
     }
 
     pub fn set_budget(&self, budget: Option<usize>) {
@@ -74,6 +87,7 @@ impl Residency {
         s.resident.insert(handle, bytes);
         s.resident_bytes += bytes;
         s.pending_add.push(handle);
+        self.note_pending(&s);
         Ok(())
     }
 
@@ -91,6 +105,7 @@ impl Residency {
             return true;
         }
         s.pending_remove.push((handle, fences.clone()));
+        self.note_pending(&s);
         true
     }
 
@@ -102,11 +117,15 @@ impl Residency {
 
     /// Commits batched additions (once per submission).
     pub fn commit(&self, backend: &dyn Backend) {
+        if !self.pending.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         if s.pending_add.is_empty() {
             return;
         }
         let adds = std::mem::take(&mut s.pending_add);
+        self.note_pending(&s);
         if let Some(hooks) = backend.residency() {
             hooks.add(&adds);
             hooks.commit();
@@ -115,6 +134,9 @@ impl Residency {
 
     /// Applies removals whose fences `complete` says have completed.
     pub fn apply_removals(&self, backend: &dyn Backend, complete: impl Fn(&FenceSet) -> bool) {
+        if !self.pending.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         if s.pending_remove.is_empty() {
             return;
@@ -123,6 +145,7 @@ impl Residency {
             .into_iter()
             .partition(|(_, f)| complete(f));
         s.pending_remove = pending;
+        self.note_pending(&s);
         let handles: Vec<u64> = ready.iter().map(|(h, _)| *h).collect();
         for h in &handles {
             let bytes = s.resident.remove(h).unwrap_or(0);

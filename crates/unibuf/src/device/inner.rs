@@ -14,7 +14,7 @@ use crate::queue::StatsCollector;
 use crate::residency::Residency;
 use crate::storage::StorageMode;
 use crate::transfer::staging::{StagingConfig, StagingPool};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
@@ -60,7 +60,13 @@ pub(crate) struct DeviceInner {
     /// Per queue: its label and the last epoch submitted.
     queues: Mutex<Vec<(String, Epoch)>>,
     fault: Mutex<Option<Error>>,
+    /// Whether `fault` holds one: every call checks, so the lock is taken only once it does.
+    /// Set after the fault is stored; cleared with it on reset.
+    faulted: AtomicBool,
     deferred: Mutex<Vec<DeferredRelease>>,
+    /// Whether `deferred` may hold releases: every submission polls it, so the lock is skipped
+    /// while this is false. Set under the lock when one is queued, cleared when none is left.
+    has_deferred: AtomicBool,
     /// Live bytes and allocations per label.
     owners: Mutex<std::collections::HashMap<String, (usize, usize)>>,
     pub residency: Residency,
@@ -94,7 +100,9 @@ impl DeviceInner {
             submit_lock: Mutex::new(()),
             queues: Mutex::new(vec![("default".to_owned(), 0)]),
             fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
             owners: Mutex::new(std::collections::HashMap::new()),
             residency: Residency::default(),
             default_queue,
@@ -104,6 +112,9 @@ impl DeviceInner {
 
     /// The sticky fault, if the device is in one.
     pub fn check_fault(&self) -> Result<()> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*lock(&self.fault) {
             Some(e) => Err(e.clone()),
             None => Ok(()),
@@ -130,13 +141,17 @@ impl DeviceInner {
                 );
                 e.clone()
             });
+            self.faulted.store(true, Ordering::Release);
         }
         r
     }
 
     pub fn reset(&self) -> Result<()> {
         self.backend.reset()?;
-        *lock(&self.fault) = None;
+        let mut fault = lock(&self.fault);
+        *fault = None;
+        self.faulted.store(false, Ordering::Release);
+        drop(fault);
         Ok(())
     }
 
@@ -321,11 +336,14 @@ impl DeviceInner {
 
     pub fn release_external(&self, block: Block, owner: Owner) {
         self.residency.forget(block.raw.handle, &block.fences);
-        lock(&self.deferred).push(DeferredRelease {
+        let mut deferred = lock(&self.deferred);
+        deferred.push(DeferredRelease {
             raw: block.raw,
             owner,
             fences: block.fences,
         });
+        self.has_deferred.store(true, Ordering::Release);
+        drop(deferred);
         self.poll_deferred();
     }
 
@@ -336,17 +354,16 @@ impl DeviceInner {
     /// Unwraps External regions whose work has completed; also applies residency removals
     /// whose work has completed.
     pub fn poll_deferred(&self) {
-        let ready: Vec<DeferredRelease> = {
+        let ready: Vec<DeferredRelease> = if self.has_deferred.load(Ordering::Acquire) {
             let mut d = lock(&self.deferred);
-            if d.is_empty() {
-                Vec::new()
-            } else {
-                let (ready, pending) = std::mem::take(&mut *d)
-                    .into_iter()
-                    .partition(|r| self.fences_complete(&r.fences));
-                *d = pending;
-                ready
-            }
+            let (ready, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut *d)
+                .into_iter()
+                .partition(|r| self.fences_complete(&r.fences));
+            *d = pending;
+            self.has_deferred.store(!d.is_empty(), Ordering::Release);
+            ready
+        } else {
+            Vec::new()
         };
         for r in ready {
             self.unwrap_external(r);
