@@ -311,6 +311,22 @@ impl Arena {
         }
     }
 
+    /// Takes the large slot's block if it is `bytes` long (a multiple of `BLOCK_ALIGN`): its
+    /// offset and fences. What `place` hands out first; the allocator asks directly on its hot
+    /// path, which then builds no placement.
+    pub fn take_large(&mut self, bytes: u64) -> Option<(u64, FenceSet)> {
+        if self.large.as_ref().is_none_or(|q| q.bytes != bytes) {
+            return None;
+        }
+        let q = self.large.take().expect("checked above");
+        // The inner granules kept their references in the slot.
+        let (head, _, tail) = self.split_granules(q.offset, bytes);
+        for g in head.chain(tail) {
+            self.take_ref(g);
+        }
+        Some((q.offset, q.fences))
+    }
+
     /// Places a block of `bytes` (rounded up to `BLOCK_ALIGN`); `None` if no extent fits.
     ///
     /// `retired` says whether a fence's work has completed: those fences are dropped from the
@@ -321,17 +337,11 @@ impl Arena {
         retired: &mut dyn FnMut(Fence) -> bool,
     ) -> Option<Placement> {
         let bytes = bytes.max(1).checked_next_multiple_of(BLOCK_ALIGN)?;
-        if self.large.as_ref().is_some_and(|q| q.bytes == bytes) {
-            let q = self.large.take().expect("checked above");
-            // The inner granules kept their references in the slot.
-            let (head, _, tail) = self.split_granules(q.offset, bytes);
-            for g in head.chain(tail) {
-                self.take_ref(g);
-            }
+        if let Some((offset, fences)) = self.take_large(bytes) {
             return Some(Placement {
-                offset: q.offset,
+                offset,
                 bytes,
-                fences: q.fences,
+                fences,
                 to_map: Vec::new(),
             });
         }

@@ -386,6 +386,24 @@ impl Allocator {
             self.count_active(block.raw.bytes, requested);
             return Ok(block);
         }
+        // Next what `place` would hand out first, the large slot's block, without building a
+        // placement: a hot pair of a large size.
+        let pool = &mut self.arenas[i];
+        if let Some((offset, fences)) = pool.arena.take_large(rounded as u64) {
+            let addr = pool.base + offset;
+            self.stats.cache_hits += 1;
+            self.count_active(rounded, requested);
+            return Ok(Block {
+                raw: RawAlloc {
+                    addr,
+                    handle: addr,
+                    bytes: rounded,
+                    kind,
+                },
+                fences,
+                in_arena: true,
+            });
+        }
         let granule = self.arenas[i].arena.granule() as usize;
         let mut attempt = 0;
         let mut quick_flushed = false;
