@@ -34,6 +34,9 @@ pub(crate) struct Residency {
     /// them, and most programs never use residency, so the lock is skipped while this is
     /// false. Set under the lock when one is queued; cleared under it when none is left.
     pending: AtomicBool,
+    /// Whether any allocation is resident: every free asks to remove its allocation, so the
+    /// lock (and the hash lookup) is skipped while none is. Kept under the lock.
+    any_resident: AtomicBool,
 }
 
 /// Residency figures of a device.
@@ -85,6 +88,7 @@ impl Residency {
             }
         }
         s.resident.insert(handle, bytes);
+        self.any_resident.store(true, Ordering::Release);
         s.resident_bytes += bytes;
         s.pending_add.push(handle);
         self.note_pending(&s);
@@ -93,6 +97,9 @@ impl Residency {
 
     /// Schedules removal once `fences` complete. Returns false if it was not resident.
     pub fn remove(&self, handle: u64, fences: &FenceSet) -> bool {
+        if !self.any_resident.load(Ordering::Acquire) {
+            return false;
+        }
         let mut s = self.lock();
         if !s.resident.contains_key(&handle) || s.pending_remove.iter().any(|(h, _)| *h == handle) {
             return false;
@@ -102,6 +109,8 @@ impl Residency {
             s.pending_add.swap_remove(i);
             let bytes = s.resident.remove(&handle).unwrap_or(0);
             s.resident_bytes -= bytes;
+            self.any_resident
+                .store(!s.resident.is_empty(), Ordering::Release);
             return true;
         }
         s.pending_remove.push((handle, fences.clone()));
@@ -151,6 +160,8 @@ impl Residency {
             let bytes = s.resident.remove(h).unwrap_or(0);
             s.resident_bytes -= bytes;
         }
+        self.any_resident
+            .store(!s.resident.is_empty(), Ordering::Release);
         if handles.is_empty() {
             return;
         }

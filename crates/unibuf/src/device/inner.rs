@@ -14,6 +14,7 @@ use crate::queue::StatsCollector;
 use crate::residency::Residency;
 use crate::storage::StorageMode;
 use crate::transfer::staging::{StagingConfig, StagingPool};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -68,9 +69,39 @@ pub(crate) struct DeviceInner {
     /// while this is false. Set under the lock when one is queued, cleared when none is left.
     has_deferred: AtomicBool,
     /// Live bytes and allocations per label.
-    owners: Mutex<std::collections::HashMap<String, (usize, usize)>>,
+    /// Entries stay at zero when their last allocation goes (an alloc/free loop of one label
+    /// would otherwise insert and remove the label, with its string, every time); they are
+    /// swept when they outnumber the live ones.
+    owners: Mutex<LabelMap<(usize, usize)>>,
     pub residency: Residency,
     pub default_queue: QueueId,
+}
+
+/// Allocation labels to their figures, hashed with FNV-1a: std's SipHash resists collision
+/// attacks, which labels the program picks itself do not need, and hashing a label twice was a
+/// fifth of an alloc + drop. Written here for want of such a hasher in the allowed crates.
+type LabelMap<V> = std::collections::HashMap<String, V, BuildHasherDefault<LabelHasher>>;
+
+/// FNV-1a over the bytes, with a multiply-xorshift at the end so that the high bits the hash
+/// table probes with depend on every byte of a short label.
+struct LabelHasher(u64);
+
+impl Default for LabelHasher {
+    fn default() -> LabelHasher {
+        LabelHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for LabelHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 32)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,7 +134,7 @@ impl DeviceInner {
             faulted: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
-            owners: Mutex::new(std::collections::HashMap::new()),
+            owners: Mutex::new(LabelMap::default()),
             residency: Residency::default(),
             default_queue,
             backend,
@@ -255,15 +286,20 @@ impl DeviceInner {
     /// Counts an allocation's bytes for its label.
     pub fn own(&self, label: &str, bytes: usize) {
         let mut o = lock(&self.owners);
-        match o.get_mut(label) {
-            Some(e) => {
-                e.0 += bytes;
-                e.1 += 1;
-            }
-            None => {
-                o.insert(label.to_owned(), (bytes, 1));
+        if let Some(e) = o.get_mut(label) {
+            e.0 += bytes;
+            e.1 += 1;
+            return;
+        }
+        // A new label: sweep the labels left at zero first if they are most of the table, so
+        // that a program naming each buffer differently does not grow it without bound.
+        if o.len() >= 64 {
+            let live = o.values().filter(|e| e.1 > 0).count();
+            if o.len() > 2 * live {
+                o.retain(|_, e| e.1 > 0);
             }
         }
+        o.insert(label.to_owned(), (bytes, 1));
     }
 
     /// Adds bytes to a label's count (a growable buffer that grew).
@@ -275,13 +311,9 @@ impl DeviceInner {
 
     /// Stops counting an allocation's bytes for its label.
     pub fn disown(&self, label: &str, bytes: usize) {
-        let mut o = lock(&self.owners);
-        if let Some(e) = o.get_mut(label) {
+        if let Some(e) = lock(&self.owners).get_mut(label) {
             e.0 -= bytes;
             e.1 -= 1;
-            if e.1 == 0 {
-                o.remove(label);
-            }
         }
     }
 
@@ -289,6 +321,7 @@ impl DeviceInner {
     pub fn owners(&self) -> Vec<(String, usize, usize)> {
         let mut v: Vec<_> = lock(&self.owners)
             .iter()
+            .filter(|(_, (_, n))| *n > 0)
             .map(|(l, (b, n))| (l.clone(), *b, *n))
             .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
