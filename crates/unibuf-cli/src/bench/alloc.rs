@@ -5,8 +5,9 @@
 //! lifetimes (RMM's benchmark shape). The driver's stream-ordered allocator (cuMemAllocAsync on a
 //! pool that keeps its memory) is measured beside them where CUDA is present.
 
+use std::time::Instant;
 use unibuf::alloc::{replay_simulated, ReplayReport, Trace, TraceEvent};
-use unibuf::{Device, Result};
+use unibuf::{DType, Device, Result, StorageMode};
 
 /// One workload's figures.
 pub struct AllocRow {
@@ -18,6 +19,24 @@ pub struct AllocRow {
     pub simulated: ReplayReport,
     /// The driver's cuMemAllocAsync+cuMemFreeAsync pair in ns, for hot pairs.
     pub driver_pair_ns: Option<f64>,
+    /// `Device::alloc` + drop of a buffer of the pair's size in ns, for hot pairs: the whole
+    /// path a program takes around the allocator (checks, ownership by label, the handle).
+    pub buffer_pair_ns: Option<f64>,
+}
+
+/// Nanoseconds per `Device::alloc` + drop of a Private buffer of `size` bytes, over `pairs`
+/// pairs after one to warm up.
+pub fn buffer_pair_ns(dev: &Device, size: usize, pairs: usize) -> Result<f64> {
+    let pair = || {
+        dev.alloc_labelled("bench alloc", DType::U8, &[size], StorageMode::Private)
+            .map(drop)
+    };
+    pair()?;
+    let started = Instant::now();
+    for _ in 0..pairs {
+        pair()?;
+    }
+    Ok(started.elapsed().as_nanos() as f64 / pairs.max(1) as f64)
 }
 
 /// `pairs` alloc+free pairs of `size` bytes.
@@ -103,6 +122,9 @@ pub fn run(
             device,
             simulated,
             driver_pair_ns: pair_size.and_then(&mut *driver_pair_ns),
+            buffer_pair_ns: pair_size
+                .map(|size| buffer_pair_ns(dev, size, 100_000))
+                .transpose()?,
         });
     }
     Ok(rows)

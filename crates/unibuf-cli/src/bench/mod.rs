@@ -108,23 +108,25 @@ fn run_alloc(args: &AllocArgs, out: &mut dyn Write) -> Result<(), Failure> {
     )?;
     writeln!(
         out,
-        "{:<38} {:>10} {:>9} {:>10} {:>12} {:>12}",
-        "workload", "ns/event", "in calls", "sim ns", "reserved/live", "driver pair"
+        "{:<38} {:>10} {:>9} {:>10} {:>12} {:>12} {:>12}",
+        "workload", "ns/event", "in calls", "sim ns", "reserved/live", "buffer pair", "driver pair"
     )?;
     for r in &rows {
         writeln!(
             out,
-            "{:<38} {:>10.1} {:>9.1} {:>10.1} {:>12.3} {:>12}",
+            "{:<38} {:>10.1} {:>9.1} {:>10.1} {:>12.3} {:>12} {:>12}",
             r.name,
             r.device.ns_per_event,
             r.device.device_call_ns_per_event(),
             r.simulated.ns_per_event,
             r.device.fragmentation(),
+            r.buffer_pair_ns
+                .map_or_else(|| "-".to_owned(), |n| format!("{n:.0} ns")),
             r.driver_pair_ns
                 .map_or_else(|| "-".to_owned(), |n| format!("{n:.0} ns"))
         )?;
     }
-    writeln!(out, "a pair is two events; in calls: the part of ns/event spent in the backend's memory calls; driver pair: cuMemAllocAsync+cuMemFreeAsync on a pool that keeps its memory")?;
+    writeln!(out, "a pair is two events; in calls: the part of ns/event spent in the backend's memory calls; buffer pair: Device::alloc + drop of a Private buffer of that size (the whole path a program takes); driver pair: cuMemAllocAsync+cuMemFreeAsync on a pool that keeps its memory")?;
     Ok(())
 }
 
