@@ -321,30 +321,15 @@ fn demo_records_an_allocation_trace_that_replays() {
     );
 }
 
-#[test]
-fn demo_reports_an_allocation_trace_it_cannot_write() {
-    let path = scratch("no-such-dir").join("alloc.csv");
-    let o = unibuf(&[
-        "demo",
-        "--tokens",
-        "1",
-        "--alloc-trace",
-        path.to_str().expect("UTF-8"),
-    ]);
-    assert_clean_failure(&o, &["--alloc-trace", "no-such-dir"]);
-}
-
+/// A Chrome trace or an allocation trace that cannot be created fails the demo, naming the flag
+/// and the path.
 #[test]
 fn demo_reports_a_trace_it_cannot_write() {
-    let path = scratch("no-such-dir").join("trace.json");
-    let o = unibuf(&[
-        "demo",
-        "--tokens",
-        "1",
-        "--trace",
-        path.to_str().expect("UTF-8"),
-    ]);
-    assert_clean_failure(&o, &["trace", "no-such-dir"]);
+    for (flag, file) in [("--trace", "trace.json"), ("--alloc-trace", "alloc.csv")] {
+        let path = scratch("no-such-dir").join(file);
+        let o = unibuf(&["demo", "--tokens", "1", flag, path.to_str().expect("UTF-8")]);
+        assert_clean_failure(&o, &[flag, "no-such-dir"]);
+    }
 }
 
 #[test]
