@@ -1,7 +1,7 @@
 //! Memory accounting: the allocator's stats return to zero, caches are reused and trimmed,
 //! budgets hold and recovery frees the cache before failing.
 
-use unibuf::{DType, Error, FillPattern, StorageMode};
+use unibuf::{Buffer, DType, Error, FillPattern, StorageMode};
 use unibuf_conformance::{buffer, builder, device, Rng, MODES};
 
 /// After random work in every mode, dropping everything and trimming leaves nothing behind.
@@ -194,6 +194,51 @@ fn memory_is_owned_by_label() {
         "{:?}",
         dev.memory_by_label()
     );
+}
+
+/// Many labels coming and going (the table of figures by label sweeps the ones left at zero):
+/// the figures by label always list exactly the live buffers, by count and bytes.
+#[test]
+fn figures_by_label_follow_many_labels() {
+    let dev = device();
+    let mut rng = Rng::new("figures_by_label_follow_many_labels");
+    let mut live: Vec<(String, Buffer, usize)> = Vec::new();
+    for i in 0..1500 {
+        // Labels reused now and then: a few shared names among many unique ones.
+        let label = if rng.range(0, 4) == 0 {
+            format!("shared {}", rng.range(0, 5))
+        } else {
+            format!("unique {i}")
+        };
+        let n = rng.range(1, 3000) | 1;
+        let b = dev
+            .alloc_labelled(&label, DType::U8, &[n], StorageMode::Private)
+            .unwrap();
+        live.push((label, b, n));
+        while live.len() > 40 || (!live.is_empty() && rng.range(0, 3) == 0) {
+            live.swap_remove(rng.range(0, live.len()));
+        }
+        if i % 100 == 99 {
+            let mut expected: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+            for (l, _, n) in &live {
+                let e = expected.entry(l).or_default();
+                e.0 += n;
+                e.1 += 1;
+            }
+            let got = dev.memory_by_label();
+            assert_eq!(got.len(), expected.len(), "{got:?}");
+            for (l, bytes, count) in &got {
+                let (min_bytes, n) = expected[l.as_str()];
+                assert_eq!(*count, n, "{l}");
+                assert!(
+                    *bytes >= min_bytes,
+                    "{l}: {bytes} bytes for {min_bytes} requested"
+                );
+            }
+        }
+    }
+    drop(live);
+    assert!(dev.memory_by_label().is_empty());
 }
 
 /// Growable buffers keep their contents (and, with virtual memory, their address and earlier

@@ -75,6 +75,7 @@ impl Residency {
         if s.resident.contains_key(&handle) {
             // A pending removal of it is cancelled: it stays resident.
             s.pending_remove.retain(|(h, _)| *h != handle);
+            self.note_pending(&s);
             return Ok(());
         }
         if let Some(budget) = s.budget {
@@ -111,6 +112,7 @@ impl Residency {
             s.resident_bytes -= bytes;
             self.any_resident
                 .store(!s.resident.is_empty(), Ordering::Release);
+            self.note_pending(&s);
             return true;
         }
         s.pending_remove.push((handle, fences.clone()));
@@ -207,6 +209,48 @@ fn apply(hooks: &dyn ResidencyHooks, handles: &[u64]) {
 mod tests {
     use super::*;
     use crate::epoch::QueueId;
+
+    /// The flags that let submissions and frees skip the lock are set while there is work and
+    /// cleared once there is none, on every path: a flag left set costs every submission the
+    /// lock, one left clear would lose work.
+    #[test]
+    fn the_skip_flags_follow_the_state() {
+        let flags = |r: &Residency| {
+            (
+                r.pending.load(Ordering::Acquire),
+                r.any_resident.load(Ordering::Acquire),
+            )
+        };
+        let cpu = crate::backend::cpu::CpuBackend::new().unwrap();
+        let r = Residency::default();
+        assert_eq!(flags(&r), (false, false));
+        // Added, then removed before any commit: nothing left at all.
+        r.add(1, 10).unwrap();
+        assert_eq!(flags(&r), (true, true));
+        assert!(r.remove(1, &FenceSet::new()));
+        assert_eq!(flags(&r), (false, false));
+        // Committed, removal scheduled and cancelled by a new add: resident, nothing pending.
+        r.add(2, 10).unwrap();
+        r.commit(&cpu);
+        assert_eq!(flags(&r), (false, true));
+        let mut fences = FenceSet::new();
+        fences.insert(Fence {
+            device: 1,
+            queue: QueueId(0),
+            epoch: 5,
+        });
+        assert!(r.remove(2, &fences));
+        assert_eq!(flags(&r), (true, true));
+        r.add(2, 10).unwrap();
+        assert_eq!(flags(&r), (false, true));
+        // Removed once its work completes: nothing resident, nothing pending.
+        assert!(r.remove(2, &fences));
+        r.apply_removals(&cpu, |_| false);
+        assert_eq!(flags(&r), (true, true), "still waiting for the fence");
+        r.apply_removals(&cpu, |_| true);
+        assert_eq!(flags(&r), (false, false));
+        assert!(!r.remove(2, &fences), "nothing resident to remove");
+    }
 
     #[test]
     fn removal_waits_for_fences_and_budget_holds() {

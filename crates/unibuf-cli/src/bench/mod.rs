@@ -126,7 +126,7 @@ fn run_alloc(args: &AllocArgs, out: &mut dyn Write) -> Result<(), Failure> {
                 .map_or_else(|| "-".to_owned(), |n| format!("{n:.0} ns"))
         )?;
     }
-    writeln!(out, "a pair is two events; in calls: the part of ns/event spent in the backend's memory calls; buffer pair: Device::alloc + drop of a Private buffer of that size (the whole path a program takes); driver pair: cuMemAllocAsync+cuMemFreeAsync on a pool that keeps its memory")?;
+    writeln!(out, "a pair is two events; in calls: the part of ns/event spent in the backend's memory calls; buffer pair: Device::alloc_labelled + drop of a Private buffer of that size (the whole path a program takes); driver pair: cuMemAllocAsync+cuMemFreeAsync on a pool that keeps its memory")?;
     Ok(())
 }
 

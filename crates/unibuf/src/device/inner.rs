@@ -69,12 +69,19 @@ pub(crate) struct DeviceInner {
     /// while this is false. Set under the lock when one is queued, cleared when none is left.
     has_deferred: AtomicBool,
     /// Live bytes and allocations per label.
-    /// Entries stay at zero when their last allocation goes (an alloc/free loop of one label
-    /// would otherwise insert and remove the label, with its string, every time); they are
-    /// swept when they outnumber the live ones.
-    owners: Mutex<LabelMap<(usize, usize)>>,
+    owners: Mutex<LabelFigures>,
     pub residency: Residency,
     pub default_queue: QueueId,
+}
+
+/// Live bytes and allocations per label. Entries stay at zero when their last allocation goes
+/// (an alloc/free loop of one label would otherwise insert and remove the label, with its
+/// string, every time); they are swept when they are most of the table.
+#[derive(Default)]
+struct LabelFigures {
+    by_label: LabelMap<(usize, usize)>,
+    /// Entries at zero allocations.
+    zeros: usize,
 }
 
 /// Allocation labels to their figures, hashed with FNV-1a: std's SipHash resists collision
@@ -82,8 +89,9 @@ pub(crate) struct DeviceInner {
 /// fifth of an alloc + drop. Written here for want of such a hasher in the allowed crates.
 type LabelMap<V> = std::collections::HashMap<String, V, BuildHasherDefault<LabelHasher>>;
 
-/// FNV-1a over the bytes, with a multiply-xorshift at the end so that the high bits the hash
-/// table probes with depend on every byte of a short label.
+/// FNV-1a over the bytes, finished with a multiply and a fold of the high half into the low:
+/// the table picks buckets with the low bits, which in FNV-1a depend only on the low bits of
+/// each byte.
 struct LabelHasher(u64);
 
 impl Default for LabelHasher {
@@ -134,7 +142,7 @@ impl DeviceInner {
             faulted: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
-            owners: Mutex::new(LabelMap::default()),
+            owners: Mutex::new(LabelFigures::default()),
             residency: Residency::default(),
             default_queue,
             backend,
@@ -165,14 +173,17 @@ impl DeviceInner {
     /// Passes an error through, keeping device faults as the sticky state.
     pub fn note<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e @ Error::DeviceFault { .. }) = &r {
-            lock(&self.fault).get_or_insert_with(|| {
+            let mut fault = lock(&self.fault);
+            fault.get_or_insert_with(|| {
                 tracing::error!(
                     device = self.id,
                     "device fault, the device stays faulted until reset: {e}"
                 );
                 e.clone()
             });
+            // Under the lock, as `reset` clears it: the flag never outlives the fault.
             self.faulted.store(true, Ordering::Release);
+            drop(fault);
         }
         r
     }
@@ -286,40 +297,45 @@ impl DeviceInner {
     /// Counts an allocation's bytes for its label.
     pub fn own(&self, label: &str, bytes: usize) {
         let mut o = lock(&self.owners);
-        if let Some(e) = o.get_mut(label) {
+        let o = &mut *o;
+        if let Some(e) = o.by_label.get_mut(label) {
+            o.zeros -= usize::from(e.1 == 0);
             e.0 += bytes;
             e.1 += 1;
             return;
         }
         // A new label: sweep the labels left at zero first if they are most of the table, so
-        // that a program naming each buffer differently does not grow it without bound.
-        if o.len() >= 64 {
-            let live = o.values().filter(|e| e.1 > 0).count();
-            if o.len() > 2 * live {
-                o.retain(|_, e| e.1 > 0);
-            }
+        // that a program naming each buffer differently does not grow it without bound. Each
+        // sweep removes at least half the table, so it costs O(1) per label added.
+        if o.by_label.len() >= 64 && 2 * o.zeros > o.by_label.len() {
+            o.by_label.retain(|_, e| e.1 > 0);
+            o.zeros = 0;
         }
-        o.insert(label.to_owned(), (bytes, 1));
+        o.by_label.insert(label.to_owned(), (bytes, 1));
     }
 
     /// Adds bytes to a label's count (a growable buffer that grew).
     pub fn own_bytes(&self, label: &str, bytes: usize) {
-        if let Some(e) = lock(&self.owners).get_mut(label) {
+        if let Some(e) = lock(&self.owners).by_label.get_mut(label) {
             e.0 += bytes;
         }
     }
 
     /// Stops counting an allocation's bytes for its label.
     pub fn disown(&self, label: &str, bytes: usize) {
-        if let Some(e) = lock(&self.owners).get_mut(label) {
+        let mut o = lock(&self.owners);
+        let o = &mut *o;
+        if let Some(e) = o.by_label.get_mut(label) {
             e.0 -= bytes;
             e.1 -= 1;
+            o.zeros += usize::from(e.1 == 0);
         }
     }
 
     /// Live bytes and allocations per label, most bytes first.
     pub fn owners(&self) -> Vec<(String, usize, usize)> {
         let mut v: Vec<_> = lock(&self.owners)
+            .by_label
             .iter()
             .filter(|(_, (_, n))| *n > 0)
             .map(|(l, (b, n))| (l.clone(), *b, *n))
