@@ -59,10 +59,13 @@ impl Residency {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records, under the lock `s`, whether anything is left to commit or apply.
-    fn note_pending(&self, s: &State) {
+    /// Records, under the lock `s`, whether anything is left to commit or apply and whether
+    /// anything is resident: every change of the state ends here.
+    fn note_state(&self, s: &State) {
         let pending = !s.pending_add.is_empty() || !s.pending_remove.is_empty();
         self.pending.store(pending, Ordering::Release);
+        self.any_resident
+            .store(!s.resident.is_empty(), Ordering::Release);
     }
 
     pub fn set_budget(&self, budget: Option<usize>) {
@@ -75,7 +78,7 @@ impl Residency {
         if s.resident.contains_key(&handle) {
             // A pending removal of it is cancelled: it stays resident.
             s.pending_remove.retain(|(h, _)| *h != handle);
-            self.note_pending(&s);
+            self.note_state(&s);
             return Ok(());
         }
         if let Some(budget) = s.budget {
@@ -89,10 +92,9 @@ impl Residency {
             }
         }
         s.resident.insert(handle, bytes);
-        self.any_resident.store(true, Ordering::Release);
         s.resident_bytes += bytes;
         s.pending_add.push(handle);
-        self.note_pending(&s);
+        self.note_state(&s);
         Ok(())
     }
 
@@ -110,13 +112,11 @@ impl Residency {
             s.pending_add.swap_remove(i);
             let bytes = s.resident.remove(&handle).unwrap_or(0);
             s.resident_bytes -= bytes;
-            self.any_resident
-                .store(!s.resident.is_empty(), Ordering::Release);
-            self.note_pending(&s);
+            self.note_state(&s);
             return true;
         }
         s.pending_remove.push((handle, fences.clone()));
-        self.note_pending(&s);
+        self.note_state(&s);
         true
     }
 
@@ -136,7 +136,7 @@ impl Residency {
             return;
         }
         let adds = std::mem::take(&mut s.pending_add);
-        self.note_pending(&s);
+        self.note_state(&s);
         if let Some(hooks) = backend.residency() {
             hooks.add(&adds);
             hooks.commit();
@@ -156,14 +156,12 @@ impl Residency {
             .into_iter()
             .partition(|(_, f)| complete(f));
         s.pending_remove = pending;
-        self.note_pending(&s);
         let handles: Vec<u64> = ready.iter().map(|(h, _)| *h).collect();
         for h in &handles {
             let bytes = s.resident.remove(h).unwrap_or(0);
             s.resident_bytes -= bytes;
         }
-        self.any_resident
-            .store(!s.resident.is_empty(), Ordering::Release);
+        self.note_state(&s);
         if handles.is_empty() {
             return;
         }

@@ -439,10 +439,7 @@ impl Arena {
     /// references it kept.
     fn release_large_to_free(&mut self, q: QuickBlock, retired: &mut dyn FnMut(Fence) -> bool) {
         let (_, inner, _) = self.split_granules(q.offset, q.bytes);
-        if !inner.is_empty() {
-            self.refs[inner.start as usize..inner.end as usize].fill(0);
-            self.cached.set_range(inner, true);
-        }
+        self.set_inner_refs(inner, false);
         self.free_range(q.offset, q.bytes, q.fences, retired);
     }
 
@@ -451,15 +448,18 @@ impl Arena {
     fn take_refs(&mut self, offset: u64, bytes: u64) {
         // Most blocks of a hot pair lie within one granule: the head alone, no inner range.
         let (head, inner, tail) = self.split_granules(offset, bytes);
-        for g in head {
+        for g in head.chain(tail) {
             self.take_ref(g);
         }
-        for g in tail {
-            self.take_ref(g);
-        }
+        self.set_inner_refs(inner, true);
+    }
+
+    /// References (`held`) or releases a block's inner granules, which it alone overlaps: their
+    /// counts are 1 or 0 together, and unreferenced they are cached.
+    fn set_inner_refs(&mut self, inner: Range<u64>, held: bool) {
         if !inner.is_empty() {
-            self.refs[inner.start as usize..inner.end as usize].fill(1);
-            self.cached.set_range(inner, false);
+            self.refs[inner.start as usize..inner.end as usize].fill(u32::from(held));
+            self.cached.set_range(inner, !held);
         }
     }
 
@@ -474,16 +474,10 @@ impl Arena {
     /// Drops a block's granule references; those left unreferenced become cached.
     fn drop_block_refs(&mut self, offset: u64, bytes: u64) {
         let (head, inner, tail) = self.split_granules(offset, bytes);
-        for g in head {
+        for g in head.chain(tail) {
             self.drop_ref(g);
         }
-        for g in tail {
-            self.drop_ref(g);
-        }
-        if !inner.is_empty() {
-            self.refs[inner.start as usize..inner.end as usize].fill(0);
-            self.cached.set_range(inner, true);
-        }
+        self.set_inner_refs(inner, false);
     }
 
     /// A block's granules as (partial head, inner, partial tail). Blocks never overlap, so the

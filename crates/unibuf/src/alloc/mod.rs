@@ -83,6 +83,24 @@ struct ArenaPool {
     arena: Arena,
 }
 
+impl ArenaPool {
+    /// The block handed out for `bytes` placed at `offset` (its address is its handle).
+    #[inline]
+    fn block(&self, offset: u64, bytes: usize, fences: FenceSet) -> Block {
+        let addr = self.base + offset;
+        Block {
+            raw: RawAlloc {
+                addr,
+                handle: addr,
+                bytes,
+                kind: self.kind,
+            },
+            fences,
+            in_arena: true,
+        }
+    }
+}
+
 struct Cached {
     raw: RawAlloc,
     fences: FenceSet,
@@ -388,21 +406,10 @@ impl Allocator {
         }
         // Next what `place` would hand out first, the large slot's block, without building a
         // placement: a hot pair of a large size.
-        let pool = &mut self.arenas[i];
-        if let Some((offset, fences)) = pool.arena.take_large(rounded as u64) {
-            let addr = pool.base + offset;
+        if let Some((offset, fences)) = self.arenas[i].arena.take_large(rounded as u64) {
             self.stats.cache_hits += 1;
             self.count_active(rounded, requested);
-            return Ok(Block {
-                raw: RawAlloc {
-                    addr,
-                    handle: addr,
-                    bytes: rounded,
-                    kind,
-                },
-                fences,
-                in_arena: true,
-            });
+            return Ok(self.arenas[i].block(offset, rounded, fences));
         }
         let granule = self.arenas[i].arena.granule() as usize;
         let mut attempt = 0;
@@ -475,18 +482,7 @@ impl Allocator {
                     s.peak_reserved_bytes = s.peak_reserved_bytes.max(s.reserved_bytes);
                 }
                 self.count_active(p.bytes as usize, requested);
-                let pool = &self.arenas[i];
-                let addr = pool.base + p.offset;
-                return Ok(Block {
-                    raw: RawAlloc {
-                        addr,
-                        handle: addr,
-                        bytes: p.bytes as usize,
-                        kind,
-                    },
-                    fences: p.fences,
-                    in_arena: true,
-                });
+                return Ok(self.arenas[i].block(p.offset, p.bytes as usize, p.fences));
             }
             self.arenas[i].arena.unplace(p);
             // Staged recovery: unmap idle cached granules, then wait for busy ones, then fail.
