@@ -2,6 +2,7 @@
 //! ledger, the kernel registry and the queues, and it is where every submission is checked for
 //! hazards before it reaches the backend.
 
+use super::labels::LabelFigures;
 use crate::alloc::{Allocator, Block, Budget, MemoryStats};
 use crate::allocation::{Allocation, Owner};
 use crate::backend::{fences_retired, Backend, Command, DeviceInfo, RawAlloc, Submission};
@@ -14,7 +15,6 @@ use crate::queue::StatsCollector;
 use crate::residency::Residency;
 use crate::storage::StorageMode;
 use crate::transfer::staging::{StagingConfig, StagingPool};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -72,44 +72,6 @@ pub(crate) struct DeviceInner {
     owners: Mutex<LabelFigures>,
     pub residency: Residency,
     pub default_queue: QueueId,
-}
-
-/// Live bytes and allocations per label. Entries stay at zero when their last allocation goes
-/// (an alloc/free loop of one label would otherwise insert and remove the label, with its
-/// string, every time); they are swept when they are most of the table.
-#[derive(Default)]
-struct LabelFigures {
-    by_label: LabelMap<(usize, usize)>,
-    /// Entries at zero allocations.
-    zeros: usize,
-}
-
-/// Allocation labels to their figures, hashed with FNV-1a: std's SipHash resists collision
-/// attacks, which labels the program picks itself do not need, and hashing a label twice was a
-/// fifth of an alloc + drop. Written here for want of such a hasher in the allowed crates.
-type LabelMap<V> = std::collections::HashMap<String, V, BuildHasherDefault<LabelHasher>>;
-
-/// FNV-1a over the bytes, finished with a multiply and a fold of the high half into the low:
-/// the table picks buckets with the low bits, which in FNV-1a depend only on the low bits of
-/// each byte.
-struct LabelHasher(u64);
-
-impl Default for LabelHasher {
-    fn default() -> LabelHasher {
-        LabelHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for LabelHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^ (h >> 32)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -296,52 +258,22 @@ impl DeviceInner {
 
     /// Counts an allocation's bytes for its label.
     pub fn own(&self, label: &str, bytes: usize) {
-        let mut o = lock(&self.owners);
-        let o = &mut *o;
-        if let Some(e) = o.by_label.get_mut(label) {
-            o.zeros -= usize::from(e.1 == 0);
-            e.0 += bytes;
-            e.1 += 1;
-            return;
-        }
-        // A new label: sweep the labels left at zero first if they are most of the table, so
-        // that a program naming each buffer differently does not grow it without bound. Each
-        // sweep removes at least half the table, so it costs O(1) per label added.
-        if o.by_label.len() >= 64 && 2 * o.zeros > o.by_label.len() {
-            o.by_label.retain(|_, e| e.1 > 0);
-            o.zeros = 0;
-        }
-        o.by_label.insert(label.to_owned(), (bytes, 1));
+        lock(&self.owners).own(label, bytes);
     }
 
     /// Adds bytes to a label's count (a growable buffer that grew).
     pub fn own_bytes(&self, label: &str, bytes: usize) {
-        if let Some(e) = lock(&self.owners).by_label.get_mut(label) {
-            e.0 += bytes;
-        }
+        lock(&self.owners).add_bytes(label, bytes);
     }
 
     /// Stops counting an allocation's bytes for its label.
     pub fn disown(&self, label: &str, bytes: usize) {
-        let mut o = lock(&self.owners);
-        let o = &mut *o;
-        if let Some(e) = o.by_label.get_mut(label) {
-            e.0 -= bytes;
-            e.1 -= 1;
-            o.zeros += usize::from(e.1 == 0);
-        }
+        lock(&self.owners).disown(label, bytes);
     }
 
     /// Live bytes and allocations per label, most bytes first.
     pub fn owners(&self) -> Vec<(String, usize, usize)> {
-        let mut v: Vec<_> = lock(&self.owners)
-            .by_label
-            .iter()
-            .filter(|(_, (_, n))| *n > 0)
-            .map(|(l, (b, n))| (l.clone(), *b, *n))
-            .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v
+        lock(&self.owners).live()
     }
 
     pub fn free_block(&self, block: Block, requested: usize) {

@@ -1,6 +1,7 @@
 //! The device: the entry point of unibuf.
 
 mod inner;
+mod labels;
 
 pub(crate) use inner::{Completion, DeviceInner, Use};
 
