@@ -4,13 +4,10 @@
 // (as the allocator's arena maps them; mapped in shuffled order, as a long-running arena ends
 // up), over one physical allocation per 32 MiB, and copy / fill kernels over the granules.
 // Standalone: nvcc -O3 -arch=sm_90 -std=c++17 bench/tune/copy_kernels.cu -lcuda -o /tmp/ck && /tmp/ck
-#include <cuda.h>
+#include "driver.h"
 #include <algorithm>
-#include <cstdio>
 #include <random>
 #include <vector>
-
-#define CK(x) do { CUresult r_ = (x); if (r_ != CUDA_SUCCESS) { const char* s_; cuGetErrorString(r_, &s_); printf("%s: %s\n", #x, s_); exit(1); } } while (0)
 
 // 16-byte copy, UNROLL loads in flight per thread, grid-stride.
 template <int UNROLL>
@@ -88,12 +85,7 @@ template <typename F> static double gbps(size_t bytes, double factor, F op) {
 }
 
 int main() {
-    CK(cuInit(0));
-    CUdevice dev;
-    CK(cuDeviceGet(&dev, 0));
-    CUcontext ctx;
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    CUdevice dev = bind_primary_context();
     CK(cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING));
     CK(cuEventCreate(&e0, 0));
     CK(cuEventCreate(&e1, 0));

@@ -10,7 +10,7 @@
 // with spin scheduling instead of the default. Prints the CPU model last (launch cost is CPU
 // time in the driver).
 // Standalone: nvcc -O3 -std=c++17 bench/tune/launch_floor.cu -lcuda -o /tmp/launchfloor
-#include <cuda.h>
+#include "driver.h"
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <chrono>
@@ -20,7 +20,6 @@
 #include <string>
 #include <vector>
 
-#define CK(x) do { CUresult r = (x); if (r != CUDA_SUCCESS) { const char* s; cuGetErrorString(r, &s); printf("%s: %s\n", #x, s); exit(1); } } while (0)
 
 extern "C" __global__ void noop2(unsigned int* out, unsigned int n) {
     if (n != 0u && threadIdx.x == 0u) out[0] = n;

@@ -1,33 +1,15 @@
 // What each virtual-memory driver call costs, one granule at a time and in larger pieces, to
 // decide where the allocator's map/unmap time goes (cuMemCreate, cuMemMap, cuMemSetAccess,
 // cuMemUnmap, cuMemRelease). Standalone: nvcc -O3 bench/tune/vmm_calls.cu -lcuda -o /tmp/vmmcalls
-#include <cuda.h>
-#include <chrono>
-#include <cstdio>
+#include "driver.h"
 #include <vector>
 
-#define CK(x) do { CUresult r = (x); if (r != CUDA_SUCCESS) { const char* s; cuGetErrorString(r, &s); printf("%s: %s\n", #x, s); return 1; } } while (0)
-
-static double now_us() {
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 int main() {
-    CK(cuInit(0));
-    CUdevice dev;
-    CK(cuDeviceGet(&dev, 0));
-    CUcontext ctx;
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
-    CUmemAllocationProp prop = {};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = 0;
-    size_t g = 0;
-    CK(cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
-    CUmemAccessDesc access = {};
-    access.location = prop.location;
-    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CUdevice dev = bind_primary_context();
+    const VmmMemory vmm = vmm_device_memory();
+    const CUmemAllocationProp& prop = vmm.prop;
+    const size_t g = vmm.granule;
+    const CUmemAccessDesc& access = vmm.access;
     const int n = 256;
     CUdeviceptr base;
     CK(cuMemAddressReserve(&base, n * g * 8, g, 0, 0));

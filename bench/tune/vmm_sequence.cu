@@ -7,18 +7,10 @@
 // allocator does (VirtualMemory::unmap_for_reuse). Prints microseconds per call type and the
 // total against the trace's 406,527 events.
 // Standalone: nvcc -O3 -std=c++17 bench/tune/vmm_sequence.cu -lcuda -o /tmp/vmmseq
-#include <cuda.h>
-#include <chrono>
-#include <cstdio>
+#include "driver.h"
 #include <cstring>
 #include <map>
 #include <vector>
-
-#define CK(x) do { CUresult r = (x); if (r != CUDA_SUCCESS) { const char* s; cuGetErrorString(r, &s); printf("%s: %s\n", #x, s); return 1; } } while (0)
-
-static double now_us() {
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 struct Op { bool map; int n; long g; };
 
@@ -32,21 +24,11 @@ int main(int argc, char** argv) {
     long g;
     while (fscanf(f, "%15s %d %ld", kind, &n, &g) == 3) ops.push_back({strcmp(kind, "map") == 0, n, g});
     fclose(f);
-    CK(cuInit(0));
-    CUdevice dev;
-    CK(cuDeviceGet(&dev, 0));
-    CUcontext ctx;
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
-    CUmemAllocationProp prop = {};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = 0;
-    size_t gran = 0;
-    CK(cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
-    CUmemAccessDesc access = {};
-    access.location = prop.location;
-    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CUdevice dev = bind_primary_context();
+    const VmmMemory vmm = vmm_device_memory();
+    const CUmemAllocationProp& prop = vmm.prop;
+    const size_t gran = vmm.granule;
+    const CUmemAccessDesc& access = vmm.access;
     size_t total = 0;
     CK(cuDeviceTotalMem(&total, dev));
     const size_t reserve = (2 * total + gran - 1) / gran * gran;  // as the allocator's arena
