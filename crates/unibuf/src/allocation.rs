@@ -81,6 +81,12 @@ impl Allocation {
         self.host.map(|h| (h + offset) as *mut u8)
     }
 
+    /// Whether the host may touch the memory: a host-visible mode whose memory the backend
+    /// maps for the host (Foreign memory: where it is host memory).
+    pub fn host_accessible(&self) -> bool {
+        self.host.is_some() && (self.mode.host_accessible() || self.mode == StorageMode::Foreign)
+    }
+
     pub fn uses(&self) -> MutexGuard<'_, UseState> {
         self.uses.lock().unwrap_or_else(|e| e.into_inner())
     }

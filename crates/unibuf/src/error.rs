@@ -229,6 +229,15 @@ pub enum Error {
         /// The problem.
         detail: String,
     },
+    /// Foreign work run through [`Queue::external`](crate::Queue::external) failed: its
+    /// closure returned an error or panicked.
+    #[error("external work '{label}' failed: {detail}")]
+    External {
+        /// The submission's label.
+        label: String,
+        /// The foreign library's error.
+        detail: String,
+    },
     /// An I/O error, with the path or operation.
     #[error("I/O error in {what}: {detail}")]
     Io {

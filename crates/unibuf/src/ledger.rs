@@ -27,6 +27,9 @@ pub enum Direction {
     DeviceToDevice,
     /// A pattern written over a buffer.
     Fill,
+    /// Memory handed across a framework boundary without copying (a DLPack export or import,
+    /// a foreign wrap): a zero-byte record, so that the audit shows where memory crossed.
+    Shared,
 }
 
 impl Direction {
@@ -37,6 +40,7 @@ impl Direction {
             Direction::DeviceToHost => "device->host",
             Direction::DeviceToDevice => "device->device",
             Direction::Fill => "fill",
+            Direction::Shared => "shared",
         }
     }
 }
@@ -165,6 +169,29 @@ impl Ledger {
             g.dropped_records += 1;
         }
         g.records.push_back(r);
+    }
+
+    /// Records memory crossing a framework boundary without a copy: `src` is unibuf's mode for
+    /// an export, `dst` for an import.
+    pub(crate) fn record_shared(
+        &self,
+        label: &str,
+        src: Option<StorageMode>,
+        dst: Option<StorageMode>,
+        location: &'static Location<'static>,
+    ) {
+        self.record(CopyRecord {
+            direction: Direction::Shared,
+            src,
+            dst,
+            bytes: 0,
+            staged: false,
+            label: label.to_owned(),
+            location,
+            host_start_ns: self.now_ns(),
+            host_ns: 0,
+            fence: None,
+        });
     }
 
     pub(crate) fn record_submission(

@@ -37,6 +37,7 @@ mod device;
 mod dtype;
 pub mod epoch;
 mod error;
+pub mod interop;
 mod kernel;
 pub mod ledger;
 pub mod ops;

@@ -16,12 +16,17 @@ pub enum StorageMode {
     Private,
     /// Caller-owned host memory wrapped without copying. Only created by wrapping.
     External,
+    /// Memory another framework owns (a PyTorch tensor, a cudarc buffer, an `MTLBuffer`),
+    /// wrapped without copying ([`Device::wrap_foreign`](crate::Device::wrap_foreign)). Host
+    /// access works where the memory is host memory.
+    Foreign,
     /// Shared on unified memory, Private on a discrete GPU.
     Auto,
 }
 
 impl StorageMode {
-    /// Whether the host can read and write buffers of this mode directly.
+    /// Whether the host can read and write buffers of this mode directly. Foreign memory can
+    /// be either: ask the buffer ([`Buffer::is_host_accessible`](crate::Buffer)).
     pub const fn host_accessible(self) -> bool {
         matches!(self, StorageMode::Shared | StorageMode::External)
     }
@@ -40,6 +45,7 @@ impl StorageMode {
         match self {
             StorageMode::Private => MemoryKind::Device,
             StorageMode::External => MemoryKind::HostRegistered,
+            StorageMode::Foreign => MemoryKind::Foreign,
             StorageMode::Shared | StorageMode::Auto => MemoryKind::HostShared,
         }
     }
@@ -50,6 +56,7 @@ impl StorageMode {
             StorageMode::Shared => "shared",
             StorageMode::Private => "private",
             StorageMode::External => "external",
+            StorageMode::Foreign => "foreign",
             StorageMode::Auto => "auto",
         }
     }
@@ -64,4 +71,7 @@ pub enum MemoryKind {
     HostShared,
     /// Caller memory registered with (wrapped for) the device, never allocated by the backend.
     HostRegistered,
+    /// Memory another framework allocated and owns (`Backend::wrap_foreign`); never freed by
+    /// the backend.
+    Foreign,
 }

@@ -1,6 +1,8 @@
 //! Trace replay: an allocation trace through the allocator policy, on a device's memory or on
 //! simulated memory (no device needed), reporting fragmentation and speed.
 
+use crate::epoch::Fence;
+use crate::interop::{ForeignMemory, NativeBuffer, NativeDevice, NativeQueue, NativeWaiter};
 use super::trace::{Trace, TraceEvent};
 use super::{Allocator, Block, Budget, MemoryStats};
 use crate::backend::{
@@ -261,6 +263,21 @@ impl Backend for SimulatedMemory {
     }
     fn virtual_memory(&self, _kind: MemoryKind) -> Option<&dyn VirtualMemory> {
         Some(self)
+    }
+    fn native_buffer(&self, _range: &crate::backend::RawRange) -> Result<NativeBuffer> {
+        self.refuse("native handles (its memory is only addresses)")
+    }
+    fn native_queue(&self, _queue: QueueId) -> Result<NativeQueue> {
+        self.refuse("queues")
+    }
+    fn native_device(&self) -> NativeDevice {
+        NativeDevice::Cpu
+    }
+    unsafe fn wrap_foreign(&self, _memory: &ForeignMemory, _bytes: usize) -> Result<RawAlloc> {
+        self.refuse("foreign memory")
+    }
+    unsafe fn order_native(&self, _fence: Fence, _waiter: NativeWaiter) -> Result<()> {
+        self.refuse("queues")
     }
 }
 

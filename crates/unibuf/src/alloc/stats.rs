@@ -40,6 +40,11 @@ pub struct MemoryStats {
     pub external_bytes: usize,
     /// Wrapped caller regions alive.
     pub external_count: usize,
+    /// Bytes of memory other frameworks own, wrapped by `Device::wrap_foreign` (and DLPack
+    /// imports): never allocated or freed by unibuf.
+    pub foreign_bytes: usize,
+    /// Foreign regions alive.
+    pub foreign_count: usize,
     /// Bytes of pinned staging chunks held by the transfer engine.
     pub staging_bytes: usize,
     /// Bytes mapped for growable buffers (reserved address space is not counted).
@@ -76,9 +81,11 @@ impl std::fmt::Display for MemoryStats {
         )?;
         writeln!(
             f,
-            "external  {:>12} in {} regions; staging {}; growable {} in {} buffers",
+            "external  {:>12} in {} regions; foreign {} in {}; staging {}; growable {} in {} buffers",
             fmt_bytes(self.external_bytes as u64),
             self.external_count,
+            fmt_bytes(self.foreign_bytes as u64),
+            self.foreign_count,
             fmt_bytes(self.staging_bytes as u64),
             fmt_bytes(self.growable_bytes as u64),
             self.growable_count

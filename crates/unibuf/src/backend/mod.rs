@@ -16,6 +16,10 @@ pub mod metal;
 
 use crate::epoch::{Epoch, Fence, QueueId};
 use crate::error::Result;
+use crate::interop::{
+    ExternalWork, ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeQueue,
+    NativeWaiter,
+};
 use crate::kernel::{Constants, KernelSource, ScalarArg};
 use crate::storage::MemoryKind;
 use crate::DType;
@@ -205,6 +209,12 @@ pub enum Command {
     /// Wait until another queue's fence completes before running the rest (a device-side wait:
     /// cuStreamWaitEvent, an MTLSharedEvent wait).
     Wait(Fence),
+    /// Run foreign work (`Queue::external`): call the closure once with the queue's native
+    /// stream or command buffer (CUDA, Metal: while encoding; CPU: on the worker, in order).
+    External(ExternalWork),
+    /// Wait for work unibuf did not submit before running the rest (a device-side wait on a
+    /// foreign event; on the CPU, a host signal).
+    WaitForeign(ForeignSignal),
     /// Run a fixed sequence of launches recorded once (a [`LaunchBatch`](crate::LaunchBatch)),
     /// in order. A backend may prepare it once and replay it as a unit (CUDA: a graph
     /// instantiated on first use and launched with one call).
@@ -452,4 +462,29 @@ pub trait Backend: Send + Sync {
     fn residency(&self) -> Option<&dyn ResidencyHooks> {
         None
     }
+
+    /// The platform's name for a range of memory of this backend (the caller checked bounds).
+    fn native_buffer(&self, range: &RawRange) -> Result<NativeBuffer>;
+
+    /// The platform object of a queue.
+    fn native_queue(&self, queue: QueueId) -> Result<NativeQueue>;
+
+    /// The platform objects of the device.
+    fn native_device(&self) -> NativeDevice;
+
+    /// Makes `bytes` of memory another framework owns addressable as a `Foreign` allocation,
+    /// without copying; `release` forgets it without freeing it. Refuses memory this device
+    /// cannot address (another device's, a kind foreign to the backend) or, where the platform
+    /// can tell, a range not inside one allocation.
+    ///
+    /// # Safety
+    /// The memory is valid for `bytes` bytes until `release` returns.
+    unsafe fn wrap_foreign(&self, memory: &ForeignMemory, bytes: usize) -> Result<RawAlloc>;
+
+    /// Makes foreign work wait for a submitted `fence` of this backend (device-side):
+    /// `NativeWaiter::Host` is handled by the core.
+    ///
+    /// # Safety
+    /// The waiter's handle is a live object of this device, usable as the variant says.
+    unsafe fn order_native(&self, fence: Fence, waiter: NativeWaiter) -> Result<()>;
 }

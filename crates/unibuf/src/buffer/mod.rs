@@ -112,9 +112,10 @@ impl Buffer {
     pub fn label(&self) -> &str {
         &self.alloc.label
     }
-    /// Whether the host can read this buffer directly.
+    /// Whether the host can read this buffer directly: Shared and External buffers, and
+    /// Foreign buffers over host memory.
     pub fn is_host_accessible(&self) -> bool {
-        self.alloc.mode.host_accessible()
+        self.alloc.host_accessible()
     }
     /// Whether the memory can be written (false for External buffers over read-only memory).
     pub fn is_writable(&self) -> bool {

@@ -256,6 +256,39 @@ impl DeviceInner {
         ))
     }
 
+    /// An allocation over foreign memory the backend wrapped (`Backend::wrap_foreign`), keeping
+    /// `owner` until its release, which waits for every fence that used it.
+    pub fn adopt_foreign(
+        self: &Arc<Self>,
+        raw: RawAlloc,
+        requested: usize,
+        writable: bool,
+        label: String,
+        owner: Owner,
+    ) -> Allocation {
+        debug_assert_eq!(raw.kind, crate::storage::MemoryKind::Foreign);
+        {
+            let mut a = lock(&self.alloc);
+            let s = a.stats_mut();
+            s.foreign_bytes += raw.bytes;
+            s.foreign_count += 1;
+        }
+        let block = Block {
+            raw,
+            fences: FenceSet::new(),
+            in_arena: false,
+        };
+        Allocation::new(
+            self.clone(),
+            block,
+            requested,
+            StorageMode::Foreign,
+            label,
+            writable,
+            Some(owner),
+        )
+    }
+
     /// Counts an allocation's bytes for its label.
     pub fn own(&self, label: &str, bytes: usize) {
         lock(&self.owners).own(label, bytes);
@@ -491,10 +524,16 @@ impl DeviceInner {
         }
         let mut a = lock(&self.alloc);
         let s = a.stats_mut();
-        s.external_bytes -= r.raw.bytes;
-        s.external_count -= 1;
+        if r.raw.kind == crate::storage::MemoryKind::Foreign {
+            s.foreign_bytes -= r.raw.bytes;
+            s.foreign_count -= 1;
+        } else {
+            s.external_bytes -= r.raw.bytes;
+            s.external_count -= 1;
+        }
         drop(a);
-        // SAFETY: the region came from wrap_host and every fence that used it has completed.
+        // SAFETY: the region came from wrap_host or wrap_foreign, and every fence that used it
+        // has completed.
         unsafe { self.backend.release(r.raw) };
         drop(r.owner);
     }
@@ -720,7 +759,7 @@ impl DeviceInner {
         what: &'static str,
     ) -> Result<u64> {
         self.check_fault()?;
-        if !alloc.mode.host_accessible() || alloc.host_addr(0).is_none() {
+        if !alloc.host_accessible() {
             return Err(Error::NotHostAccessible {
                 what,
                 mode: alloc.mode,

@@ -214,25 +214,7 @@ impl Queue {
                 }
             }
         }
-        for (i, a) in uses.iter().enumerate() {
-            for b in &uses[i + 1..] {
-                let overlap = a.alloc.same(b.alloc) && a.start < b.end && b.start < a.end;
-                if overlap && (a.access == Access::Write || b.access == Access::Write) {
-                    return Err(Error::invalid(
-                        "kernel arguments",
-                        format!(
-                            "a written buffer overlaps another argument of '{}' (bytes {}..{} and {}..{} of '{}')",
-                            kernel.name(),
-                            a.start,
-                            a.end,
-                            b.start,
-                            b.end,
-                            a.alloc.label
-                        ),
-                    ));
-                }
-            }
-        }
+        check_write_overlaps(&uses, kernel.name())?;
         Ok((launch_args, uses))
     }
 
@@ -270,6 +252,26 @@ impl Queue {
             Completion::Queue,
         )
     }
+}
+
+/// Refuses uses where a written range overlaps another use of the same allocation: one
+/// submission's arguments must not alias where one of them is written. `what` names the work.
+pub(crate) fn check_write_overlaps(uses: &[Use<'_>], what: &str) -> Result<()> {
+    for (i, a) in uses.iter().enumerate() {
+        for b in &uses[i + 1..] {
+            let overlap = a.alloc.same(b.alloc) && a.start < b.end && b.start < a.end;
+            if overlap && (a.access == Access::Write || b.access == Access::Write) {
+                return Err(Error::invalid(
+                    "kernel arguments",
+                    format!(
+                        "a written buffer overlaps another argument of '{what}' (bytes {}..{} and {}..{} of '{}')",
+                        a.start, a.end, b.start, b.end, a.alloc.label
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Queue {

@@ -13,7 +13,11 @@ pub use kernel_abi::{CpuKernelArgs, CpuKernelFn};
 use crate::backend::{
     Backend, DeviceInfo, GpuSpan, KernelCacheStats, PipelineId, RawAlloc, Submission, VirtualMemory,
 };
-use crate::epoch::{Epoch, QueueId};
+use crate::backend::{Command, RawRange};
+use crate::epoch::{Epoch, Fence, QueueId};
+use crate::interop::{
+    ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeHandle, NativeQueue, NativeWaiter,
+};
 use crate::error::{Error, Result};
 use crate::kernel::{Constants, KernelSource};
 use crate::storage::MemoryKind;
@@ -73,6 +77,16 @@ impl CpuBackend {
             clock: Instant::now(),
             next_wrap: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// A handle for wrapped memory. Two wraps can cover the same pages: a handle of its own for
+    /// each, so that residency (keyed by handle) tells them apart. The high bit keeps these
+    /// apart from the addresses other kinds use as handles.
+    fn wrap_handle(&self) -> u64 {
+        (1 << 63)
+            | self
+                .next_wrap
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn queue(&self, id: QueueId) -> Result<Arc<CpuQueue>> {
@@ -139,8 +153,8 @@ impl Backend for CpuBackend {
     }
 
     unsafe fn release(&self, raw: RawAlloc) {
-        if raw.kind == MemoryKind::HostRegistered {
-            return; // wrapped caller memory: the core drops its owner
+        if matches!(raw.kind, MemoryKind::HostRegistered | MemoryKind::Foreign) {
+            return; // wrapped caller or foreign memory: the core drops its owner
         }
         if raw.bytes >= MAP_THRESHOLD {
             // SAFETY: `raw` came from `allocate`, which mapped exactly this range (same size
@@ -166,13 +180,7 @@ impl Backend for CpuBackend {
     ) -> Result<RawAlloc> {
         Ok(RawAlloc {
             addr: ptr.as_ptr() as u64,
-            // Two wraps can cover the same pages: a handle of its own for each, so that
-            // residency (keyed by handle) tells them apart. The high bit keeps these apart from
-            // the addresses other kinds use as handles.
-            handle: (1 << 63)
-                | self
-                    .next_wrap
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            handle: self.wrap_handle(),
             bytes,
             kind: MemoryKind::HostRegistered,
         })
@@ -183,7 +191,7 @@ impl Backend for CpuBackend {
             // Private memory is host memory here, but the API refuses to map it so that code
             // tested on the CPU also works on a discrete GPU.
             MemoryKind::Device => None,
-            MemoryKind::HostShared | MemoryKind::HostRegistered => {
+            MemoryKind::HostShared | MemoryKind::HostRegistered | MemoryKind::Foreign => {
                 NonNull::new(raw.addr as *mut u8)
             }
         }
@@ -203,6 +211,20 @@ impl Backend for CpuBackend {
     }
 
     unsafe fn submit(&self, queue: QueueId, submission: Submission<'_>) -> Result<Epoch> {
+        // Refused here, not on the worker: a wait that cannot be carried out is an argument
+        // error of this call, not a fault of the queue.
+        for c in submission.commands {
+            if let Command::WaitForeign(signal) = c {
+                if !matches!(signal, ForeignSignal::Host(_)) {
+                    return Err(Error::Unsupported {
+                        backend: "cpu",
+                        what: format!(
+                            "waiting for {signal:?}: the CPU has no native streams or events (use a HostSignal)"
+                        ),
+                    });
+                }
+            }
+        }
         self.queue(queue)?
             .submit(submission.label, submission.commands.to_vec())
     }
@@ -258,6 +280,44 @@ impl Backend for CpuBackend {
         // SAFETY: sysconf has no preconditions.
         let pages = unsafe { libc::sysconf(libc::_SC_AVPHYS_PAGES) };
         usize::try_from(pages).ok().map(|p| p * self.info.page_size)
+    }
+
+    fn native_buffer(&self, range: &RawRange) -> Result<NativeBuffer> {
+        Ok(NativeBuffer::Host {
+            ptr: NativeHandle::from_addr(range.addr as usize + range.offset),
+            bytes: range.bytes,
+        })
+    }
+
+    fn native_queue(&self, queue: QueueId) -> Result<NativeQueue> {
+        self.queue(queue)?;
+        Ok(NativeQueue::Cpu { queue })
+    }
+
+    fn native_device(&self) -> NativeDevice {
+        NativeDevice::Cpu
+    }
+
+    unsafe fn wrap_foreign(&self, memory: &ForeignMemory, bytes: usize) -> Result<RawAlloc> {
+        let ForeignMemory::Host { ptr } = *memory else {
+            return Err(Error::Unsupported {
+                backend: "cpu",
+                what: format!("foreign memory {memory:?}: only host memory (DLPack kDLCPU) is addressable here"),
+            });
+        };
+        Ok(RawAlloc {
+            addr: ptr.addr() as u64,
+            handle: self.wrap_handle(),
+            bytes,
+            kind: MemoryKind::Foreign,
+        })
+    }
+
+    unsafe fn order_native(&self, _fence: Fence, waiter: NativeWaiter) -> Result<()> {
+        Err(Error::Unsupported {
+            backend: "cpu",
+            what: format!("ordering {waiter:?} (the CPU has no native streams; wait on the host, NativeWaiter::Host)"),
+        })
     }
 
     // `_SC_AVPHYS_PAGES` is Linux-only (macOS has no sysconf for free memory): elsewhere the

@@ -191,7 +191,7 @@ impl Worker {
         let outcome = if faulted {
             Ok(())
         } else {
-            catch_unwind(AssertUnwindSafe(|| self.execute(&job.commands))).unwrap_or_else(|panic| {
+            catch_unwind(AssertUnwindSafe(|| self.execute(&job.commands, &job.label))).unwrap_or_else(|panic| {
                 let msg = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -242,7 +242,7 @@ impl Worker {
         f(&mut kargs).map_err(|e| (FaultKind::Trap, e))
     }
 
-    fn execute(&self, commands: &[Command]) -> Result<(), (FaultKind, String)> {
+    fn execute(&self, commands: &[Command], label: &str) -> Result<(), (FaultKind, String)> {
         for cmd in commands {
             match cmd {
                 Command::Copy { src, dst } => {
@@ -268,6 +268,28 @@ impl Worker {
                         self.run_kernel(l.pipeline, l.dims, &l.args)?;
                     }
                 }
+                Command::External(work) => work
+                    .run(crate::interop::NativeEncoder::Cpu, label)
+                    .map_err(|e| (FaultKind::Trap, e.to_string()))?,
+                Command::WaitForeign(signal) => match signal {
+                    crate::interop::ForeignSignal::Host(s) => {
+                        if !s.wait() {
+                            return Err((
+                                FaultKind::Other,
+                                "waited for a host signal whose every other clone was dropped \
+                                 unset: it can never be set"
+                                    .to_owned(),
+                            ));
+                        }
+                    }
+                    // Refused by `CpuBackend::submit` before it reaches the worker.
+                    other => {
+                        return Err((
+                            FaultKind::InvalidResource,
+                            format!("the CPU backend cannot wait for {other:?}"),
+                        ))
+                    }
+                },
                 Command::Wait(fence) => {
                     let other = self
                         .queues
