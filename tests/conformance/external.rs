@@ -19,7 +19,8 @@ fn wrapped_memory_is_the_buffer() {
     assert_eq!(&*b.read::<f32>().unwrap(), &data[..]);
     let page = dev.info().page_size;
     assert!(
-        dev.memory_stats().external_bytes % page == 0 && dev.memory_stats().external_bytes >= n * 4
+        dev.memory_stats().external_bytes.is_multiple_of(page)
+            && dev.memory_stats().external_bytes >= n * 4
     );
     assert_eq!(b.device_address() as usize % 4, 0);
     dev.queue()

@@ -6,10 +6,13 @@
 mod bad_input;
 mod external;
 mod faults;
+mod interop;
+mod interop_dlpack;
 mod kernels;
 mod ledger;
 mod memory;
 mod model;
+mod ops_matmul;
 mod ops_norm;
 mod ops_q4_sample;
 mod queues;

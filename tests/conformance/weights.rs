@@ -267,7 +267,7 @@ fn chosen_tensors_load_as_views() {
 /// Writes a file by hand: length, JSON padded to 8 bytes, data.
 fn write_by_hand(path: &Path, json: &str, data: &[u8]) {
     let mut j = json.as_bytes().to_vec();
-    while j.len() % 8 != 0 {
+    while !j.len().is_multiple_of(8) {
         j.push(b' ');
     }
     let mut f = (j.len() as u64).to_le_bytes().to_vec();

@@ -5,6 +5,7 @@ pub mod ceiling;
 pub mod kernels;
 pub mod launch;
 pub mod load;
+pub mod matmul;
 pub mod transfers;
 
 use crate::{open_device, Context, Failure};
@@ -25,6 +26,9 @@ pub enum Command {
     Load(load::Args),
     /// The fused ops at inference sizes, beside the device's copy bandwidth.
     Kernels(kernels::Args),
+    /// ops::matmul (cuBLAS / gemm as external work) at prefill and decode shapes, and its host
+    /// overhead beside a bare cuBLAS call.
+    Matmul(matmul::Args),
 }
 
 /// Options of `unibuf bench alloc`.
@@ -91,6 +95,7 @@ pub fn run(cmd: &Command, out: &mut dyn Write) -> Result<(), Failure> {
         Command::Alloc(args) => run_alloc(args, out),
         Command::Load(args) => load::run(args, out),
         Command::Kernels(args) => kernels::run(args, out),
+        Command::Matmul(args) => matmul::run(args, out),
     }
 }
 

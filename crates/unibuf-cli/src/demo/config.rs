@@ -49,9 +49,9 @@ impl Config {
             .iter()
             .rev()
             .copied()
-            .find(|g| hidden % g == 0 && ffn % g == 0)
+            .find(|g| hidden.is_multiple_of(*g) && ffn.is_multiple_of(*g))
         else {
-            let flag = if hidden % Q4_GROUPS[0] != 0 {
+            let flag = if !hidden.is_multiple_of(Q4_GROUPS[0]) {
                 format!("--hidden {hidden}")
             } else {
                 format!("--ffn {ffn}")

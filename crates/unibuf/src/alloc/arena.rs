@@ -172,7 +172,9 @@ pub(crate) struct Arena {
 impl Arena {
     /// An arena over `len` bytes of address space mapped in `granule`-byte units.
     pub fn new(len: u64, granule: u64) -> Arena {
-        debug_assert!(granule.is_power_of_two() && granule >= BLOCK_ALIGN && len % granule == 0);
+        debug_assert!(
+            granule.is_power_of_two() && granule >= BLOCK_ALIGN && len.is_multiple_of(granule)
+        );
         let mut a = Arena {
             granule,
             granule_shift: granule.trailing_zeros(),

@@ -1,15 +1,15 @@
 //! Trace replay: an allocation trace through the allocator policy, on a device's memory or on
 //! simulated memory (no device needed), reporting fragmentation and speed.
 
-use crate::epoch::Fence;
-use crate::interop::{ForeignMemory, NativeBuffer, NativeDevice, NativeQueue, NativeWaiter};
 use super::trace::{Trace, TraceEvent};
 use super::{Allocator, Block, Budget, MemoryStats};
 use crate::backend::{
     Backend, DeviceInfo, GpuSpan, PipelineId, RawAlloc, Submission, VirtualMemory,
 };
+use crate::epoch::Fence;
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, Result};
+use crate::interop::{ForeignMemory, NativeBuffer, NativeDevice, NativeQueue, NativeWaiter};
 use crate::kernel::{Constants, KernelSource};
 use crate::storage::MemoryKind;
 use std::ptr::NonNull;

@@ -36,7 +36,7 @@ impl Buffer {
             .alloc
             .host_addr(self.offset)
             .expect("host_borrow checked host access");
-        if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             self.alloc.uses().remove_borrow(borrow);
             return Err(Error::Misaligned {
                 what,

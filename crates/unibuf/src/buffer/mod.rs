@@ -212,7 +212,7 @@ impl Buffer {
     /// must come out whole; the view's offset must be aligned for the new dtype.
     pub fn cast(&self, dtype: DType) -> Result<Buffer> {
         let (from, to) = (self.dtype.size(), dtype.size());
-        if self.offset % to != 0 {
+        if !self.offset.is_multiple_of(to) {
             return Err(Error::Misaligned {
                 what: "cast: view offset for the new dtype",
                 value: self.offset,

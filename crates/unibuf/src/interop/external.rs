@@ -71,11 +71,7 @@ impl ExternalWork {
 
 impl fmt::Debug for ExternalWork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pending = self
-            .work
-            .lock()
-            .map(|w| w.is_some())
-            .unwrap_or_default();
+        let pending = self.work.lock().map(|w| w.is_some()).unwrap_or_default();
         f.debug_struct("ExternalWork")
             .field("pending", &pending)
             .finish()
@@ -100,8 +96,9 @@ impl Queue {
     /// The closure must enqueue work only on the stream or command buffer it is given, touch
     /// only the buffers named (and memory of its own), and not call back into this device: on
     /// CUDA and Metal it runs under the queue's submission lock. An error it returns, or a
-    /// panic, is [`Error::External`]; on CUDA and Metal this call returns it (work the closure
-    /// enqueued before failing is finished first); on the CPU it becomes the queue's sticky
+    /// panic, is [`Error::External`]; on CUDA and Metal this call returns it (on CUDA, work the
+    /// closure enqueued before failing is finished first; on Metal the command buffer is dropped
+    /// uncommitted, so none of it runs); on the CPU it becomes the queue's sticky
     /// [`Error::DeviceFault`], as a failing kernel does.
     ///
     /// ```

@@ -124,7 +124,7 @@ impl Device {
                 format!("{memory:?}: a null pointer"),
             ));
         }
-        if memory.address() % dtype.size() as u64 != 0 {
+        if !memory.address().is_multiple_of(dtype.size() as u64) {
             return Err(Error::Misaligned {
                 what: "wrap_foreign: memory address for the dtype",
                 value: memory.address() as usize,
@@ -135,9 +135,9 @@ impl Device {
         // keeps `owner` until its release, which waits for every fence that used the memory.
         let raw = unsafe { self.inner.backend.wrap_foreign(&memory, bytes) }?;
         let writable = access == ForeignAccess::ReadWrite;
-        let alloc = self
-            .inner
-            .adopt_foreign(raw, bytes, writable, label.to_owned(), Box::new(owner));
+        let alloc =
+            self.inner
+                .adopt_foreign(raw, bytes, writable, label.to_owned(), Box::new(owner));
         let buffer = Buffer::from_allocation(alloc, 0, dtype, shape)?;
         self.inner
             .ledger

@@ -21,6 +21,7 @@
 //! [`Device::order_native`]: crate::Device::order_native
 //! [`Device::wrap_foreign`]: crate::Device::wrap_foreign
 
+pub mod dlpack;
 mod external;
 mod foreign;
 mod native;

@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 /// let ready = HostSignal::new();
 /// q.wait_host_signal(&ready)?;                // later work on q waits for `ready`
 /// let b = dev.alloc(DType::U32, &[4], StorageMode::Shared)?;
-/// let fence = q.fill(&b, FillPattern::u32(7))?;
+/// let fence = q.fill_async(&b, FillPattern::u32(7))?;
 /// assert!(!dev.is_complete(fence)?);
 /// ready.set();                                // the "foreign stream" finished
 /// dev.wait(fence)?;
@@ -188,9 +188,12 @@ impl Device {
         }
         match waiter {
             NativeWaiter::Host => self.wait(fence),
-            NativeWaiter::CudaStream(h) | NativeWaiter::MetalCommandBuffer(h) if h.is_null() => Err(
-                Error::invalid("native waiter", format!("{waiter:?}: a null handle")),
-            ),
+            NativeWaiter::CudaStream(h) | NativeWaiter::MetalCommandBuffer(h) if h.is_null() => {
+                Err(Error::invalid(
+                    "native waiter",
+                    format!("{waiter:?}: a null handle"),
+                ))
+            }
             _ => {
                 self.inner.check_fault()?;
                 let last = self.inner.last_submitted(fence.queue);

@@ -30,6 +30,7 @@
 //! # Ok::<(), unibuf::Error>(())
 //! ```
 
+mod matmul;
 mod norm;
 mod q4;
 mod q8;
@@ -39,6 +40,7 @@ mod sample;
 mod softmax;
 mod swiglu;
 
+pub use matmul::{matmul, matmul_bt, matmul_bt_into, matmul_into};
 pub use norm::{rms_norm, rms_norm_into, rms_norm_residual, rms_norm_residual_into};
 pub use q4::{
     q4_matvec, q4_matvec_into, q4_matvec_q8, q4_matvec_q8_into, Q4Matrix, Q4_GROUPS, Q4_MAX_BATCH,

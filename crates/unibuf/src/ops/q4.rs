@@ -158,7 +158,7 @@ fn check_geometry(rows: usize, cols: usize, group: usize) -> Result<()> {
             format!("a {rows} x {cols} matrix is empty"),
         ));
     }
-    if cols % group != 0 {
+    if !cols.is_multiple_of(group) {
         return Err(Error::invalid(
             "q4 cols",
             format!("{cols} columns are not a multiple of the group size {group}"),
@@ -513,7 +513,8 @@ pub fn q4_matvec_q8_into(q: &Queue, m: &Q4Matrix, xq: &Q8Activations, y: &Buffer
     let cols = index_u32("q4 cols", m.cols)?;
     // A variant compiled for the batch rounded up to 1, 2, 4 or 8 (CUDA `UB_Q4_NB`), and for
     // 16-byte aligned codes and activations when they are.
-    let aligned = m.packed.device_address() % 16 == 0 && xq.values().device_address() % 16 == 0;
+    let aligned = m.packed.device_address().is_multiple_of(16)
+        && xq.values().device_address().is_multiple_of(16);
     let k = q
         .device()
         .kernel_with(Q8_KERNEL, &q8_constants(batch, aligned))?;
@@ -558,7 +559,7 @@ fn cpu_geometry(
     group: usize,
     batch: usize,
 ) -> std::result::Result<(), String> {
-    if !Q4_GROUPS.contains(&group) || cols == 0 || cols % group != 0 {
+    if !Q4_GROUPS.contains(&group) || cols == 0 || !cols.is_multiple_of(group) {
         return Err(format!("{name}: bad geometry cols {cols}, group {group}"));
     }
     if batch == 0 || batch > Q4_MAX_BATCH {

@@ -175,7 +175,7 @@ fn rope_cpu<T: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
     let x = args.input::<T>(0)?;
     let positions = args.input::<u32>(1)?;
     let out = args.output::<T>(2)?;
-    if head_dim == 0 || head_dim % 2 != 0 || style > 1 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || style > 1 {
         return Err(format!(
             "{NAME}: head_dim {head_dim} must be even and non-zero, style {style} 0 or 1"
         ));

@@ -501,14 +501,14 @@ impl Queue {
         self.check_buffer("fill destination", dst)?;
         let w = pattern.width();
         let d = dst.byte_range();
-        if d.start % w != 0 {
+        if !d.start.is_multiple_of(w) {
             return Err(Error::Misaligned {
                 what: "fill: view byte offset for the pattern width",
                 value: d.start,
                 align: w,
             });
         }
-        if d.len() % w != 0 {
+        if !d.len().is_multiple_of(w) {
             return Err(Error::Misaligned {
                 what: "fill: view byte length for the pattern width",
                 value: d.len(),

@@ -64,7 +64,9 @@ impl<'a> CpuKernelArgs<'a> {
             return Err(format!("argument {i} is read-only"));
         }
         let addr = range.addr as usize + range.offset;
-        if addr % std::mem::align_of::<T>() != 0 || range.bytes % std::mem::size_of::<T>() != 0 {
+        if !addr.is_multiple_of(std::mem::align_of::<T>())
+            || range.bytes % std::mem::size_of::<T>() != 0
+        {
             return Err(format!("argument {i} is not aligned for {}", T::DTYPE));
         }
         Ok((addr as *mut T, range.bytes / std::mem::size_of::<T>()))

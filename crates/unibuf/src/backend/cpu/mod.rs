@@ -15,10 +15,11 @@ use crate::backend::{
 };
 use crate::backend::{Command, RawRange};
 use crate::epoch::{Epoch, Fence, QueueId};
-use crate::interop::{
-    ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeHandle, NativeQueue, NativeWaiter,
-};
 use crate::error::{Error, Result};
+use crate::interop::{
+    ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeHandle, NativeQueue,
+    NativeWaiter,
+};
 use crate::kernel::{Constants, KernelSource};
 use crate::storage::MemoryKind;
 use queue::CpuQueue;

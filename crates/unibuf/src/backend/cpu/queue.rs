@@ -191,14 +191,15 @@ impl Worker {
         let outcome = if faulted {
             Ok(())
         } else {
-            catch_unwind(AssertUnwindSafe(|| self.execute(&job.commands, &job.label))).unwrap_or_else(|panic| {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".to_owned());
-                Err((FaultKind::Trap, format!("kernel panicked: {msg}")))
-            })
+            catch_unwind(AssertUnwindSafe(|| self.execute(&job.commands, &job.label)))
+                .unwrap_or_else(|panic| {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".to_owned());
+                    Err((FaultKind::Trap, format!("kernel panicked: {msg}")))
+                })
         };
         let end = self.clock.elapsed().as_nanos() as u64;
         let mut p = self

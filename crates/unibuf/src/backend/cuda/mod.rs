@@ -14,6 +14,7 @@
 mod compile;
 mod driver;
 mod graph;
+mod interop;
 mod memory;
 mod stream;
 mod timing;
@@ -26,6 +27,9 @@ use crate::backend::{
 };
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, Result};
+use crate::interop::{
+    ForeignMemory, NativeBuffer, NativeDevice, NativeHandle, NativeQueue, NativeWaiter,
+};
 use crate::kernel::{Constants, KernelSource, Param, ScalarArg, ScalarType};
 use crate::storage::MemoryKind;
 use crate::DType;
@@ -140,6 +144,10 @@ pub struct CudaBackend {
     events: Mutex<Vec<Event>>,
     registrations: Mutex<Registrations>,
     wrapped: Mutex<HashMap<u64, Wrapped>>,
+    /// Foreign memory wrapped (`wrap_foreign`), by handle: never freed here.
+    foreign: Mutex<HashMap<u64, interop::ForeignRegion>>,
+    /// The GPU's ordinal, which foreign memory must name.
+    ordinal: i32,
     next_wrap: AtomicU64,
     pipelines: RwLock<Vec<Pipeline>>,
     fill64: OnceLock<Result<PipelineId>>,
@@ -253,6 +261,8 @@ impl CudaBackend {
             events: Mutex::new(Vec::new()),
             registrations: Mutex::new(Registrations::default()),
             wrapped: Mutex::new(HashMap::new()),
+            foreign: Mutex::new(HashMap::new()),
+            ordinal,
             next_wrap: AtomicU64::new(1),
             pipelines: RwLock::new(Vec::new()),
             fill64: OnceLock::new(),
@@ -340,7 +350,9 @@ impl CudaBackend {
     ) -> Option<PipelineId> {
         let eligible = |r: &crate::backend::RawRange| {
             let addr = r.addr + r.offset as u64;
-            addr % 16 == 0 && r.bytes % 16 == 0 && self.mappings.reserved(addr, r.bytes)
+            addr.is_multiple_of(16)
+                && r.bytes.is_multiple_of(16)
+                && self.mappings.reserved(addr, r.bytes)
         };
         if self.driver_copies || !ranges.iter().all(|r| eligible(r)) {
             return None;
@@ -405,6 +417,7 @@ impl CudaBackend {
         &self,
         stream: sys::CUstream,
         cmd: &Command,
+        label: &str,
         fresh: &mut Vec<Event>,
     ) -> Result<(), Error> {
         let at = |r: &crate::backend::RawRange| r.addr + r.offset as u64;
@@ -521,6 +534,16 @@ impl CudaBackend {
                 // the batch and the submission's recorded uses), on a live stream.
                 check(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch").map_err(cu)
             }
+            Command::External(work) => work.run(
+                crate::interop::NativeEncoder::Cuda {
+                    stream: NativeHandle::from_ptr(stream.cast()),
+                    context: NativeHandle::from_ptr(self.ctx.raw.cast()),
+                },
+                label,
+            ),
+            // SAFETY: the stream is the queue's; the signal's handles are the caller's
+            // (`Queue::wait_foreign`'s contract).
+            Command::WaitForeign(signal) => unsafe { self.encode_wait_foreign(stream, signal) },
             Command::Wait(fence) => {
                 let Some((ev, recorded_here)) = self.wait_event(*fence)? else {
                     return Ok(());
@@ -676,9 +699,9 @@ impl Backend for CudaBackend {
                     kind,
                 })
             }
-            MemoryKind::HostRegistered => Err(Error::invalid(
+            MemoryKind::HostRegistered | MemoryKind::Foreign => Err(Error::invalid(
                 "kind",
-                "registered memory comes from wrap_host",
+                "registered and foreign memory come from wrap_host and wrap_foreign",
             )),
         }
     }
@@ -692,6 +715,13 @@ impl Backend for CudaBackend {
             MemoryKind::Device => unsafe { memory::free_device(raw.addr) },
             // SAFETY: as above.
             MemoryKind::HostShared => unsafe { memory::free_mapped_host(raw.handle as *mut u8) },
+            MemoryKind::Foreign => {
+                // Foreign memory is its owner's to free: only the record goes.
+                self.foreign
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&raw.handle);
+            }
             MemoryKind::HostRegistered => {
                 let w = self
                     .wrapped
@@ -752,6 +782,12 @@ impl Backend for CudaBackend {
                 w.get(&raw.handle)
                     .and_then(|w| NonNull::new(w.host as *mut u8))
             }
+            MemoryKind::Foreign => {
+                let f = self.foreign.lock().unwrap_or_else(|e| e.into_inner());
+                f.get(&raw.handle)
+                    .and_then(|f| f.host)
+                    .and_then(|h| NonNull::new(h as *mut u8))
+            }
         }
     }
 
@@ -782,6 +818,12 @@ impl Backend for CudaBackend {
     unsafe fn submit(&self, queue: QueueId, submission: Submission<'_>) -> Result<Epoch> {
         self.bind()?;
         let q = self.queue(queue)?;
+        // Waits a stream cannot make are refused before anything is encoded.
+        for c in submission.commands {
+            if let Command::WaitForeign(signal) = c {
+                Self::check_signal(signal)?;
+            }
+        }
         let mut st = q.lock();
         if let Some(f) = CudaQueue::fault_state(&st) {
             return Err(f);
@@ -803,7 +845,7 @@ impl Backend for CudaBackend {
                 }
             }
             // SAFETY: the trait's contract covers every range of the commands.
-            if let Err(e) = unsafe { self.encode(q.stream, cmd, &mut fresh) } {
+            if let Err(e) = unsafe { self.encode(q.stream, cmd, submission.label, &mut fresh) } {
                 // Commands already encoded would run untracked: drain them before failing, so
                 // that no memory they use is reused under them.
                 // SAFETY: a live stream.
@@ -1001,6 +1043,35 @@ impl Backend for CudaBackend {
     fn virtual_memory(&self, kind: MemoryKind) -> Option<&dyn crate::backend::VirtualMemory> {
         (kind == MemoryKind::Device && self.vmm_granule.is_some())
             .then_some(self as &dyn crate::backend::VirtualMemory)
+    }
+
+    fn native_buffer(&self, range: &crate::backend::RawRange) -> Result<NativeBuffer> {
+        Ok(NativeBuffer::Cuda {
+            device_ptr: range.addr + range.offset as u64,
+            bytes: range.bytes,
+        })
+    }
+
+    fn native_queue(&self, queue: QueueId) -> Result<NativeQueue> {
+        Ok(NativeQueue::Cuda {
+            stream: NativeHandle::from_ptr(self.queue(queue)?.stream.cast()),
+        })
+    }
+
+    fn native_device(&self) -> NativeDevice {
+        NativeDevice::Cuda {
+            context: NativeHandle::from_ptr(self.ctx.raw.cast()),
+            device: self.ctx.device,
+        }
+    }
+
+    unsafe fn wrap_foreign(&self, memory: &ForeignMemory, bytes: usize) -> Result<RawAlloc> {
+        self.wrap_foreign_memory(memory, bytes)
+    }
+
+    unsafe fn order_native(&self, fence: crate::epoch::Fence, waiter: NativeWaiter) -> Result<()> {
+        // SAFETY: the trait's contract is the one `order_native_stream` needs.
+        unsafe { self.order_native_stream(fence, waiter) }
     }
 
     fn free_memory(&self) -> Option<usize> {

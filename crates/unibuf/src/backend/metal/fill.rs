@@ -123,12 +123,13 @@ pub(super) fn fill_index(width: usize) -> usize {
 /// Whether a fill can be a blit: one repeated byte over a 4-aligned range.
 pub(super) fn blit_fill_byte(pattern: &FillPattern, offset: usize, bytes: usize) -> Option<u8> {
     let b = pattern.bytes();
-    (b.iter().all(|x| *x == b[0]) && offset % 4 == 0 && bytes % 4 == 0).then_some(b[0])
+    (b.iter().all(|x| *x == b[0]) && offset.is_multiple_of(4) && bytes.is_multiple_of(4))
+        .then_some(b[0])
 }
 
 /// Whether a copy can be a blit (macOS's 4-byte rule).
 pub(super) fn blit_copy_ok(src_offset: usize, dst_offset: usize, bytes: usize) -> bool {
-    src_offset % 4 == 0 && dst_offset % 4 == 0 && bytes % 4 == 0
+    src_offset.is_multiple_of(4) && dst_offset.is_multiple_of(4) && bytes.is_multiple_of(4)
 }
 
 /// Grid-stride geometry for `n` elements.

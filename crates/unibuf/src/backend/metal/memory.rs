@@ -1,5 +1,5 @@
-//! Metal buffers: Shared, Private and no-copy (External) memory, split into several MTLBuffers
-//! where an allocation is longer than the device's `maxBufferLength`.
+//! Metal buffers: Shared, Private, no-copy (External) and Foreign memory, split into several
+//! MTLBuffers where an allocation is longer than the device's `maxBufferLength`.
 //!
 //! Storage modes (design.md, "Storage modes"):
 //! - `HostShared` (Shared): `newBufferWithLength:options:` with `MTLResourceStorageModeShared`;
@@ -11,6 +11,15 @@
 //!   runs only once every command buffer that used the memory has completed. Apple requires a
 //!   page-aligned pointer and a length that is a whole number of pages; the core rounds External
 //!   regions to pages on every backend, and `wrap` checks it again.
+//! - `Foreign`: an `id<MTLBuffer>` another framework made (`adopt`), retained and never freed
+//!   here: `release` drops unibuf's reference only. The allocation is the bytes from the
+//!   foreign offset on, so its one part starts at that offset of the buffer (`Part::base`).
+//!   The buffer keeps its own storage mode (only Shared buffers are host-visible: a Managed one
+//!   would need `didModifyRange:` after every host write) and its own hazard tracking (Metal
+//!   orders the passes that touch a buffer only if it is tracked; an untracked one, as some
+//!   frameworks make, gets no barriers from unibuf within a submission). Foreign
+//!   host memory (`wrap_unaligned`) is the enclosing pages wrapped with one no-copy buffer, the
+//!   allocation starting at the first foreign byte within it.
 //!
 //! Splitting. One MTLBuffer holds at most `maxBufferLength` bytes. A longer allocation becomes
 //! several *parts* side by side, each a page multiple long (but the last). A Shared or External
@@ -32,11 +41,20 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// One MTLBuffer of an allocation, covering `start..start + len` of it.
+/// One MTLBuffer of an allocation, covering `start..start + len` of it, from byte `base` of the
+/// buffer on (0 but for foreign memory, which may begin inside its buffer).
 pub(super) struct Part {
     pub buffer: Retained<ProtocolObject<dyn MTLBuffer>>,
     pub start: usize,
     pub len: usize,
+    pub base: usize,
+}
+
+impl Part {
+    /// The offset in `buffer` of byte `local` of the part: what Metal calls take.
+    pub fn at(&self, local: usize) -> usize {
+        self.base + local
+    }
 }
 
 /// Host memory mapped by the backend itself behind a split Shared allocation.
@@ -78,7 +96,8 @@ unsafe impl Sync for MetalAlloc {}
 
 impl MetalAlloc {
     /// The part holding byte `offset`, the offset in it and the bytes left in it from there;
-    /// for `offset == bytes` (nothing left), the last part with 0 bytes left.
+    /// for `offset == bytes` (nothing left), the last part with 0 bytes left. Offsets here and
+    /// in `locate` and `pieces` are in the part; Metal calls take `Part::at` of them.
     pub fn piece_at(&self, offset: usize) -> (&Part, usize, usize) {
         // Every part but the last has the first one's length, so the index is a division.
         let i = (offset / self.parts[0].len.max(1)).min(self.parts.len() - 1);
@@ -110,11 +129,12 @@ impl MetalAlloc {
         out
     }
 
-    /// The device address: the first part's `gpuAddress` where the OS has it (macOS 13 and
-    /// later), else `fallback`. Meaningful to foreign kernels over the first part only.
+    /// The device address: the first part's `gpuAddress` (of its first byte) where the OS has
+    /// it (macOS 13 and later), else `fallback`. Meaningful to foreign kernels over the first
+    /// part only.
     pub fn address(&self, has_gpu_address: bool, fallback: u64) -> u64 {
         match self.parts.first() {
-            Some(p) if has_gpu_address => p.buffer.gpuAddress(),
+            Some(p) if has_gpu_address => p.buffer.gpuAddress() + p.base as u64,
             _ => fallback,
         }
     }
@@ -138,14 +158,15 @@ pub(super) struct Buffers {
     page: usize,
 }
 
-fn storage_options(kind: MemoryKind) -> MTLResourceOptions {
+/// The options of the buffers unibuf makes: Shared where the host sees them (Shared and
+/// External memory), else Private. (Foreign buffers keep the options their maker chose.)
+fn storage_options(host_visible: bool) -> MTLResourceOptions {
     // The default hazard tracking (tracked, for buffers made by the device) is kept: commands of
     // one submission run in order, and Metal orders encoders that touch the same buffer.
-    match kind {
-        MemoryKind::Device => MTLResourceOptions::StorageModePrivate,
-        MemoryKind::HostShared | MemoryKind::HostRegistered => {
-            MTLResourceOptions::StorageModeShared | MTLResourceOptions::CPUCacheModeDefaultCache
-        }
+    if host_visible {
+        MTLResourceOptions::StorageModeShared | MTLResourceOptions::CPUCacheModeDefaultCache
+    } else {
+        MTLResourceOptions::StorageModePrivate
     }
 }
 
@@ -206,12 +227,12 @@ impl Buffers {
             free: super::free_bytes(device),
             largest_free: 0,
         };
-        let options = storage_options(kind);
+        let options = storage_options(kind == MemoryKind::HostShared);
         let alloc = match kind {
-            MemoryKind::HostRegistered => {
+            MemoryKind::HostRegistered | MemoryKind::Foreign => {
                 return Err(Error::invalid(
                     "kind",
-                    "registered memory comes from wrap_host",
+                    "registered and foreign memory come from wrap_host and wrap_foreign",
                 ))
             }
             MemoryKind::HostShared if bytes > self.max_part => {
@@ -232,7 +253,12 @@ impl Buffers {
                     let buffer = device
                         .newBufferWithLength_options(len, options)
                         .ok_or_else(oom)?;
-                    parts.push(Part { buffer, start, len });
+                    parts.push(Part {
+                        buffer,
+                        start,
+                        len,
+                        base: 0,
+                    });
                 }
                 let host = match kind {
                     // Shared and not split: one buffer, whose contents is the host view.
@@ -262,26 +288,21 @@ impl Buffers {
         bytes: usize,
     ) -> Result<(u64, Arc<MetalAlloc>)> {
         let addr = ptr.as_ptr() as usize;
-        if addr % self.page != 0 {
+        if !addr.is_multiple_of(self.page) {
             return Err(Error::Misaligned {
                 what: "wrap_host: address (newBufferWithBytesNoCopy needs whole pages)",
                 value: addr,
                 align: self.page,
             });
         }
-        if bytes == 0 || bytes % self.page != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(self.page) {
             return Err(Error::Misaligned {
                 what: "wrap_host: length (newBufferWithBytesNoCopy needs whole pages)",
                 value: bytes,
                 align: self.page,
             });
         }
-        let parts = self.wrap_parts(
-            device,
-            ptr,
-            bytes,
-            storage_options(MemoryKind::HostRegistered),
-        )?;
+        let parts = self.wrap_parts(device, ptr, bytes, storage_options(true))?;
         Ok(self.insert(MetalAlloc {
             parts,
             bytes,
@@ -325,9 +346,109 @@ impl Buffers {
                     ),
                 });
             };
-            parts.push(Part { buffer, start, len });
+            parts.push(Part {
+                buffer,
+                start,
+                len,
+                base: 0,
+            });
         }
         Ok(parts)
+    }
+
+    /// Registers bytes `offset..offset + bytes` of a foreign buffer (checked against its
+    /// length by the caller) as a one-part allocation; `host` is their host address where the
+    /// host may touch them. Dropping the allocation releases unibuf's reference only.
+    pub fn adopt(
+        &self,
+        buffer: Retained<ProtocolObject<dyn MTLBuffer>>,
+        offset: usize,
+        bytes: usize,
+        host: Option<NonNull<u8>>,
+    ) -> (u64, Arc<MetalAlloc>) {
+        self.insert(MetalAlloc {
+            parts: vec![Part {
+                buffer,
+                start: 0,
+                len: bytes,
+                base: offset,
+            }],
+            bytes,
+            host,
+            _mapping: None,
+        })
+    }
+
+    /// Wraps `bytes` of caller memory at any address without copying: one no-copy buffer over
+    /// the pages that enclose them, the allocation starting at `ptr` within it. The enclosing
+    /// pages must fit one buffer (`maxBufferLength`): a part that began inside a page could not
+    /// be cut in the page-multiple parts that `MetalAlloc::piece_at` divides by.
+    ///
+    /// # Safety
+    /// As `wrap`: the memory is valid for `bytes` bytes until the allocation is removed and
+    /// dropped. The rest of the enclosing pages is then mapped too (each holds a valid byte),
+    /// and no command reaches it: every range is checked against `bytes`.
+    pub unsafe fn wrap_unaligned(
+        &self,
+        device: &ProtocolObject<dyn MTLDevice>,
+        ptr: NonNull<u8>,
+        bytes: usize,
+    ) -> Result<(u64, Arc<MetalAlloc>)> {
+        let addr = ptr.as_ptr() as usize;
+        if bytes == 0 {
+            // No page holds a byte of an empty region (its pointer may be one past the end of
+            // a mapping), so none is wrapped: a small buffer of unibuf's own stands in, which
+            // no command reaches (every range is empty).
+            let buffer = device
+                .newBufferWithLength_options(16, storage_options(true))
+                .ok_or_else(|| Error::OutOfMemory {
+                    requested: 16,
+                    reserved: 0,
+                    free: super::free_bytes(device),
+                    largest_free: 0,
+                })?;
+            return Ok(self.adopt(buffer, 0, 0, Some(ptr)));
+        }
+        let head = addr % self.page;
+        let pages = (head + bytes).next_multiple_of(self.page);
+        // The longest part `wrap_parts` makes (`adjacent_parts`' rule).
+        let one_part = (self.max_part / self.page * self.page).max(self.page);
+        if pages > one_part {
+            return Err(Error::Unsupported {
+                backend: "metal",
+                what: format!(
+                    "wrapping {bytes} bytes of host memory at {addr:#x} without a copy: its pages \
+                     ({pages} bytes) exceed one MTLBuffer ({one_part} bytes: maxBufferLength \
+                     {} in whole pages); wrap it with Device::wrap_external instead",
+                    self.max_part
+                ),
+            });
+        }
+        // The page start lies in the mapping that holds the first byte (`wrapping_sub`: no
+        // unsafe pointer arithmetic is needed to name it).
+        let start = NonNull::new(ptr.as_ptr().wrapping_sub(head)).ok_or_else(|| {
+            Error::invalid("wrap_foreign", format!("{addr:#x}: no page starts there"))
+        })?;
+        // The pages are valid as long as the bytes are (the caller's contract); one part by
+        // the check above.
+        let parts = self.wrap_parts(device, start, pages, storage_options(true))?;
+        let [mut part] = <[Part; 1]>::try_from(parts).map_err(|parts| {
+            Error::invalid(
+                "wrap_foreign",
+                format!(
+                    "{pages} bytes of pages became {} buffers, not one",
+                    parts.len()
+                ),
+            )
+        })?;
+        part.base = head;
+        part.len = bytes;
+        Ok(self.insert(MetalAlloc {
+            parts: vec![part],
+            bytes,
+            host: Some(ptr),
+            _mapping: None,
+        }))
     }
 }
 

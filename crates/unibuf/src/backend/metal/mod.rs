@@ -18,12 +18,19 @@
 //! Residency (`residency.rs`): MTLResidencySets where the OS has them (macOS 15), behind the
 //! core's budget and epoch-deferred removal.
 //!
+//! Interop (`interop.rs`): buffers, queues and the device hand out their `id<MTL…>` pointers;
+//! foreign `MTLBuffer`s of this device are retained and wrapped as Foreign allocations; external
+//! work encodes into the submission's own command buffer, in order with the other commands;
+//! foreign shared events are waited for like other queues' events, and foreign command buffers
+//! wait for a fence on the queue's shared event.
+//!
 //! Device, queues, events, libraries and pipelines are Send and Sync in objc2-metal; buffers and
 //! residency sets are shared under the rules their wrappers state; command buffers and encoders,
 //! which are not thread-safe, live and die inside one `submit` call on one thread.
 
 mod compile;
 mod fill;
+mod interop;
 mod memory;
 mod queue;
 mod residency;
@@ -34,6 +41,10 @@ use crate::backend::{
 };
 use crate::epoch::{Epoch, Fence, QueueId};
 use crate::error::{check_range, Error, Result};
+use crate::interop::{
+    ExternalWork, ForeignMemory, NativeBuffer, NativeDevice, NativeEncoder, NativeQueue,
+    NativeWaiter,
+};
 use crate::kernel::{Constants, KernelSource, ScalarArg};
 use crate::storage::MemoryKind;
 use compile::Compiler;
@@ -125,8 +136,10 @@ enum Bind {
     Bytes([u8; 8], usize),
 }
 
-/// A command resolved to Metal objects, ready to encode (resolution can fail; encoding cannot,
-/// so a failed submission never leaves half its commands on the GPU).
+/// A command resolved to Metal objects, ready to encode. Resolution checks everything it can;
+/// encoding fails only where Metal hands out no encoder or external work fails, and then drops
+/// the command buffer uncommitted, so a failed submission never leaves half its commands on the
+/// GPU.
 enum Op {
     Copy {
         src: Retained<ProtocolObject<dyn MTLBuffer>>,
@@ -146,10 +159,14 @@ enum Op {
         binds: Vec<Bind>,
         dims: LaunchDims,
     },
+    /// A wait for another queue's event (`Command::Wait`) or a foreign one
+    /// (`Command::WaitForeign`).
     Wait {
         event: Retained<ProtocolObject<dyn MTLSharedEvent>>,
         value: Epoch,
     },
+    /// Foreign work, run with the command buffer while it is encoded (`Command::External`).
+    External(ExternalWork),
 }
 
 /// The encoder open on a command buffer; consecutive blits share one, as do consecutive
@@ -265,16 +282,20 @@ impl MetalBackend {
     }
 
     /// Resolves one command into `ops`.
-    fn resolve(&self, queue: QueueId, cmd: &Command, ops: &mut Vec<Op>) -> Result<()> {
+    ///
+    /// # Safety
+    /// `Backend::submit`'s contract for `cmd` (a foreign signal's handle is a live object of
+    /// this device: `Queue::wait_foreign`'s contract).
+    unsafe fn resolve(&self, queue: QueueId, cmd: &Command, ops: &mut Vec<Op>) -> Result<()> {
         match cmd {
             Command::Copy { src, dst } => self.resolve_copy(src, dst, ops),
             Command::Fill { dst, pattern } => {
                 let a = self.alloc_of(dst, "fill destination")?;
                 let width = pattern.width();
-                if dst.offset % width != 0 || dst.bytes % width != 0 {
+                if !dst.offset.is_multiple_of(width) || !dst.bytes.is_multiple_of(width) {
                     return Err(Error::Misaligned {
                         what: "fill: destination offset and length need the pattern's width",
-                        value: if dst.offset % width != 0 {
+                        value: if !dst.offset.is_multiple_of(width) {
                             dst.offset
                         } else {
                             dst.bytes
@@ -283,10 +304,12 @@ impl MetalBackend {
                     });
                 }
                 for (part, offset, bytes) in a.pieces(dst.offset, dst.bytes) {
-                    if let Some(value) = fill::blit_fill_byte(pattern, offset, bytes) {
+                    // Blits take offsets in the buffer (`Part::at`); kernels take ranges of
+                    // the allocation, located again in `resolve_launch`.
+                    if let Some(value) = fill::blit_fill_byte(pattern, part.at(offset), bytes) {
                         ops.push(Op::Fill {
                             dst: part.buffer.clone(),
-                            offset,
+                            offset: part.at(offset),
                             bytes,
                             value,
                         });
@@ -322,6 +345,13 @@ impl MetalBackend {
                 Ok(())
             }
             Command::Wait(fence) => self.resolve_wait(queue, *fence, ops),
+            // Run while encoding, in order with the commands around it (`encode`).
+            Command::External(work) => {
+                ops.push(Op::External(work.clone()));
+                Ok(())
+            }
+            // SAFETY: the caller's contract covers the signal's handle.
+            Command::WaitForeign(signal) => unsafe { self.resolve_wait_foreign(signal, ops) },
         }
     }
 
@@ -343,12 +373,14 @@ impl MetalBackend {
             let (sp, so, sn) = sa.piece_at(src.offset + done);
             let (dp, dof, dn) = da.piece_at(dst.offset + done);
             let n = sn.min(dn).min(src.bytes - done);
-            if fill::blit_copy_ok(so, dof, n) {
+            // Blits take offsets in the buffers (`Part::at`); the kernel takes ranges of the
+            // allocations, located again in `resolve_launch`.
+            if fill::blit_copy_ok(sp.at(so), dp.at(dof), n) {
                 ops.push(Op::Copy {
                     src: sp.buffer.clone(),
-                    src_offset: so,
+                    src_offset: sp.at(so),
                     dst: dp.buffer.clone(),
-                    dst_offset: dof,
+                    dst_offset: dp.at(dof),
                     bytes: n,
                 });
             } else {
@@ -411,8 +443,13 @@ impl MetalBackend {
                         )));
                     };
                     // An empty view may sit at the very end of a buffer; the kernel reads
-                    // nothing through it, so it is bound at the start.
-                    let offset = if offset >= part.len { 0 } else { offset };
+                    // nothing through it, so it is bound at the buffer's start. Other views are
+                    // bound at their offset in the buffer (`Part::at`).
+                    let offset = if offset >= part.len {
+                        0
+                    } else {
+                        part.at(offset)
+                    };
                     Bind::Buffer {
                         buffer: part.buffer.clone(),
                         offset,
@@ -561,6 +598,19 @@ impl MetalBackend {
                     active.end();
                     cb.encodeWaitForEvent_value(ProtocolObject::from_ref(&*event), value);
                 }
+                Op::External(work) => {
+                    // The closure encodes passes of its own on the command buffer: none of ours
+                    // may be open. If it fails, the command buffer is dropped uncommitted, so
+                    // nothing of this submission runs (what the closure encoded included) and
+                    // the epoch is not used.
+                    active.end();
+                    work.run(
+                        NativeEncoder::Metal {
+                            command_buffer: interop::handle(&cb),
+                        },
+                        label,
+                    )?;
+                }
             }
         }
         active.end();
@@ -631,6 +681,8 @@ impl Backend for MetalBackend {
         if let Some(r) = &self.residency {
             r.forget(raw.handle);
         }
+        // For Foreign memory this drops unibuf's retain of the foreign MTLBuffer (or its
+        // no-copy buffer over foreign host memory) and nothing else: the memory is its owner's.
         drop(self.buffers.remove(raw.handle));
     }
 
@@ -657,7 +709,9 @@ impl Backend for MetalBackend {
     fn host_ptr(&self, raw: &RawAlloc) -> Option<NonNull<u8>> {
         match raw.kind {
             MemoryKind::Device => None,
-            MemoryKind::HostShared | MemoryKind::HostRegistered => {
+            // Foreign memory is host-visible where it is host memory or a Shared MTLBuffer
+            // (`wrap_foreign` recorded the address then).
+            MemoryKind::HostShared | MemoryKind::HostRegistered | MemoryKind::Foreign => {
                 self.buffers.get(raw.handle).ok()?.host
             }
         }
@@ -682,7 +736,8 @@ impl Backend for MetalBackend {
         autoreleasepool(|_| {
             let mut ops = Vec::with_capacity(submission.commands.len());
             for cmd in submission.commands {
-                self.resolve(queue, cmd, &mut ops)?;
+                // SAFETY: this call's contract is the one `resolve` needs.
+                unsafe { self.resolve(queue, cmd, &mut ops) }?;
             }
             let _order = q.encoding.lock().unwrap_or_else(|e| e.into_inner());
             let epoch = q.next_epoch();
@@ -730,5 +785,31 @@ impl Backend for MetalBackend {
 
     fn residency(&self) -> Option<&dyn ResidencyHooks> {
         self.residency.as_ref().map(|r| r as &dyn ResidencyHooks)
+    }
+
+    fn native_buffer(&self, range: &RawRange) -> Result<NativeBuffer> {
+        self.native_buffer_of(range)
+    }
+
+    fn native_queue(&self, queue: QueueId) -> Result<NativeQueue> {
+        Ok(NativeQueue::Metal {
+            command_queue: interop::handle(&self.queue(queue)?.queue),
+        })
+    }
+
+    fn native_device(&self) -> NativeDevice {
+        NativeDevice::Metal {
+            device: interop::handle(&self.device),
+        }
+    }
+
+    unsafe fn wrap_foreign(&self, memory: &ForeignMemory, bytes: usize) -> Result<RawAlloc> {
+        // SAFETY: the trait's contract is the one `wrap_foreign_memory` needs.
+        autoreleasepool(|_| unsafe { self.wrap_foreign_memory(memory, bytes) })
+    }
+
+    unsafe fn order_native(&self, fence: Fence, waiter: NativeWaiter) -> Result<()> {
+        // SAFETY: the trait's contract is the one `order_command_buffer` needs.
+        autoreleasepool(|_| unsafe { self.order_command_buffer(fence, waiter) })
     }
 }
