@@ -12,6 +12,7 @@
 #   launch    unibuf bench launch, then bench/peers/torch_launch.py
 #   transfers unibuf bench transfers at 16 MiB, 256 MiB and 1 GiB, then bench/peers/torch_transfers.py
 #   alloc     unibuf replay of the trace (virtual memory, simulated), unibuf bench alloc
+#   matmul    unibuf bench matmul (cuBLAS through Queue::external), then bench/peers/matmul_torch.py
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
 #
 # Logs and JSON go to $OUT (default /tmp/unibuf-gpu); the tables are printed as they come.
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 export UNIBUF_BACKEND=cuda
 export UNIBUF_CACHE_DIR=${UNIBUF_CACHE_DIR:-/tmp/unibuf-kernel-cache}
-parts=${PARTS:-"tests memcheck kernels launch transfers alloc load"}
+parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load"}
 unibuf=.gpu/bin/unibuf
 status=0
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -65,6 +66,11 @@ if has alloc; then
         $unibuf replay --simulate "$t" || status=1
     done
     $unibuf bench alloc || status=1
+fi
+if has matmul; then
+    stage "matmul"
+    $unibuf bench matmul --json "$OUT/matmul.json" || status=1
+    python3 bench/peers/matmul_torch.py || status=1
 fi
 if has load; then
     stage "weights load"

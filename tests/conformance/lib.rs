@@ -168,3 +168,57 @@ impl Rng {
 fn bytemuck_vec<A: Element, B: Element>(v: Vec<A>) -> Vec<B> {
     bytemuck::cast_slice(&v).to_vec()
 }
+
+/// A float buffer (F32, F16 or BF16) of `shape` holding `v` rounded to `dtype`, uploaded.
+pub fn upload_f64(dev: &Device, label: &str, dtype: DType, shape: &[usize], v: &[f64]) -> Buffer {
+    let b = match dtype {
+        DType::F32 => {
+            let h: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            dev.from_slice(label, &h, shape)
+        }
+        DType::F16 => {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f64(x)).collect();
+            dev.from_slice(label, &h, shape)
+        }
+        DType::BF16 => {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f64(x)).collect();
+            dev.from_slice(label, &h, shape)
+        }
+        other => panic!("upload_f64: {other} is not a float dtype"),
+    };
+    b.expect("upload")
+}
+
+/// A float buffer's (F32, F16 or BF16) values, as f64.
+pub fn download_f64(q: &unibuf::Queue, b: &Buffer) -> Vec<f64> {
+    match b.dtype() {
+        DType::F32 => q
+            .download::<f32>(b)
+            .expect("download")
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        DType::F16 => q
+            .download::<half::f16>(b)
+            .expect("download")
+            .into_iter()
+            .map(half::f16::to_f64)
+            .collect(),
+        DType::BF16 => q
+            .download::<half::bf16>(b)
+            .expect("download")
+            .into_iter()
+            .map(half::bf16::to_f64)
+            .collect(),
+        other => panic!("download_f64: {other} is not a float dtype"),
+    }
+}
+
+/// A NaN-poisoned output buffer of `dtype` x `shape` (Auto storage), labelled "out".
+pub fn poisoned(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
+    let b = dev
+        .alloc_labelled("out", dtype, shape, StorageMode::Auto)
+        .expect("alloc");
+    poison_nan(dev, &b);
+    b
+}

@@ -23,7 +23,7 @@
 use half::{bf16, f16};
 use unibuf::ops;
 use unibuf::{Buffer, DType, Device, Error, Fence, Queue, StorageMode};
-use unibuf_conformance::{device, poison_nan, Rng, NAN_POISON};
+use unibuf_conformance::{device, download_f64, poisoned, upload_f64, Rng, NAN_POISON};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -106,56 +106,6 @@ fn values(rng: &mut Rng, n: usize, dtype: DType) -> Vec<f64> {
         .collect()
 }
 
-fn upload(dev: &Device, label: &str, dtype: DType, shape: &[usize], v: &[f64]) -> Buffer {
-    let b = match dtype {
-        DType::F32 => {
-            let h: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            dev.from_slice(label, &h, shape)
-        }
-        DType::F16 => {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f64(x)).collect();
-            dev.from_slice(label, &h, shape)
-        }
-        _ => {
-            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f64(x)).collect();
-            dev.from_slice(label, &h, shape)
-        }
-    };
-    b.expect("upload")
-}
-
-fn download(q: &Queue, b: &Buffer) -> Vec<f64> {
-    match b.dtype() {
-        DType::F32 => q
-            .download::<f32>(b)
-            .expect("download")
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-        DType::F16 => q
-            .download::<f16>(b)
-            .expect("download")
-            .into_iter()
-            .map(f16::to_f64)
-            .collect(),
-        _ => q
-            .download::<bf16>(b)
-            .expect("download")
-            .into_iter()
-            .map(bf16::to_f64)
-            .collect(),
-    }
-}
-
-/// A NaN-poisoned buffer of `dtype` x `shape`.
-fn poisoned(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
-    let b = dev
-        .alloc_labelled("out", dtype, shape, StorageMode::Auto)
-        .expect("alloc");
-    poison_nan(dev, &b);
-    b
-}
-
 /// The exact product `[m, n]` and, per element, its magnitude `sum |a_ik b_kj|`.
 fn reference(
     a: &[f64],
@@ -236,17 +186,17 @@ fn matmul_matches_f64_reference() {
             for layout in LAYOUTS {
                 let av = values(&mut rng, m * k, dtype);
                 let bv = values(&mut rng, k * n, dtype);
-                let a = upload(&dev, "a", dtype, &[m, k], &av);
-                let b = upload(&dev, "b", dtype, &layout.b_shape(k, n), &bv);
+                let a = upload_f64(&dev, "a", dtype, &[m, k], &av);
+                let b = upload_f64(&dev, "b", dtype, &layout.b_shape(k, n), &bv);
                 let (want, mag) = reference(&av, &bv, (m, n, k), layout);
                 let what = format!("{layout:?} m={m} n={n} k={k}");
                 let c = product(&q, &a, &b, layout).expect(&what);
                 assert_eq!((c.dtype(), c.shape()), (dtype, &[m, n][..]), "{what}");
-                assert_close(&what, dtype, k, &download(&q, &c), &want, &mag);
+                assert_close(&what, dtype, k, &download_f64(&q, &c), &want, &mag);
                 let out = poisoned(&dev, dtype, &[m, n]);
                 let fence = product_into(&q, &a, &b, layout, &out).expect(&what);
                 q.wait(fence).expect("wait");
-                assert_close(&what, dtype, k, &download(&q, &out), &want, &mag);
+                assert_close(&what, dtype, k, &download_f64(&q, &out), &want, &mag);
             }
         }
     }
@@ -269,13 +219,13 @@ fn matmul_of_small_integers_is_the_exact_sum_rounded_once() {
                 let mut ints =
                     |len: usize| -> Vec<f64> { (0..len).map(|_| rng.range(0, 4) as f64).collect() };
                 let (av, bv) = (ints(m * k), ints(k * n));
-                let a = upload(&dev, "a", dtype, &[m, k], &av);
-                let b = upload(&dev, "b", dtype, &layout.b_shape(k, n), &bv);
+                let a = upload_f64(&dev, "a", dtype, &[m, k], &av);
+                let b = upload_f64(&dev, "b", dtype, &layout.b_shape(k, n), &bv);
                 let (want, _) = reference(&av, &bv, (m, n, k), layout);
                 let out = poisoned(&dev, dtype, &[m, n]);
                 q.wait(product_into(&q, &a, &b, layout, &out).expect("matmul"))
                     .expect("wait");
-                let got = download(&q, &out);
+                let got = download_f64(&q, &out);
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
                         g,
@@ -303,17 +253,17 @@ fn matmul_of_one_row_gives_one_row() {
             let (n, k) = (37, 129);
             let av = values(&mut rng, k, dtype);
             let bv = values(&mut rng, k * n, dtype);
-            let a = upload(&dev, "x", dtype, &[k], &av);
-            let b = upload(&dev, "w", dtype, &layout.b_shape(k, n), &bv);
+            let a = upload_f64(&dev, "x", dtype, &[k], &av);
+            let b = upload_f64(&dev, "w", dtype, &layout.b_shape(k, n), &bv);
             let (want, mag) = reference(&av, &bv, (1, n, k), layout);
             let what = format!("1-D a, {layout:?}");
             let y = product(&q, &a, &b, layout).expect(&what);
             assert_eq!(y.shape(), &[n], "{what}");
-            assert_close(&what, dtype, k, &download(&q, &y), &want, &mag);
+            assert_close(&what, dtype, k, &download_f64(&q, &y), &want, &mag);
             let out = poisoned(&dev, dtype, &[n]);
             q.wait(product_into(&q, &a, &b, layout, &out).expect(&what))
                 .expect("wait");
-            assert_close(&what, dtype, k, &download(&q, &out), &want, &mag);
+            assert_close(&what, dtype, k, &download_f64(&q, &out), &want, &mag);
             // A [1, n] output is the wrong shape for a 1-D a.
             let wrong = poisoned(&dev, dtype, &[1, n]);
             assert!(
@@ -361,26 +311,26 @@ fn matmul_reads_and_writes_views() {
         for layout in LAYOUTS {
             let a_rows = 1..1 + m;
             let av_big = values(&mut rng, (m + 2) * k, dtype);
-            let a_big = upload(&dev, "a big", dtype, &[m + 2, k], &av_big);
+            let a_big = upload_f64(&dev, "a big", dtype, &[m + 2, k], &av_big);
             let a = a_big.rows(a_rows.clone()).expect("rows");
             let av = &av_big[a_rows.start * k..a_rows.end * k];
             // b's rows: k of [k + 3, n] (KxN), or n of [n + 3, k] (NxK: a subset of outputs).
             let b_rows = 2..2 + layout.b_shape(k, n)[0];
             let b_cols = layout.b_shape(k, n)[1];
             let bv_big = values(&mut rng, (b_rows.end + 1) * b_cols, dtype);
-            let b_big = upload(&dev, "b big", dtype, &[b_rows.end + 1, b_cols], &bv_big);
+            let b_big = upload_f64(&dev, "b big", dtype, &[b_rows.end + 1, b_cols], &bv_big);
             let b = b_big.rows(b_rows.clone()).expect("rows");
             let bv = &bv_big[b_rows.start * b_cols..b_rows.end * b_cols];
             let (want, mag) = reference(av, bv, (m, n, k), layout);
             let what = format!("views, {layout:?} {dtype}");
             let c = product(&q, &a, &b, layout).expect(&what);
-            assert_close(&what, dtype, k, &download(&q, &c), &want, &mag);
+            assert_close(&what, dtype, k, &download_f64(&q, &c), &want, &mag);
             let out_rows = 3..3 + m;
             let out_big = poisoned(&dev, dtype, &[m + 4, n]);
             let out = out_big.rows(out_rows.clone()).expect("rows");
             q.wait(product_into(&q, &a, &b, layout, &out).expect(&what))
                 .expect("wait");
-            assert_close(&what, dtype, k, &download(&q, &out), &want, &mag);
+            assert_close(&what, dtype, k, &download_f64(&q, &out), &want, &mag);
             assert_untouched(&q, &out_big, m + 4, out_rows);
         }
     }
@@ -403,15 +353,15 @@ fn empty_products_are_zeros_or_empty() {
                 .expect("alloc");
             let c = product(&q, &a, &b, layout).expect(&what);
             assert_eq!(c.shape(), &[3, 5]);
-            assert_eq!(download(&q, &c), vec![0.0; 15], "{what}: k = 0");
+            assert_eq!(download_f64(&q, &c), vec![0.0; 15], "{what}: k = 0");
             let out = poisoned(&dev, dtype, &[3, 5]);
             q.wait(product_into(&q, &a, &b, layout, &out).expect(&what))
                 .expect("wait");
-            assert_eq!(download(&q, &out), vec![0.0; 15], "{what}: k = 0, into");
+            assert_eq!(download_f64(&q, &out), vec![0.0; 15], "{what}: k = 0, into");
             let row = dev.alloc(dtype, &[0], StorageMode::Auto).expect("alloc");
             let y = product(&q, &row, &b, layout).expect(&what);
             assert_eq!(y.shape(), &[5]);
-            assert_eq!(download(&q, &y), vec![0.0; 5], "{what}: 1-D a, k = 0");
+            assert_eq!(download_f64(&q, &y), vec![0.0; 5], "{what}: 1-D a, k = 0");
             // m = 0 and n = 0: empty results.
             let a = dev.alloc(dtype, &[0, 4], StorageMode::Auto).expect("alloc");
             let b = dev
@@ -692,11 +642,11 @@ fn products_are_ordered_by_the_epochs_without_waits() {
             .expect("overwrite a");
         let (want, mag) = reference(&av, &bv, (m, n, k), layout);
         let what = format!("ordering, {layout:?}");
-        assert_close(&what, dtype, k, &download(&q1, &ab), &want, &mag);
+        assert_close(&what, dtype, k, &download_f64(&q1, &ab), &want, &mag);
         let (want2, mag2) = reference(&want, &cv, (m, 64, n), Layout::KxN);
         // The second product's inputs carry the first's error; its magnitude bounds it.
         let mag2: Vec<f64> = mag2.iter().map(|t| t * 2.0).collect();
-        assert_close(&what, dtype, n + k, &download(&q1, &abc), &want2, &mag2);
+        assert_close(&what, dtype, n + k, &download_f64(&q1, &abc), &want2, &mag2);
         dev.drain().expect("drain");
     }
 }
@@ -747,15 +697,15 @@ fn products_run_on_a_device_opened_after_another_was_dropped() {
         let (m, n, k) = (5, 9, 33);
         let av = values(&mut rng, m * k, DType::BF16);
         let bv = values(&mut rng, n * k, DType::BF16);
-        let a = upload(&dev, "a", DType::BF16, &[m, k], &av);
-        let b = upload(&dev, "w", DType::BF16, &[n, k], &bv);
+        let a = upload_f64(&dev, "a", DType::BF16, &[m, k], &av);
+        let b = upload_f64(&dev, "w", DType::BF16, &[n, k], &bv);
         let (want, mag) = reference(&av, &bv, (m, n, k), Layout::NxK);
         let c = ops::matmul_bt(&q, &a, &b).expect("matmul_bt");
         assert_close(
             &format!("round {round}"),
             DType::BF16,
             k,
-            &download(&q, &c),
+            &download_f64(&q, &c),
             &want,
             &mag,
         );

@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 use unibuf::ops::{self, RopeStyle};
 use unibuf::{Buffer, DType, Device, Error, Queue, StorageMode};
-use unibuf_conformance::{device, poison_nan, Rng, NAN_POISON};
+use unibuf_conformance::{device, download_f64, poisoned, upload_f64, Rng, NAN_POISON};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -54,56 +54,6 @@ fn values(rng: &mut Rng, n: usize, scale: f32, dtype: DType) -> Vec<f64> {
             }
         })
         .collect()
-}
-
-fn upload(dev: &Device, label: &str, dtype: DType, shape: &[usize], v: &[f64]) -> Buffer {
-    let b = match dtype {
-        DType::F32 => {
-            let h: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            dev.from_slice(label, &h, shape)
-        }
-        DType::F16 => {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f64(x)).collect();
-            dev.from_slice(label, &h, shape)
-        }
-        _ => {
-            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f64(x)).collect();
-            dev.from_slice(label, &h, shape)
-        }
-    };
-    b.expect("upload")
-}
-
-fn download(q: &Queue, b: &Buffer) -> Vec<f64> {
-    match b.dtype() {
-        DType::F32 => q
-            .download::<f32>(b)
-            .expect("download")
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-        DType::F16 => q
-            .download::<f16>(b)
-            .expect("download")
-            .into_iter()
-            .map(f16::to_f64)
-            .collect(),
-        _ => q
-            .download::<bf16>(b)
-            .expect("download")
-            .into_iter()
-            .map(bf16::to_f64)
-            .collect(),
-    }
-}
-
-/// A poisoned output of `dtype` x `shape`.
-fn poisoned(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
-    let b = dev
-        .alloc_labelled("out", dtype, shape, StorageMode::Auto)
-        .expect("alloc");
-    poison_nan(dev, &b);
-    b
 }
 
 /// Every element within `rel_tol(dtype) * |want| + abs(i)` of the reference (NaN fails).
@@ -173,18 +123,18 @@ fn rms_norm_matches_f64_reference() {
             let n: usize = shape.iter().product();
             let xv = values(&mut rng, n, 8.0, dtype);
             let wv = values(&mut rng, hidden, 2.0, dtype);
-            let x = upload(&dev, "x", dtype, shape, &xv);
-            let w = upload(&dev, "w", dtype, &[hidden], &wv);
+            let x = upload_f64(&dev, "x", dtype, shape, &xv);
+            let w = upload_f64(&dev, "w", dtype, &[hidden], &wv);
             let want = rms_norm_ref(&xv, &wv, f64::from(eps));
             let what = format!("rms_norm {shape:?}");
             let y = ops::rms_norm(&q, &x, &w, eps).expect("rms_norm");
             assert_eq!((y.dtype(), y.shape()), (dtype, shape));
             let floor = abs_floor(dtype, 4.0);
-            assert_close(&what, dtype, &download(&q, &y), &want, |_| floor);
+            assert_close(&what, dtype, &download_f64(&q, &y), &want, |_| floor);
             let out = poisoned(&dev, dtype, shape);
             let fence = ops::rms_norm_into(&q, &x, &w, eps, &out).expect("rms_norm_into");
             q.wait(fence).expect("wait");
-            assert_close(&what, dtype, &download(&q, &out), &want, |_| floor);
+            assert_close(&what, dtype, &download_f64(&q, &out), &want, |_| floor);
         }
     }
 }
@@ -202,20 +152,20 @@ fn rms_norm_residual_matches_rms_norm_of_the_rounded_sum() {
             let xv = values(&mut rng, n, 8.0, dtype);
             let rv = values(&mut rng, n, 8.0, dtype);
             let wv = values(&mut rng, hidden, 2.0, dtype);
-            let x = upload(&dev, "x", dtype, shape, &xv);
-            let r = upload(&dev, "residual", dtype, shape, &rv);
-            let w = upload(&dev, "w", dtype, &[hidden], &wv);
+            let x = upload_f64(&dev, "x", dtype, shape, &xv);
+            let r = upload_f64(&dev, "residual", dtype, shape, &rv);
+            let w = upload_f64(&dev, "w", dtype, &[hidden], &wv);
             let want_sum: Vec<f64> = xv.iter().zip(&rv).map(|(a, b)| a + b).collect();
             let what = format!("rms_norm_residual {shape:?}");
             let floor = abs_floor(dtype, 16.0);
             let check = |normed: &Buffer, sum: &Buffer| {
-                let got_sum = download(&q, sum);
+                let got_sum = download_f64(&q, sum);
                 assert_close(&format!("{what} sum"), dtype, &got_sum, &want_sum, |_| {
                     floor
                 });
                 // The norm is of the sum as stored, exactly what rms_norm(sum) would see.
                 let want = rms_norm_ref(&got_sum, &wv, f64::from(eps));
-                assert_close(&what, dtype, &download(&q, normed), &want, |_| floor);
+                assert_close(&what, dtype, &download_f64(&q, normed), &want, |_| floor);
             };
             let (normed, sum) =
                 ops::rms_norm_residual(&q, &x, &r, &w, eps).expect("rms_norm_residual");
@@ -240,18 +190,18 @@ fn softmax_matches_f64_reference() {
             let n = last_dim(shape);
             let count: usize = shape.iter().product();
             let xv = values(&mut rng, count, 10.0, dtype);
-            let x = upload(&dev, "x", dtype, shape, &xv);
+            let x = upload_f64(&dev, "x", dtype, shape, &xv);
             let want = softmax_ref(&xv, n);
             let what = format!("softmax {shape:?}");
             // Probabilities are tiny in long rows: the floor is well below every one of them
             // that the dtype can represent (f16 flushes the smallest to its subnormals).
             let floor = if dtype == DType::F16 { 1e-7 } else { 1e-12 };
             let y = ops::softmax(&q, &x).expect("softmax");
-            assert_close(&what, dtype, &download(&q, &y), &want, |_| floor);
+            assert_close(&what, dtype, &download_f64(&q, &y), &want, |_| floor);
             let out = poisoned(&dev, dtype, shape);
             q.wait(ops::softmax_into(&q, &x, &out).expect("softmax_into"))
                 .expect("wait");
-            let got = download(&q, &out);
+            let got = download_f64(&q, &out);
             assert_close(&what, dtype, &got, &want, |_| floor);
             for row in got.chunks_exact(n) {
                 let total: f64 = row.iter().sum();
@@ -293,17 +243,17 @@ fn swiglu_matches_f64_reference() {
             let n: usize = shape.iter().product();
             let gv = values(&mut rng, n, 8.0, dtype);
             let uv = values(&mut rng, n, 4.0, dtype);
-            let g = upload(&dev, "gate", dtype, shape, &gv);
-            let u = upload(&dev, "up", dtype, shape, &uv);
+            let g = upload_f64(&dev, "gate", dtype, shape, &gv);
+            let u = upload_f64(&dev, "up", dtype, shape, &uv);
             let want = swiglu_ref(&gv, &uv);
             let what = format!("swiglu {shape:?}");
             let floor = abs_floor(dtype, 32.0);
             let y = ops::swiglu(&q, &g, &u).expect("swiglu");
-            assert_close(&what, dtype, &download(&q, &y), &want, |_| floor);
+            assert_close(&what, dtype, &download_f64(&q, &y), &want, |_| floor);
             let out = poisoned(&dev, dtype, shape);
             q.wait(ops::swiglu_into(&q, &g, &u, &out).expect("swiglu_into"))
                 .expect("wait");
-            assert_close(&what, dtype, &download(&q, &out), &want, |_| floor);
+            assert_close(&what, dtype, &download_f64(&q, &out), &want, |_| floor);
         }
     }
 }
@@ -360,7 +310,7 @@ fn rope_matches_f64_reference_in_both_layouts() {
                 if tokens > 1 {
                     pos[tokens - 1] = 8191;
                 }
-                let x = upload(&dev, "x", dtype, &shape, &xv);
+                let x = upload_f64(&dev, "x", dtype, &shape, &xv);
                 let p = dev
                     .from_slice("positions", &pos, &[tokens])
                     .expect("upload");
@@ -370,11 +320,11 @@ fn rope_matches_f64_reference_in_both_layouts() {
                 let floor = |i: usize| 8.0 * (angles[i] * 2.4e-7 + 1e-6) + abs_floor(dtype, 0.0);
                 let what = format!("rope {style:?} theta {theta} {shape:?}");
                 let y = ops::rope(&q, &x, &p, theta, style).expect("rope");
-                assert_close(&what, dtype, &download(&q, &y), &want, floor);
+                assert_close(&what, dtype, &download_f64(&q, &y), &want, floor);
                 let out = poisoned(&dev, dtype, &shape);
                 q.wait(ops::rope_into(&q, &x, &p, theta, style, &out).expect("rope_into"))
                     .expect("wait");
-                assert_close(&what, dtype, &download(&q, &out), &want, floor);
+                assert_close(&what, dtype, &download_f64(&q, &out), &want, floor);
             }
         }
     }
@@ -408,9 +358,9 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             let xv = values(&mut rng, n, 8.0, dtype);
             let rv = values(&mut rng, n, 8.0, dtype);
             let wv = values(&mut rng, hidden, 2.0, dtype);
-            let x_big = upload(&dev, "x", dtype, &shape, &xv);
-            let r_big = upload(&dev, "residual", dtype, &shape, &rv);
-            let w = upload(&dev, "w", dtype, &[hidden], &wv);
+            let x_big = upload_f64(&dev, "x", dtype, &shape, &xv);
+            let r_big = upload_f64(&dev, "residual", dtype, &shape, &rv);
+            let w = upload_f64(&dev, "w", dtype, &[hidden], &wv);
             let x = x_big.rows(range.clone()).expect("rows");
             let r = r_big.rows(range.clone()).expect("rows");
             let what = format!("view {range:?} of {shape:?}");
@@ -421,7 +371,7 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             q.wait(ops::rms_norm_into(&q, &x, &w, eps, &view_out(&out)).expect("rms_norm"))
                 .expect("wait");
             let want = rms_norm_ref(&xv[lo..hi], &wv, f64::from(eps));
-            let got = download(&q, &view_out(&out));
+            let got = download_f64(&q, &view_out(&out));
             assert_close(&format!("rms_norm {what}"), dtype, &got, &want, |_| floor);
             assert_untouched(&q, &out, rows, range.clone());
 
@@ -437,13 +387,13 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             )
             .expect("rms_norm_residual");
             q.wait(fence).expect("wait");
-            let got_sum = download(&q, &view_out(&sum));
+            let got_sum = download_f64(&q, &view_out(&sum));
             let want_sum: Vec<f64> = (lo..hi).map(|i| xv[i] + rv[i]).collect();
             assert_close(&format!("sum {what}"), dtype, &got_sum, &want_sum, |_| {
                 floor
             });
             let want = rms_norm_ref(&got_sum, &wv, f64::from(eps));
-            let got = download(&q, &view_out(&normed));
+            let got = download_f64(&q, &view_out(&normed));
             assert_close(&format!("normed {what}"), dtype, &got, &want, |_| floor);
             assert_untouched(&q, &normed, rows, range.clone());
             assert_untouched(&q, &sum, rows, range.clone());
@@ -452,7 +402,7 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             q.wait(ops::softmax_into(&q, &x, &view_out(&out)).expect("softmax"))
                 .expect("wait");
             let want = softmax_ref(&xv[lo..hi], hidden);
-            let got = download(&q, &view_out(&out));
+            let got = download_f64(&q, &view_out(&out));
             assert_close(&format!("softmax {what}"), dtype, &got, &want, |_| 1e-7);
             assert_untouched(&q, &out, rows, range.clone());
 
@@ -460,7 +410,7 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             q.wait(ops::swiglu_into(&q, &x, &r, &view_out(&out)).expect("swiglu"))
                 .expect("wait");
             let want = swiglu_ref(&xv[lo..hi], &rv[lo..hi]);
-            let got = download(&q, &view_out(&out));
+            let got = download_f64(&q, &view_out(&out));
             assert_close(&format!("swiglu {what}"), dtype, &got, &want, |_| {
                 abs_floor(dtype, 32.0)
             });
