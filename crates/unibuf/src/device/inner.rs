@@ -47,6 +47,9 @@ struct DeferredRelease {
 
 pub(crate) struct DeviceInner {
     pub id: u64,
+    /// The state a BLAS library keeps per device (`ops::matmul`'s cuBLAS handle), made on first
+    /// use and dropped in `Drop`, after the drain and while the backend still holds its context.
+    pub blas: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     pub backend: Box<dyn Backend>,
     pub info: DeviceInfo,
     alloc: Mutex<Allocator>,
@@ -92,6 +95,7 @@ impl DeviceInner {
         let info = backend.info().clone();
         Ok(Arc::new(DeviceInner {
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            blas: std::sync::OnceLock::new(),
             info,
             alloc: Mutex::new(Allocator::new(budget)),
             staging: StagingPool::new(staging),
@@ -822,6 +826,8 @@ impl DeviceInner {
 impl Drop for DeviceInner {
     fn drop(&mut self) {
         let _ = self.drain();
+        // A BLAS handle goes with its context alive (the backend is dropped after this).
+        drop(self.blas.take());
         for r in std::mem::take(&mut *lock(&self.deferred)) {
             for f in r.fences.iter() {
                 let _ = self.backend.wait(f.queue, f.epoch);

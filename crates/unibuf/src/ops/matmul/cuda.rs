@@ -23,20 +23,14 @@
 //! cuBLAS's documented multi-stream pattern; `cublasSetStream` also moves the handle to that
 //! stream's default workspace.
 //!
-//! The handles live in a process-wide list keyed by [`Device::id`](crate::Device::id), each with
-//! a `Weak` of its device. A handle must be destroyed with its context alive, and nothing here
-//! runs when a device is dropped, so each handle retains the device's primary context itself
-//! (`cuDevicePrimaryCtxRetain`), and the handles of devices that went away are destroyed at the
-//! next product on any device (context pushed, `cublasDestroy`, popped, retain released). Until
-//! then a dropped device leaves its handle and cuBLAS's workspace allocated, and keeps its primary
-//! context from being reset (which matters after a device fault, where a new device would
-//! otherwise get a fresh context). The cure is a slot on the device itself: a field of
-//! `DeviceInner` holding the handle, cleared by `Drop for DeviceInner` right after its drain,
-//! while the backend still holds the context; the handle then needs no retain of its own.
+//! Each device keeps its handle in its BLAS slot (`DeviceInner::blas`), created on the first
+//! product. The device empties the slot in its drop, right after draining its queues and before
+//! the backend releases the context, so the handle is destroyed with its context alive. The
+//! handle also retains the primary context itself (`cuDevicePrimaryCtxRetain`), so that it stays
+//! valid whatever order other owners of the context let go in.
 
 use super::{Gemm, Layout};
 use crate::buffer::Buffer;
-use crate::device::DeviceInner;
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::interop::{NativeBuffer, NativeDevice, NativeEncoder, NativeHandle};
@@ -45,7 +39,7 @@ use crate::DType;
 use cudarc::cublas::sys as cublas;
 use cudarc::driver::sys as cu;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// Whether the cuBLAS library loads (probed once).
 fn library_present() -> bool {
@@ -152,8 +146,8 @@ impl Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // SAFETY: the handle is live and no longer used (its slot is being dropped: its device is
-        // gone, or creation failed); its context is alive, retained by this handle. Pushing and
+        // SAFETY: the handle is live and no longer used (its slot is being emptied: its device is
+        // being dropped, or creation failed); its context is alive, retained by this handle. Pushing and
         // popping leaves whatever context the thread had current (and unibuf's record of it)
         // as it was. cublasDestroy synchronises the device first.
         unsafe {
@@ -167,10 +161,10 @@ impl Drop for Handle {
     }
 }
 
-/// One device's handle, created on its first product.
+/// One device's handle, created on its first product. It lives in the device's BLAS slot
+/// (`DeviceInner::blas`), which the device empties in its drop right after draining, while the
+/// backend still holds the context.
 struct Slot {
-    id: u64,
-    owner: Weak<DeviceInner>,
     device: cu::CUdevice,
     handle: Mutex<Option<Handle>>,
 }
@@ -179,10 +173,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Every device's slot (see the module's notes on their lifetime).
-static SLOTS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
-
-/// The slot of `q`'s device, made if it has none; destroys the handles of devices that are gone.
+/// The slot of `q`'s device, made on first use.
 fn slot(q: &Queue) -> Result<Arc<Slot>> {
     let NativeDevice::Cuda { device, .. } = q.device().native() else {
         return Err(Error::invalid(
@@ -190,37 +181,18 @@ fn slot(q: &Queue) -> Result<Arc<Slot>> {
             "the CUDA path was given a queue of another backend",
         ));
     };
-    let id = q.device().id();
-    let (found, gone) = {
-        let mut slots = lock(&SLOTS);
-        // Rebuilt only when a device has gone (rare): the common call allocates nothing.
-        let gone = if slots.iter().any(|s| s.owner.strong_count() == 0) {
-            let (live, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut *slots)
-                .into_iter()
-                .partition(|s| s.owner.strong_count() > 0);
-            *slots = live;
-            gone
-        } else {
-            Vec::new()
-        };
-        let found = match slots.iter().find(|s| s.id == id) {
-            Some(s) => s.clone(),
-            None => {
-                let s = Arc::new(Slot {
-                    id,
-                    owner: Arc::downgrade(&q.device),
-                    device,
-                    handle: Mutex::new(None),
-                });
-                slots.push(s.clone());
-                s
-            }
-        };
-        (found, gone)
-    };
-    // Outside the list's lock: destroying a handle synchronises its device.
-    drop(gone);
-    Ok(found)
+    let any = q.device.blas.get_or_init(|| {
+        Arc::new(Slot {
+            device,
+            handle: Mutex::new(None),
+        })
+    });
+    any.clone().downcast::<Slot>().map_err(|_| {
+        Error::invalid(
+            "matmul",
+            "the device's BLAS slot holds another library's state",
+        )
+    })
 }
 
 /// The device address of a view.
