@@ -1,11 +1,13 @@
 //! Matrix products through the platform's BLAS, run as external work on the queue's own
 //! stream: [`matmul`] (`b` as `[k, n]`) and [`matmul_bt`] (`b` as a linear layer's `[n, k]`),
-//! each with an `_into` form. The backends are `cpu.rs` (the `gemm` crate) and `cuda.rs`
-//! (cuBLAS).
+//! each with an `_into` form. The backends are `cpu.rs` (the `gemm` crate), `cuda.rs`
+//! (cuBLAS) and `metal.rs` (MetalPerformanceShaders).
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+mod metal;
 
 use super::{expect_dtype, expect_float, expect_shape, output};
 use crate::backend::FillPattern;
@@ -71,7 +73,7 @@ impl std::fmt::Display for Gemm {
 /// | --- | --- | --- |
 /// | CPU | the `gemm` crate (packed SIMD kernels, threaded with rayon), on the queue's worker | f32; f16 and bf16 widened to f32 in scratch (`gemm`'s own f16 kernels round partial sums to f16) |
 /// | CUDA | cuBLAS `cublasGemmEx`, loaded at run time, on the queue's stream | `CUBLAS_COMPUTE_32F` for every dtype: f32 is full FP32 (no TF32); reduced-precision split-k reductions are disallowed |
-/// | Metal | none yet (MPS comes later) | `Error::Unsupported { backend: "metal", .. }` |
+/// | Metal | MetalPerformanceShaders `MPSMatrixMultiplication`, in the queue's command buffer | f32 and f16 (MPS's own precision); bf16 is `Error::Unsupported { backend: "metal", .. }` (the MPS matrix kernel does not take it) |
 ///
 /// Operands are row-major, contiguous views at any offset (e.g. [`Buffer::rows`]), all of one
 /// dtype: f32, f16 or bf16. Products accumulate in f32 and are rounded once to the output dtype.
@@ -81,8 +83,9 @@ impl std::fmt::Display for Gemm {
 /// Errors, before anything is submitted: `DTypeMismatch` when `b` differs from `a` in dtype,
 /// `InvalidArgument` for another dtype or rank, `ShapeMismatch` when `b`'s `k` is not `a`'s last
 /// dimension, `WrongDevice` for a buffer of another device, `Misaligned` for a view whose
-/// address is not a multiple of its element size, `InvalidArgument` on CUDA for a dimension
-/// above `i32::MAX`, and `Unsupported` on Metal, or on CUDA without the cuBLAS library.
+/// address (or, on Metal, offset in its `MTLBuffer`) is not a multiple of its element size,
+/// `InvalidArgument` on CUDA for a dimension above `i32::MAX`, and `Unsupported` for bf16 on
+/// Metal, or on CUDA without the cuBLAS library.
 ///
 /// ```
 /// use unibuf::{ops, Device};
@@ -258,18 +261,20 @@ fn check_aligned(what: &'static str, b: &Buffer) -> Result<()> {
     Ok(())
 }
 
-/// Whether the queue's backend can run the product: Metal has no BLAS wired up yet; CUDA needs
+/// Whether the queue's backend can run the product: Metal takes f32 and f16 only; CUDA needs
 /// the cuBLAS library and dimensions that fit its `int`s.
 fn check_backend(q: &Queue, g: &Gemm) -> Result<()> {
     match q.device().info().backend {
         "cpu" => Ok(()),
         #[cfg(feature = "cuda")]
         "cuda" => cuda::check(g),
+        #[cfg(all(feature = "metal", target_vendor = "apple"))]
+        "metal" => metal::check(g),
         backend => Err(Error::Unsupported {
             backend,
             what: format!(
-                "ops::matmul ({g}): no BLAS is wired up on {backend} yet (Metal Performance \
-                 Shaders are planned); use the CPU or CUDA backend"
+                "ops::matmul ({g}): no BLAS is wired up on {backend}; use the CPU, CUDA or \
+                 Metal backend"
             ),
         }),
     }
@@ -295,6 +300,10 @@ fn submit(q: &Queue, a: &Buffer, b: &Buffer, out: &Buffer, g: Gemm) -> Result<Fe
     #[cfg(feature = "cuda")]
     if q.device().info().backend == "cuda" {
         return cuda::submit(q, a, b, out, g);
+    }
+    #[cfg(all(feature = "metal", target_vendor = "apple"))]
+    if q.device().info().backend == "metal" {
+        return metal::submit(q, a, b, out, g);
     }
     cpu::submit(q, a, b, out, g)
 }
