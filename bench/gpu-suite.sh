@@ -14,6 +14,12 @@
 #   alloc     unibuf replay of the trace (virtual memory, simulated), unibuf bench alloc
 #   matmul    unibuf bench matmul (cuBLAS through Queue::external), then bench/peers/matmul_torch.py
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
+#   python    the Python package on CUDA: its wheel (.gpu/python/unibuf-*.whl, built here with
+#             `maturin build --release -o ../../.gpu/python` in bindings/python) installed into a
+#             venv over the machine's PyTorch; pytest with UNIBUF_BACKEND=cuda; the Hugging Face
+#             Llama client (bench/peers/hf_llama_unibuf.py: real SmolLM2 weights where
+#             SMOLLM2_GGUF names the file, and the same shape from its config); op-call overhead
+#             beside PyTorch eager (bench/peers/python_op_overhead.py)
 #
 # Logs and JSON go to $OUT (default /tmp/unibuf-gpu); the tables are printed as they come.
 set -uo pipefail
@@ -22,7 +28,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 export UNIBUF_BACKEND=cuda
 export UNIBUF_CACHE_DIR=${UNIBUF_CACHE_DIR:-/tmp/unibuf-kernel-cache}
-parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load"}
+parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load python"}
 unibuf=.gpu/bin/unibuf
 status=0
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -79,5 +85,25 @@ if has load; then
         || status=1
     $unibuf bench load "$file" --samples 3 --json "$OUT/load.json" || status=1
     $unibuf bench load "$file" --samples 3 --staging 4M,64 || status=1
+fi
+if has python; then
+    stage "python: the package on CUDA, the Llama client, op-call overhead"
+    venv="$OUT/venv"
+    python3 -m venv --system-site-packages "$venv"
+    # No network on the GPU machine: the wheel (and gguf's, for GGUF weights) comes carried.
+    "$venv/bin/pip" install --quiet --no-deps --no-index .gpu/python/*.whl || status=1
+    (cd bindings/python && "$venv/bin/python" -m pytest tests -q -p no:cacheprovider \
+        >"$OUT/pytest.log" 2>&1) || status=1
+    tail -5 "$OUT/pytest.log"
+    if [ -n "${SMOLLM2_GGUF:-}" ]; then
+        for dtype in float32 bfloat16; do
+            "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
+                --dtype "$dtype" --tokens 64 --json "$OUT/hf_llama_gguf_$dtype.json" || status=1
+        done
+    fi
+    "$venv/bin/python" bench/peers/hf_llama_unibuf.py --random-config smollm2 --device cuda \
+        --dtype bfloat16 --tokens 64 --json "$OUT/hf_llama_config.json" || status=1
+    "$venv/bin/python" bench/peers/python_op_overhead.py --device cuda \
+        --json "$OUT/python_overhead.json" || status=1
 fi
 exit $status

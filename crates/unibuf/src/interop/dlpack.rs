@@ -569,6 +569,31 @@ fn from_dl_dtype(d: DLDataType, backend: &'static str) -> Result<DType> {
     })
 }
 
+impl DType {
+    /// The DLPack dtype of this dtype (one lane): `bfloat16` is `kDLBfloat` with 16 bits.
+    ///
+    /// ```
+    /// use unibuf::{interop::dlpack::ffi::DLDataType, DType};
+    /// assert_eq!(DType::F16.to_dlpack(), DLDataType::F16);
+    /// ```
+    pub fn to_dlpack(self) -> DLDataType {
+        to_dl_dtype(self)
+    }
+
+    /// The dtype of a DLPack dtype; [`Error::Unsupported`] naming code, bits and lanes for
+    /// what unibuf has no dtype of (bool, complex, vectors, float8).
+    ///
+    /// ```
+    /// use unibuf::{interop::dlpack::ffi::DLDataType, DType};
+    /// assert_eq!(DType::from_dlpack(DLDataType::BF16)?, DType::BF16);
+    /// assert!(DType::from_dlpack(DLDataType::BOOL).is_err());
+    /// # Ok::<(), unibuf::Error>(())
+    /// ```
+    pub fn from_dlpack(d: DLDataType) -> Result<DType> {
+        from_dl_dtype(d, "dlpack")
+    }
+}
+
 // ---- export ----------------------------------------------------------------------------------
 
 impl Buffer {
@@ -598,6 +623,15 @@ impl Buffer {
     pub fn to_dlpack_legacy(&self, stream: DlpackStream) -> Result<DlpackLegacyTensor> {
         self.export::<DLManagedTensor>(stream, Location::caller())
             .map(DlpackLegacyTensor)
+    }
+
+    /// The DLPack device an export of this view names (`__dlpack_device__`): see the module's
+    /// table. Errors as [`Buffer::to_dlpack`] for a view with no single native address.
+    pub fn dlpack_device(&self) -> Result<DLDevice> {
+        let device = Device {
+            inner: self.alloc.device.clone(),
+        };
+        self.dlpack_address(&device).map(|(_, d, _)| d)
     }
 
     fn export<M: ManagedTensorBase>(

@@ -1,0 +1,76 @@
+"""PyTorch interop: tensors as unibuf buffers and back, zero-copy, ordered on streams.
+
+``wrap(t)`` takes a tensor as a ``Buffer`` (DLPack, no copy). On CUDA, unibuf's queue waits
+device-side for the work PyTorch has enqueued on its current stream; the tensor's storage
+stays alive until the last view of the buffer is dropped and the last unibuf work on it has
+completed, even if the tensor is deleted meanwhile.
+
+``as_tensor(buf)`` hands a buffer to PyTorch (``torch.from_dlpack``, no copy). PyTorch's
+current stream waits device-side for unibuf's pending work on the buffer; no device sync
+either way. The buffer's memory stays alive as long as the tensor.
+
+Work PyTorch enqueues on a wrapped tensor *after* ``wrap`` (or unibuf work after
+``as_tensor``) is not ordered by itself: wrap again, or join the streams with
+``Queue.wait_cuda_stream(torch.cuda.current_stream().cuda_stream)``.
+
+>>> import torch, unibuf.torch as ut
+>>> t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+>>> buf = ut.wrap(t)
+>>> buf.shape
+(2, 3)
+>>> ut.as_tensor(buf).sum().item()
+15.0
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._unibuf import Buffer, Device
+
+__all__ = ["device_for", "wrap", "as_tensor"]
+
+_devices: Dict[Tuple[str, int], Device] = {}
+
+
+def device_for(device: "torch.device | str | None" = None) -> Device:
+    """The unibuf ``Device`` for a PyTorch device ("cpu", "cuda", "cuda:0", "mps"), opened on
+    first use and kept. On CUDA it shares PyTorch's primary context."""
+    d = torch.device(device if device is not None else "cpu")
+    backend = {"cpu": "cpu", "cuda": "cuda", "mps": "metal"}.get(d.type)
+    if backend is None:
+        raise ValueError(f"unibuf has no backend for PyTorch device {d}")
+    key = (backend, d.index or 0)
+    dev = _devices.get(key)
+    if dev is None or dev.closed:
+        dev = Device(backend)
+        _devices[key] = dev
+    return dev
+
+
+def wrap(
+    t: torch.Tensor,
+    device: Optional[Device] = None,
+    *,
+    read_only: bool = False,
+    label: str = "torch",
+) -> Buffer:
+    """The tensor as a ``Buffer`` of ``device`` (default: ``device_for(t.device)``), sharing
+    its memory. The tensor must be contiguous (``t.contiguous()`` first otherwise)."""
+    dev = device if device is not None else device_for(t.device)
+    stream = None
+    if t.is_cuda:
+        handle = torch.cuda.current_stream(t.device).cuda_stream
+        # The legacy default stream (handle 0) is ordered through the DLPack stream argument
+        # instead: PyTorch makes unibuf's queue wait for it.
+        stream = handle if handle != 0 else None
+    return dev.from_dlpack(t, copy=False, read_only=read_only, label=label, producer_stream=stream)
+
+
+def as_tensor(buf: Buffer) -> torch.Tensor:
+    """The buffer as a tensor sharing its memory (``torch.from_dlpack``); PyTorch's current
+    stream waits for unibuf's pending work on it. On CUDA the buffer must be Private
+    (PyTorch refuses pinned-host DLPack tensors)."""
+    return torch.utils.dlpack.from_dlpack(buf)
