@@ -904,9 +904,9 @@ fn strided_imports_copy_when_allowed() {
                 )
             );
             assert!(
-                copy.location.file().ends_with("interop_dlpack.rs"),
+                copy.site.file().ends_with("interop_dlpack.rs"),
                 "{}",
-                copy.location
+                copy.site
             );
             assert!(copy.fence.is_some());
             assert_eq!(shared_records(&dev).len(), 1, "{name}: the import itself");
@@ -1147,7 +1147,7 @@ fn every_exchange_is_a_shared_record() {
     let records = shared_records(&dev);
     let seen: Vec<_> = records
         .iter()
-        .map(|r| (r.label.as_str(), r.src, r.dst, r.bytes, r.location.line()))
+        .map(|r| (r.label.as_str(), r.src, r.dst, r.bytes, r.site.line()))
         .collect();
     assert_eq!(
         seen,
@@ -1160,7 +1160,7 @@ fn every_exchange_is_a_shared_record() {
     );
     assert!(records
         .iter()
-        .all(|r| r.location.file().ends_with("interop_dlpack.rs") && r.fence.is_none()));
+        .all(|r| r.site.file().ends_with("interop_dlpack.rs") && r.fence.is_none()));
     assert_eq!(dev.ledger().total().count, 4, "nothing else: no copy");
     drop((y, z));
 }

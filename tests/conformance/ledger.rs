@@ -63,11 +63,11 @@ fn ledger_counts_every_transfer_and_nothing_else() {
     assert_eq!(first.label, "audit");
     assert_eq!((first.src, first.dst), (None, Some(StorageMode::Private)));
     assert!(
-        first.location.file().ends_with("ledger.rs"),
+        first.site.file().ends_with("ledger.rs"),
         "{}",
-        first.location.file()
+        first.site.file()
     );
-    assert_eq!(first.location.line(), upload_line);
+    assert_eq!(first.site.line(), upload_line);
     assert!(
         first.fence.is_some() && records[1].fence.is_none(),
         "only the staged upload used the queue"

@@ -7,7 +7,7 @@ use crate::errors::{invalid, UbError, UbResult};
 use dlpark::python::producer::ExportRequest;
 use dlpark::DlpackFlags;
 use pyo3::prelude::*;
-use pyo3::types::{PySlice, PyTuple};
+use pyo3::types::{PyList, PySlice, PyTuple};
 use std::sync::Arc;
 use unibuf::interop::dlpack::DlpackStream;
 use unibuf::Buffer;
@@ -229,8 +229,31 @@ impl PyBuffer {
         Ok(self.view(row.reshape(&rest).map_err(UbError::from)?))
     }
 
-    fn __len__(&self) -> usize {
-        self.b.shape().first().copied().unwrap_or(1)
+    /// The length of the first dimension (a 0-d buffer has none: ``TypeError``).
+    fn __len__(&self) -> PyResult<usize> {
+        self.b
+            .shape()
+            .first()
+            .copied()
+            .ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("len() of a 0-d buffer"))
+    }
+
+    /// Iterates over the rows (``buf[0]``, ``buf[1]``, ...), as NumPy does.
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let n = self.__len__()?;
+        let b = self.get("Buffer.__iter__")?;
+        let rest = b.shape()[1..].to_vec();
+        let rows = (0..n)
+            .map(|i| {
+                let row = b.rows(i..i + 1)?.reshape(&rest)?;
+                Ok(self.view(row))
+            })
+            .collect::<Result<Vec<PyBuffer>, unibuf::Error>>()
+            .map_err(UbError::from)?;
+        PyList::new(py, rows)?
+            .into_any()
+            .try_iter()
+            .map(|i| i.into_any())
     }
 
     /// A copy of the contents as a NumPy array (downloaded from device memory, or copied from
@@ -302,10 +325,10 @@ impl PyBuffer {
         let versioned = max_version.is_some_and(|(major, _)| major >= 1);
         // The export may wait for pending work (stream None): without the GIL.
         let capsule = if versioned {
-            let t = py.detach(|| b.to_dlpack(s)).map_err(UbError::from)?;
+            let t = crate::site::detach(py, || b.to_dlpack(s)).map_err(UbError::from)?;
             t.into_managed().into_pyobject(py)?.into_any().unbind()
         } else {
-            let t = py.detach(|| b.to_dlpack_legacy(s)).map_err(UbError::from)?;
+            let t = crate::site::detach(py, || b.to_dlpack_legacy(s)).map_err(UbError::from)?;
             t.into_managed().into_pyobject(py)?.into_any().unbind()
         };
         Ok(capsule)

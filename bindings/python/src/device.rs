@@ -48,9 +48,12 @@ impl Handle {
 /// A device of one backend ("cpu", "cuda", "metal"): allocates buffers, makes queues, keeps the
 /// memory accounting, the copy ledger and the submission stats.
 ///
-/// ``Device()`` picks the backend as ``unibuf::Device::new`` does (``UNIBUF_BACKEND``, else the
-/// best available); ``Device("cpu")`` names one. Use it as a context manager, or call
-/// ``close()``, to drain it and refuse further use.
+/// ``Device(backend=None, *, memory_limit=None, cache_limit=None, gpu_timing=False)`` opens
+/// one: ``backend`` is "cpu", "cuda" or "metal", or None for ``UNIBUF_BACKEND``, else the best
+/// available. ``memory_limit`` caps the bytes the allocator holds (live plus cached),
+/// ``cache_limit`` the cached bytes; ``gpu_timing`` records device time per submission on
+/// CUDA (about a microsecond of host time each). Use it as a context manager, or call
+/// ``close()``, to drain it and refuse further work.
 #[pyclass(name = "Device", module = "unibuf", frozen)]
 pub struct PyDevice {
     pub(crate) h: Arc<Handle>,
@@ -100,10 +103,6 @@ impl PyDevice {
 
 #[pymethods]
 impl PyDevice {
-    /// Opens a device. ``backend``: "cpu", "cuda", "metal", or None for ``UNIBUF_BACKEND`` /
-    /// the best available. ``memory_limit`` caps the bytes the allocator holds (live plus
-    /// cached), ``cache_limit`` the cached bytes; ``gpu_timing`` records device time per
-    /// submission on CUDA (about a microsecond of host time each).
     #[new]
     #[pyo3(signature = (backend=None, *, memory_limit=None, cache_limit=None, gpu_timing=false))]
     fn new(
@@ -212,8 +211,11 @@ impl PyDevice {
         Ok(PyBuffer::new(self.h.clone(), b))
     }
 
-    /// A new buffer holding a copy of host data: ``bytes``, or any host object that speaks
-    /// DLPack (a NumPy array, a CPU torch tensor), in its dtype and shape unless given.
+    /// A new buffer holding a copy of host data: ``bytes``, or any C-contiguous host object
+    /// that speaks DLPack (a NumPy array, a CPU tensor). An array keeps its dtype (a
+    /// different ``dtype`` is a ``DTypeMismatchError``) and its shape unless ``shape`` gives
+    /// another of the same element count; bytes are uint8 unless ``dtype`` says otherwise,
+    /// 1-D unless ``shape`` is given.
     #[pyo3(name = "from_host", signature = (data, *, dtype=None, shape=None, mode="auto", label="python"))]
     fn buffer_from_host(
         &self,
@@ -246,8 +248,9 @@ impl PyDevice {
     /// queue (``__dlpack__(stream=...)``). With ``producer_stream`` (a ``CUstream`` as an
     /// integer, e.g. ``torch.cuda.current_stream().cuda_stream``) the producer is asked for no
     /// synchronisation and unibuf's queue waits for that stream instead, device-side.
-    /// ``copy``: None or False never copies (a strided tensor is refused); True copies a
-    /// strided tensor into a fresh buffer (a recorded device copy).
+    /// ``copy`` has the Array API's meaning: None copies only what cannot be shared (a strided
+    /// tensor, into a fresh buffer: a recorded device copy), False never copies (a strided
+    /// tensor is an ``InvalidArgumentError``), True always copies.
     #[pyo3(name = "from_dlpack", signature = (obj, *, copy=None, read_only=false, label="dlpack", producer_stream=None))]
     fn buffer_from_dlpack(
         &self,
@@ -399,10 +402,12 @@ impl PyDevice {
         Ok(())
     }
 
-    /// Drains the device (without the GIL), releases its cached memory and refuses every later
-    /// call on it, its queues and its buffers with ``DeviceClosedError``. Memory still viewed
-    /// by live buffers (or exported through DLPack) is freed when they are. Closing twice is
-    /// a no-op.
+    /// Drains the device (without the GIL), releases its cached memory and refuses all later
+    /// work with ``DeviceClosedError``: allocations, queues, transfers, fills, ops, waits,
+    /// views, DLPack exchanges, loads and expert reads, on the device, its queues and its
+    /// buffers. What was recorded stays readable (info, memory stats, the copy report,
+    /// submission stats, traces, buffer properties). Memory still viewed by live buffers (or
+    /// exported through DLPack) is freed when they are. Closing twice is a no-op.
     fn close(&self, py: Python<'_>) -> UbResult<()> {
         if self.h.closed.swap(true, Ordering::AcqRel) {
             return Ok(());

@@ -90,7 +90,7 @@ pub fn import(
         // Host memory needs no stream, and Metal's DLPack convention has none.
         _ => dlpark::python::from_dlpack(obj.as_borrowed(), None, None)?,
     };
-    let b = py.detach(move || -> UbResult<Buffer> {
+    let b = crate::site::detach(py, move || -> UbResult<Buffer> {
         // SAFETY: the DLPack protocol makes the producer vouch for the descriptor (device,
         // data, offset, dtype, shape, strides inside one allocation, alive until the deleter
         // runs). Its pending work is ordered as above: the producer synchronised on our

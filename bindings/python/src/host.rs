@@ -189,7 +189,7 @@ impl<'py> HostData<'py> {
         // writing the array while the GIL is released would race, as with every extension
         // that releases the GIL around a read of an array.
         let data = unsafe { std::slice::from_raw_parts(self.ptr.cast_const(), self.bytes) };
-        py.detach(|| q.upload(&dst, data))?;
+        crate::site::detach(py, || q.upload(&dst, data))?;
         Ok(())
     }
 
@@ -209,7 +209,7 @@ impl<'py> HostData<'py> {
         // SAFETY: as in `upload`; the producer exported the memory writable (no READ_ONLY
         // flag), and `&mut self` makes this the only slice made of it here.
         let out = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) };
-        py.detach(|| q.download_into(&src, out))?;
+        crate::site::detach(py, || q.download_into(&src, out))?;
         Ok(())
     }
 }

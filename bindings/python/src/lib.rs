@@ -19,6 +19,7 @@ mod host;
 mod ops;
 mod queue;
 mod report;
+mod site;
 mod weights;
 
 use pyo3::prelude::*;
@@ -42,11 +43,16 @@ fn _unibuf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     .collect();
     m.add("FEATURES", features)?;
 
-    let ops_mod = PyModule::new(py, "ops")?;
+    // Submodules registered in sys.modules under their full names, so that
+    // `import unibuf._unibuf.ops` works as for a package.
+    let modules = py.import("sys")?.getattr("modules")?;
+    let ops_mod = PyModule::new(py, "unibuf._unibuf.ops")?;
     ops::register(&ops_mod)?;
-    m.add_submodule(&ops_mod)?;
-    let weights_mod = PyModule::new(py, "weights")?;
+    m.add("ops", &ops_mod)?;
+    modules.set_item("unibuf._unibuf.ops", &ops_mod)?;
+    let weights_mod = PyModule::new(py, "unibuf._unibuf.weights")?;
     weights::register(&weights_mod)?;
-    m.add_submodule(&weights_mod)?;
+    m.add("weights", &weights_mod)?;
+    modules.set_item("unibuf._unibuf.weights", &weights_mod)?;
     Ok(())
 }

@@ -291,6 +291,9 @@ pub fn sample_into(
 
 /// A 4-bit group-quantised matrix (``rows x cols``, one f16 scale per ``group`` weights of a
 /// row): packed uint8 codes ``[rows, cols / 2]`` and float16 scales ``[rows, cols / group]``.
+///
+/// ``Q4Matrix(packed, scales, rows, cols, group)`` makes one over existing buffers (views at
+/// any offset), checked against the geometry; ``Q4Matrix.quantize`` quantises weights.
 #[pyclass(name = "Q4Matrix", module = "unibuf.ops", frozen)]
 pub struct PyQ4Matrix {
     pub(crate) device: PyDevice,
@@ -299,7 +302,6 @@ pub struct PyQ4Matrix {
 
 #[pymethods]
 impl PyQ4Matrix {
-    /// A matrix over existing buffers (views at any offset), checked against the geometry.
     #[new]
     fn new(
         packed: &PyBuffer,
@@ -360,16 +362,19 @@ impl PyQ4Matrix {
         PyBuffer::new(self.device.h.clone(), self.m.scales().clone())
     }
 
+    /// Rows of the matrix.
     #[getter]
     fn rows(&self) -> usize {
         self.m.rows()
     }
 
+    /// Columns of the matrix (the length of x).
     #[getter]
     fn cols(&self) -> usize {
         self.m.cols()
     }
 
+    /// Weights per scale: 32, 64 or 128.
     #[getter]
     fn group(&self) -> usize {
         self.m.group()
@@ -446,11 +451,13 @@ impl PyQ8Activations {
         PyBuffer::new(self.device.h.clone(), self.a.scales().clone())
     }
 
+    /// Rows of activations (1 for a 1-D x).
     #[getter]
     fn batch(&self) -> usize {
         self.a.batch()
     }
 
+    /// Values per row.
     #[getter]
     fn cols(&self) -> usize {
         self.a.cols()

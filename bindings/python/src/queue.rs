@@ -160,9 +160,7 @@ impl PyQueue {
         let q = self.get("Queue.download")?;
         let b = src.get("Queue.download")?;
         let bytes = b.cast(DType::U8).map_err(UbError::from)?;
-        let v = py
-            .detach(|| q.download::<u8>(&bytes))
-            .map_err(UbError::from)?;
+        let v = crate::site::detach(py, || q.download::<u8>(&bytes)).map_err(UbError::from)?;
         Ok(PyBytes::new(py, &v))
     }
 
@@ -186,17 +184,15 @@ impl PyQueue {
     fn copy(&self, py: Python<'_>, src: &PyBuffer, dst: &PyBuffer) -> UbResult<()> {
         let q = self.get("Queue.copy")?;
         let (s, d) = (src.get("Queue.copy")?, dst.get("Queue.copy")?);
-        py.detach(|| q.copy(s, d))?;
+        crate::site::detach(py, || q.copy(s, d))?;
         Ok(())
     }
 
     /// Queues a device copy of ``src`` into ``dst`` and returns its fence at once.
-    fn copy_async(&self, src: &PyBuffer, dst: &PyBuffer) -> UbResult<PyFence> {
+    fn copy_async(&self, py: Python<'_>, src: &PyBuffer, dst: &PyBuffer) -> UbResult<PyFence> {
         let q = self.get("Queue.copy_async")?;
-        Ok(
-            q.copy_async(src.get("Queue.copy_async")?, dst.get("Queue.copy_async")?)?
-                .into(),
-        )
+        let (s, d) = (src.get("Queue.copy_async")?, dst.get("Queue.copy_async")?);
+        Ok(crate::site::scoped(py, || q.copy_async(s, d))?.into())
     }
 
     /// Fills ``dst`` with ``value`` (converted to its dtype) and waits.
@@ -204,16 +200,23 @@ impl PyQueue {
         let q = self.get("Queue.fill")?;
         let b = dst.get("Queue.fill")?;
         let p = pattern(b.dtype(), value)?;
-        py.detach(|| q.fill(b, p)).map_err(UbError::from)?;
+        crate::site::detach(py, || q.fill(b, p)).map_err(UbError::from)?;
         Ok(())
     }
 
     /// Queues a fill of ``dst`` with ``value`` and returns its fence at once.
-    fn fill_async(&self, dst: &PyBuffer, value: &Bound<'_, PyAny>) -> PyResult<PyFence> {
+    fn fill_async(
+        &self,
+        py: Python<'_>,
+        dst: &PyBuffer,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<PyFence> {
         let q = self.get("Queue.fill_async")?;
         let b = dst.get("Queue.fill_async")?;
         let p = pattern(b.dtype(), value)?;
-        Ok(q.fill_async(b, p).map_err(UbError::from)?.into())
+        Ok(crate::site::scoped(py, || q.fill_async(b, p))
+            .map_err(UbError::from)?
+            .into())
     }
 
     /// Blocks (without the GIL) until ``fence`` completes.

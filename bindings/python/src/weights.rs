@@ -14,6 +14,9 @@ use unibuf::weights::{
 };
 
 /// An open safetensors file whose header has been validated (no data read yet).
+///
+/// ``WeightsFile(path)`` opens ``path``; a malformed file is a ``FormatError`` naming the
+/// tensor and the problem, a missing one an ``IoError``.
 #[pyclass(name = "WeightsFile", module = "unibuf.weights", frozen)]
 pub struct PyWeightsFile {
     file: WeightsFile,
@@ -21,14 +24,13 @@ pub struct PyWeightsFile {
 
 #[pymethods]
 impl PyWeightsFile {
-    /// Opens ``path`` and validates its header; ``FormatError`` names the tensor and the
-    /// problem of a malformed file.
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> UbResult<PyWeightsFile> {
         let file = py.detach(|| WeightsFile::open(&path))?;
         Ok(PyWeightsFile { file })
     }
 
+    /// The file's path.
     #[getter]
     fn path(&self) -> PathBuf {
         self.file.path().to_path_buf()
@@ -103,8 +105,9 @@ impl PyLoadedWeights {
         }
     }
 
-    fn __contains__(&self, name: &str) -> bool {
-        self.weights.get(name).is_some()
+    fn __contains__(&self, name: &Bound<'_, PyAny>) -> bool {
+        name.extract::<String>()
+            .is_ok_and(|n| self.weights.get(&n).is_some())
     }
 
     fn __len__(&self) -> usize {
@@ -159,7 +162,11 @@ fn route(name: &str) -> UbResult<Route> {
 /// Loads tensors of a safetensors file onto ``device`` at line rate: zero-copy views of the
 /// mapped file on unified memory, parallel reads through pinned staging into packed device
 /// allocations on a discrete GPU. ``names`` (a list) or ``prefix`` select tensors (default:
-/// all). The GIL is released while it loads.
+/// all). ``route``: "auto" (the above), "zero-copy" (views of the mapped file, also on a
+/// discrete GPU: read over the bus) or "staged" (always copied); ``queue``: the queue the
+/// copies go on (default: the device's); ``readers``: threads reading the file on the staged
+/// route (0: one per core, up to 16). ``file`` is a ``WeightsFile`` or a path. The GIL is
+/// released while it loads.
 #[pyfunction]
 #[pyo3(signature = (device, file, *, names=None, prefix=None, route="auto", queue=None, readers=0))]
 #[allow(clippy::too_many_arguments)]
@@ -199,8 +206,7 @@ pub fn load(
         Some(q) => q.get("weights.load")?.clone(),
         None => dev.queue(),
     };
-    let weights = py
-        .detach(|| file.load_with(dev, &q, &selection, &options))
+    let weights = crate::site::detach(py, || file.load_with(dev, &q, &selection, &options))
         .map_err(UbError::from)?;
     Ok(PyLoadedWeights {
         device: PyDevice::from_handle(device.h.clone()),
@@ -229,16 +235,30 @@ impl PyExpert {
         self.e.tensors().count()
     }
 
+    fn __contains__(&self, name: &Bound<'_, PyAny>) -> bool {
+        name.extract::<String>()
+            .is_ok_and(|n| self.e.get(&n).is_some())
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        PyList::new(py, self.keys())?
+            .into_any()
+            .try_iter()
+            .map(|i| i.into_any())
+    }
+
     /// The short tensor names.
     fn keys(&self) -> Vec<String> {
         self.e.tensors().map(|(n, _)| n.to_owned()).collect()
     }
 
+    /// The layer.
     #[getter]
     fn layer(&self) -> usize {
         self.e.layer()
     }
 
+    /// The expert's index in its layer.
     #[getter]
     fn expert(&self) -> usize {
         self.e.expert()
@@ -255,6 +275,11 @@ impl PyExpert {
 /// miss reads the expert now, ``prefetch`` reads predicted experts in the background, the
 /// least recently used is evicted. ``prefix`` is a format string naming expert ``e`` of
 /// layer ``l``, e.g. ``"layers.{layer}.experts.{expert}."`` (end it with a separator).
+///
+/// ``ExpertCache(device, file, layers, experts, prefix, budget_per_layer)``: ``file`` is a
+/// ``WeightsFile`` or a path; ``layers`` x ``experts`` experts are named by ``prefix``; at most
+/// ``budget_per_layer`` experts (a count, at least 1) of each layer are kept on the device.
+/// It makes its own copy queue and prefetch thread.
 #[pyclass(name = "ExpertCache", module = "unibuf.weights", frozen)]
 pub struct PyExpertCache {
     device: PyDevice,
@@ -311,7 +336,7 @@ impl PyExpertCache {
     fn get(&self, py: Python<'_>, layer: usize, expert: usize) -> UbResult<PyExpert> {
         self.device.h.get("ExpertCache.get")?;
         let c = &self.cache;
-        let e = py.detach(|| c.get(layer, expert))?;
+        let e = crate::site::detach(py, || c.get(layer, expert))?;
         Ok(PyExpert {
             device: PyDevice::from_handle(self.device.h.clone()),
             e,

@@ -48,6 +48,12 @@ def test_views_share_memory(dev, q, rng):
     np.testing.assert_array_equal(b.reshape(5, 6).numpy(), x.reshape(5, 6))
     np.testing.assert_array_equal(b.reshape((3, 10)).numpy(), x.reshape(3, 10))
     np.testing.assert_array_equal(b.cast("uint8").numpy(), x.view(np.uint8))
+    assert len(b) == 6
+    np.testing.assert_array_equal(np.stack([r.numpy() for r in b]), x)
+    scalar = b.slice(0, 1).reshape()
+    assert scalar.shape == () and scalar.numpy() == x[0, 0]
+    with pytest.raises(TypeError, match="0-d"):
+        len(scalar)
     # A write through a view lands in the parent.
     q.fill(b.rows(0, 1), 2.5)
     want = x.copy()
@@ -98,6 +104,9 @@ def test_device_info_stats_report_trace(dev, q, rng):
     r = dev.copy_report()
     assert r.directions["host->device"]["bytes"] >= 4000
     assert "host->device" in str(r)
+    # The audit names this file's line, not the bindings'.
+    sites = [e["site"] for e in r.sites if e["direction"] == "host->device"]
+    assert sites and all(s.startswith(__file__) for s in sites), sites
     dev.set_budget(memory_limit=1 << 30)
     assert dev.budget()["memory_limit"] == 1 << 30
     unibuf.ops.softmax(q, b.reshape(10, 100))

@@ -42,7 +42,8 @@ def test_load_every_tensor(dev, q, rng, tmp_path):
     assert f.metadata == {"format": "pt"}
     assert f.tensors[0]["dtype"] == "float32" and f.tensors[0]["shape"] == [11, 7]
     w = unibuf.weights.load(dev, f)
-    assert len(w) == 3 and set(w.keys()) == set(tensors) and "norm" in w
+    assert len(w) == 3 and set(w.keys()) == set(tensors) and "norm" in w and 3 not in w
+    assert list(w) == w.keys() and [n for n, _ in w.items()] == w.keys()
     for name, a in tensors.items():
         np.testing.assert_array_equal(download(q, w[name]), a.astype(np.float64) if a.dtype.kind == "f" else a)
     r = w.report
@@ -70,6 +71,7 @@ def test_expert_cache(dev, q, rng, tmp_path):
     cache.wait_prefetches()
     e = cache.get(0, 2)
     assert (e.layer, e.expert) == (0, 2) and sorted(e.keys()) == ["w1", "w2"]
+    assert "w1" in e and "w3" not in e and 1 not in e and sorted(e) == ["w1", "w2"] and len(e) == 2
     np.testing.assert_array_equal(download(q, e["w1"]), tensors["l0.e2.w1"])
     hit = cache.get(1, 3)
     np.testing.assert_array_equal(download(q, hit["w2"]), tensors["l1.e3.w2"])

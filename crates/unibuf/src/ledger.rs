@@ -6,15 +6,110 @@
 //! record nothing: that absence is the point. Totals are kept for the whole life of the device;
 //! the detailed records and the submission log are kept in rings of bounded size so that a
 //! long-running server does not grow without bound.
+//!
+//! The call site is the Rust caller's line ([`CallSite::caller`]); bindings for other
+//! languages name their caller's line instead with [`CallSite::scoped`], so that a Python or C
+//! program's audit points into its own code, not into the binding.
 
 use crate::backend::Backend;
 use crate::epoch::Fence;
 use crate::storage::StorageMode;
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::panic::Location;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
+
+/// Where in the caller's code a transfer was asked for: a file and a line.
+///
+/// ```
+/// use unibuf::ledger::CallSite;
+/// let here = CallSite::caller();
+/// assert!(here.file().ends_with(".rs"));
+/// let python = CallSite::new("model.py", 12);
+/// assert_eq!(CallSite::scoped(python, CallSite::caller), python);
+/// assert_eq!(python.to_string(), "model.py:12");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallSite {
+    file: &'static str,
+    line: u32,
+}
+
+thread_local! {
+    /// The site a binding names for the calls it makes on this thread ([`CallSite::scoped`]).
+    static SCOPED_SITE: Cell<Option<CallSite>> = const { Cell::new(None) };
+}
+
+impl CallSite {
+    /// The site of the caller of the `#[track_caller]` function that calls this, unless a
+    /// binding named one for this thread with [`CallSite::scoped`].
+    #[track_caller]
+    pub fn caller() -> CallSite {
+        // Taken outside any closure: a closure is not `#[track_caller]`.
+        let rust = Location::caller();
+        SCOPED_SITE.get().unwrap_or_else(|| rust.into())
+    }
+
+    /// A site in another language's source (a binding's caller). File names are interned: a
+    /// program has few of them, and each is kept once for the life of the process.
+    pub fn new(file: &str, line: u32) -> CallSite {
+        static FILES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut files = FILES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let file = match files.get(file) {
+            Some(f) => *f,
+            None => {
+                let leaked: &'static str = Box::leak(file.to_owned().into_boxed_str());
+                files.insert(leaked);
+                leaked
+            }
+        };
+        CallSite { file, line }
+    }
+
+    /// Runs `f` with `site` as the call site of every transfer it asks for on this thread
+    /// (restored afterwards, also on unwinding).
+    pub fn scoped<R>(site: CallSite, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<CallSite>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCOPED_SITE.set(self.0);
+            }
+        }
+        let _restore = Restore(SCOPED_SITE.replace(Some(site)));
+        f()
+    }
+
+    /// The source file.
+    pub fn file(&self) -> &'static str {
+        self.file
+    }
+
+    /// The line.
+    pub fn line(&self) -> u32 {
+        self.line
+    }
+}
+
+impl From<&'static Location<'static>> for CallSite {
+    fn from(l: &'static Location<'static>) -> CallSite {
+        CallSite {
+            file: l.file(),
+            line: l.line(),
+        }
+    }
+}
+
+impl fmt::Display for CallSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
 
 /// Which way the bytes went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,7 +156,7 @@ pub struct CopyRecord {
     /// The label (the queue's label, else the buffer's).
     pub label: String,
     /// Where in the caller's code the transfer was asked for.
-    pub location: &'static Location<'static>,
+    pub site: CallSite,
     /// Host time at the start, in ns since the device opened.
     pub host_start_ns: u64,
     /// Host time spent in the call, in ns.
@@ -161,7 +256,7 @@ impl Ledger {
         }
         g.by_direction.entry(r.direction).or_default().add(&r);
         g.by_site
-            .entry((r.location.file(), r.location.line(), r.direction))
+            .entry((r.site.file(), r.site.line(), r.direction))
             .or_default()
             .add(&r);
         if g.records.len() == self.capacity {
@@ -178,7 +273,7 @@ impl Ledger {
         label: &str,
         src: Option<StorageMode>,
         dst: Option<StorageMode>,
-        location: &'static Location<'static>,
+        site: CallSite,
     ) {
         self.record(CopyRecord {
             direction: Direction::Shared,
@@ -187,7 +282,7 @@ impl Ledger {
             bytes: 0,
             staged: false,
             label: label.to_owned(),
-            location,
+            site,
             host_start_ns: self.now_ns(),
             host_ns: 0,
             fence: None,
@@ -319,7 +414,7 @@ impl Ledger {
                 r.src.map_or("host", |m| m.name()),
                 r.dst.map_or("host", |m| m.name()),
                 r.staged,
-                json_string(&format!("{}:{}", r.location.file(), r.location.line()))
+                json_string(&r.site.to_string())
             );
             event(
                 &mut out,

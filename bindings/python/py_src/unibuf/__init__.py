@@ -38,7 +38,8 @@ __all__ = [
     "from_dlpack",
     "ops",
     "weights",
-] + errors.__all__
+]
+__all__ += errors.__all__
 
 _default: Optional[Device] = None
 

@@ -92,6 +92,7 @@ use crate::interop::{
     ForeignAccess, ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeHandle,
     NativeWaiter,
 };
+use crate::ledger::CallSite;
 use crate::ledger::{CopyRecord, Direction};
 use crate::storage::StorageMode;
 use dlpark::ffi::{
@@ -101,7 +102,6 @@ use dlpark::ffi::{
 use dlpark::{AllocationDeleter, Managed, ManagedTensorBase};
 use std::ffi::c_void;
 use std::fmt;
-use std::panic::Location;
 
 pub use dlpark;
 pub use dlpark::ffi;
@@ -612,7 +612,7 @@ impl Buffer {
     /// `MTLBuffer`s, a device fault.
     #[track_caller]
     pub fn to_dlpack(&self, stream: DlpackStream) -> Result<DlpackTensor> {
-        self.export::<DLManagedTensorVersioned>(stream, Location::caller())
+        self.export::<DLManagedTensorVersioned>(stream, CallSite::caller())
             .map(DlpackTensor)
     }
 
@@ -621,7 +621,7 @@ impl Buffer {
     /// legacy struct has no flags: read-only buffers are not marked read-only.
     #[track_caller]
     pub fn to_dlpack_legacy(&self, stream: DlpackStream) -> Result<DlpackLegacyTensor> {
-        self.export::<DLManagedTensor>(stream, Location::caller())
+        self.export::<DLManagedTensor>(stream, CallSite::caller())
             .map(DlpackLegacyTensor)
     }
 
@@ -637,7 +637,7 @@ impl Buffer {
     fn export<M: ManagedTensorBase>(
         &self,
         stream: DlpackStream,
-        location: &'static Location<'static>,
+        location: CallSite,
     ) -> Result<Managed<M>> {
         let device = Device {
             inner: self.alloc.device.clone(),
@@ -1070,7 +1070,7 @@ impl Device {
         tensor: DlpackTensor,
         options: &ImportOptions,
     ) -> Result<Buffer> {
-        let location = Location::caller();
+        let location = CallSite::caller();
         // SAFETY: the caller's contract.
         unsafe { self.import_dlpack(tensor.0, options, location) }
     }
@@ -1086,7 +1086,7 @@ impl Device {
         tensor: DlpackLegacyTensor,
         options: &ImportOptions,
     ) -> Result<Buffer> {
-        let location = Location::caller();
+        let location = CallSite::caller();
         // SAFETY: the caller's contract.
         unsafe { self.import_dlpack(tensor.0, options, location) }
     }
@@ -1156,7 +1156,7 @@ impl Device {
         &self,
         managed: Managed<M>,
         options: &ImportOptions,
-        location: &'static Location<'static>,
+        location: CallSite,
     ) -> Result<Buffer> {
         self.inner.check_fault()?;
         let backend = self.info().backend;
@@ -1319,7 +1319,7 @@ impl Device {
             bytes: out.byte_len() as u64,
             staged: false,
             label: label.to_owned(),
-            location,
+            site: location,
             host_start_ns: started,
             host_ns: ledger.now_ns() - started,
             fence: Some(fence),

@@ -115,7 +115,7 @@ impl Device {
         dtype: DType,
         shape: &[usize],
     ) -> Result<Buffer> {
-        let location = std::panic::Location::caller();
+        let location = crate::ledger::CallSite::caller();
         let len = Buffer::checked_len(dtype, shape)?;
         let bytes = len * dtype.size();
         if memory.is_null() {

@@ -21,13 +21,13 @@ use crate::device::{Completion, Use};
 use crate::dtype::Element;
 use crate::epoch::{Access, Fence};
 use crate::error::{Error, Result};
+use crate::ledger::CallSite;
 use crate::ledger::{CopyRecord, Direction};
 use crate::queue::Queue;
 use crate::storage::StorageMode;
 use staging::StagingChunk;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::panic::Location;
 
 /// A download whose device copy is in flight; [`PendingDownload::wait`] returns the data.
 pub struct PendingDownload<T> {
@@ -66,7 +66,7 @@ struct Audit {
     src: Option<StorageMode>,
     dst: Option<StorageMode>,
     bytes: usize,
-    location: &'static Location<'static>,
+    site: CallSite,
     started: u64,
 }
 
@@ -84,7 +84,7 @@ impl Queue {
             src: src.map(|b| b.mode()),
             dst: dst.map(|b| b.mode()),
             bytes,
-            location: Location::caller(),
+            site: CallSite::caller(),
             started: self.device.ledger.now_ns(),
         }
     }
@@ -98,7 +98,7 @@ impl Queue {
             bytes: a.bytes as u64,
             staged,
             label: label.to_owned(),
-            location: a.location,
+            site: a.site,
             host_start_ns: a.started,
             host_ns: ledger.now_ns() - a.started,
             fence: (fence.epoch != 0).then_some(fence),

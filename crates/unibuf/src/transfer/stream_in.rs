@@ -14,9 +14,9 @@ use crate::buffer::Buffer;
 use crate::device::{Completion, Use};
 use crate::epoch::{Access, Fence};
 use crate::error::{check_range, Error, Result};
+use crate::ledger::CallSite;
 use crate::ledger::Direction;
 use crate::queue::Queue;
-use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -50,7 +50,7 @@ impl Queue {
         &self,
         pieces: &[StreamPiece<'_>],
         threads: usize,
-        location: &'static Location<'static>,
+        location: CallSite,
         fill: &Fill<'_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Fence> {
@@ -116,7 +116,7 @@ impl Queue {
         &self,
         index: usize,
         p: &StreamPiece<'_>,
-        location: &'static Location<'static>,
+        location: CallSite,
         fill: &Fill<'_>,
     ) -> Result<Fence> {
         let dev = &self.device;
@@ -125,7 +125,7 @@ impl Queue {
             src: None,
             dst: Some(p.dst.mode()),
             bytes: p.len,
-            location,
+            site: location,
             started: dev.ledger.now_ns(),
         };
         if p.len == 0 {
@@ -168,8 +168,8 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
+    use crate::ledger::CallSite;
     use crate::{DType, Device, StorageMode};
-    use std::panic::Location;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::StreamPiece;
@@ -198,7 +198,7 @@ mod tests {
             .stream_in(
                 &pieces,
                 4,
-                Location::caller(),
+                CallSite::caller(),
                 &|i, b| {
                     for (j, x) in b.iter_mut().enumerate() {
                         *x = ((i * step + j) * 7 % 251) as u8;
@@ -243,7 +243,7 @@ mod tests {
             .stream_in(
                 &pieces,
                 2,
-                Location::caller(),
+                CallSite::caller(),
                 &|i, _| {
                     if i == 3 {
                         Err(crate::Error::invalid("fill", "boom"))

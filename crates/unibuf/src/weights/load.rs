@@ -8,12 +8,12 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ledger::fmt_bytes;
+use crate::ledger::CallSite;
 use crate::queue::Queue;
 use crate::storage::StorageMode;
 use crate::transfer::stream_in::StreamPiece;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::panic::Location;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -237,7 +237,7 @@ impl WeightsFile {
         selection: &Selection,
         options: &LoadOptions,
     ) -> Result<LoadedWeights> {
-        let location = Location::caller();
+        let location = CallSite::caller();
         if queue.device.id != dev.id() {
             return Err(Error::WrongDevice {
                 what: "queue",
@@ -376,7 +376,7 @@ impl WeightsFile {
         queue: &Queue,
         chosen: &[&TensorInfo],
         options: &LoadOptions,
-        location: &'static Location<'static>,
+        location: CallSite,
         tick: &(dyn Fn(u64) + Sync),
         report: &mut LoadReport,
     ) -> Result<Vec<(String, Buffer)>> {
