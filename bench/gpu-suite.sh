@@ -90,20 +90,28 @@ if has python; then
     stage "python: the package on CUDA, the Llama client, op-call overhead"
     venv="$OUT/venv"
     python3 -m venv --system-site-packages "$venv"
-    # No network on the GPU machine: the wheel (and gguf's, for GGUF weights) comes carried.
-    "$venv/bin/pip" install --quiet --no-deps --no-index .gpu/python/*.whl || status=1
-    (cd bindings/python && "$venv/bin/python" -m pytest tests -q -p no:cacheprovider \
-        >"$OUT/pytest.log" 2>&1) || status=1
-    tail -5 "$OUT/pytest.log"
+    # No network on the GPU machine: the wheel comes carried, with pure-Python wheels of what
+    # the machine may lack (pytest; gguf and accelerate for GGUF weights) in .gpu/python/deps.
+    "$venv/bin/pip" install --quiet --no-deps --no-index .gpu/python/unibuf-*.whl || status=1
+    for dep in pytest accelerate gguf; do
+        "$venv/bin/python" -c "import $dep" 2>/dev/null ||
+            "$venv/bin/pip" install --quiet --no-index --find-links .gpu/python/deps "$dep" || status=1
+    done
+    "$venv/bin/python" -m pytest bindings/python/tests -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1 \
+        || status=1
+    tail -15 "$OUT/pytest.log"
     if [ -n "${SMOLLM2_GGUF:-}" ]; then
-        for dtype in float32 bfloat16; do
-            "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
-                --dtype "$dtype" --tokens 64 --json "$OUT/hf_llama_gguf_$dtype.json" || status=1
-        done
+        "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
+            --dtype float32 --json "$OUT/hf_llama_gguf_float32.json" >"$OUT/hf_llama_gguf_float32.log" 2>&1 \
+            || status=1
+        tail -25 "$OUT/hf_llama_gguf_float32.log"
+        "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
+            --dtype bfloat16 --f32-reference --json "$OUT/hf_llama_gguf_bfloat16.json" \
+            >"$OUT/hf_llama_gguf_bfloat16.log" 2>&1 || status=1
+        tail -25 "$OUT/hf_llama_gguf_bfloat16.log"
     fi
-    "$venv/bin/python" bench/peers/hf_llama_unibuf.py --random-config smollm2 --device cuda \
-        --dtype bfloat16 --tokens 64 --json "$OUT/hf_llama_config.json" || status=1
     "$venv/bin/python" bench/peers/python_op_overhead.py --device cuda \
-        --json "$OUT/python_overhead.json" || status=1
+        --json "$OUT/python_overhead.json" >"$OUT/python_overhead.log" 2>&1 || status=1
+    tail -30 "$OUT/python_overhead.log"
 fi
 exit $status

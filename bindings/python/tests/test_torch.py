@@ -99,6 +99,29 @@ def test_wrapped_tensor_lives_while_unibuf_uses_it(udev):
     del junk, b
 
 
+@pytest.mark.skipif(not CUDA, reason="stream ordering needs CUDA")
+def test_exported_memory_is_reused_only_after_the_consumers_stream(udev):
+    q = udev.queue("reuse")
+    n = 1 << 22
+    side = torch.cuda.Stream()
+    for _ in range(3):
+        b = udev.alloc([n], "float32", mode="private", label="exported")
+        q.fill(b, 1.0)
+        with torch.cuda.stream(side):
+            t = ut.as_tensor(b)  # `side` waits for the fill
+            torch.cuda._sleep(50_000_000)
+            total = t.sum()  # queued behind the sleep, reading the memory
+            del t  # the deleter runs now, while the sum is still queued
+        del b
+        gc.collect()
+        # The freed block is reused at once: this fill must wait for `side`'s sum.
+        c = udev.alloc([n], "float32", mode="private", label="reused")
+        q.fill(c, -1.0)
+        side.synchronize()
+        assert total.item() == n
+        del c
+
+
 def test_copy_audit_counts_no_bytes_across_the_boundary(udev):
     udev.clear_copy_ledger()
     q = udev.queue()

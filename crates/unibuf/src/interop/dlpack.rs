@@ -223,6 +223,17 @@ impl DlpackStream {
         }
     }
 
+    /// The consumer's CUDA stream, where it named one: its work on the export may still be
+    /// queued when it calls the deleter.
+    fn consumer_stream(self) -> Option<NativeHandle> {
+        match self {
+            DlpackStream::CudaLegacy => Some(NativeHandle::from_addr(CU_STREAM_LEGACY)),
+            DlpackStream::CudaPerThread => Some(NativeHandle::from_addr(CU_STREAM_PER_THREAD)),
+            DlpackStream::Cuda { stream } => Some(stream),
+            _ => None,
+        }
+    }
+
     /// Refuses a stream the device cannot order work before (a CUDA stream on the CPU), before
     /// anything is waited for, so that the answer does not depend on whether work is pending.
     fn check(self, device: &Device) -> Result<()> {
@@ -660,8 +671,12 @@ impl Buffer {
         let export_error = |e: &dyn fmt::Display| Error::invalid("DLPack export", e.to_string());
         // dlpark allocates the header with the shape and explicit compact strides behind it,
         // and installs a deleter that drops the context (this clone) and frees the header.
+        let context = ExportContext {
+            buffer: self.clone(),
+            consumer: stream.consumer_stream(),
+        };
         let mut init = dlpark::metadata::Dynamic::compact(shape)
-            .initialize_as::<M>(Box::new(self.clone()))
+            .initialize_as::<M>(Box::new(context))
             .map_err(|e| export_error(&e))?;
         init.set_data(data)
             .set_device(dl_device)
@@ -761,6 +776,48 @@ impl Buffer {
             unsafe { device.order_native(fence, waiter) }?;
         }
         Ok(())
+    }
+}
+
+/// What an export's deleter drops: a clone of the buffer (so the memory lives as long as the
+/// consumer holds the tensor) and the consumer's CUDA stream, if it named one.
+///
+/// A framework calls the deleter when its tensor is freed on the host, while kernels it queued
+/// on the memory may still be running (PyTorch frees a tensor's storage at once; its own
+/// allocator orders reuse by stream, but it knows nothing of unibuf's). So before the clone is
+/// dropped, unibuf's default queue waits for everything the consumer's stream has queued (an
+/// event, device-side), and that wait is recorded as a write of the memory: whatever reuses
+/// the memory next is ordered after the consumer's last use.
+struct ExportContext {
+    buffer: Buffer,
+    consumer: Option<NativeHandle>,
+}
+
+impl Drop for ExportContext {
+    fn drop(&mut self) {
+        let Some(stream) = self.consumer else {
+            return;
+        };
+        let device = Device {
+            inner: self.buffer.alloc.device.clone(),
+        };
+        // SAFETY: the stream is the one the consumer named for the export, which the Array API
+        // makes a stream of the exporting device's context; frameworks keep their streams for
+        // the life of the process (PyTorch's pool streams are never destroyed). A stream that
+        // is gone makes the driver call fail, which is reported below, never undefined.
+        let waited = unsafe {
+            device
+                .queue()
+                .wait_foreign(ForeignSignal::CudaStream(stream))
+        };
+        match waited {
+            Ok(fence) => self.buffer.alloc.uses().record(fence, Access::Write),
+            Err(e) => tracing::warn!(
+                "DLPack export of '{}': could not order reuse after the consumer's stream \
+                 {stream:?} ({e}); the memory is reused after unibuf's own work only",
+                self.buffer.label()
+            ),
+        }
     }
 }
 
