@@ -15,8 +15,8 @@
 #   matmul    unibuf bench matmul (cuBLAS through Queue::external), then bench/peers/matmul_torch.py
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
 #   python    the Python package on CUDA: its wheel (.gpu/python/unibuf-*.whl, built here with
-#             `maturin build --release -o ../../.gpu/python` in bindings/python) installed into a
-#             venv over the machine's PyTorch; pytest with UNIBUF_BACKEND=cuda; the Hugging Face
+#             `maturin build --release -o ../../.gpu/python` in bindings/python) installed beside the
+#             machine's PyTorch (PYTHONPATH); pytest with UNIBUF_BACKEND=cuda; the Hugging Face
 #             Llama client (bench/peers/hf_llama_unibuf.py: real SmolLM2 weights where
 #             SMOLLM2_GGUF names the file, and the same shape from its config); op-call overhead
 #             beside PyTorch eager (bench/peers/python_op_overhead.py)
@@ -88,29 +88,33 @@ if has load; then
 fi
 if has python; then
     stage "python: the package on CUDA, the Llama client, op-call overhead"
-    venv="$OUT/venv"
-    python3 -m venv --system-site-packages "$venv"
-    # No network on the GPU machine: the wheel comes carried, with pure-Python wheels of what
-    # the machine may lack (pytest; gguf and accelerate for GGUF weights) in .gpu/python/deps.
-    "$venv/bin/pip" install --quiet --no-deps --no-index .gpu/python/unibuf-*.whl || status=1
+    # Installed beside the machine's PyTorch (a virtual environment would not see it where
+    # PyTorch lives in another interpreter's site-packages): into a folder on PYTHONPATH. No
+    # network on the GPU machine: the wheel comes carried, with pure-Python wheels of what the
+    # machine may lack (pytest; gguf and accelerate for GGUF weights) in .gpu/python/deps.
+    pylib="$OUT/pylib"
+    rm -rf "$pylib"
+    python3 -m pip install --quiet --no-deps --no-index --target "$pylib" .gpu/python/unibuf-*.whl || status=1
     for dep in pytest accelerate gguf; do
-        "$venv/bin/python" -c "import $dep" 2>/dev/null ||
-            "$venv/bin/pip" install --quiet --no-index --find-links .gpu/python/deps "$dep" || status=1
+        python3 -c "import $dep" 2>/dev/null ||
+            python3 -m pip install --quiet --no-deps --no-index --target "$pylib" \
+                --find-links .gpu/python/deps "$dep" || status=1
     done
-    "$venv/bin/python" -m pytest bindings/python/tests -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1 \
+    export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -m pytest bindings/python/tests -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1 \
         || status=1
     tail -15 "$OUT/pytest.log"
     if [ -n "${SMOLLM2_GGUF:-}" ]; then
-        "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
+        python3 bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
             --dtype float32 --json "$OUT/hf_llama_gguf_float32.json" >"$OUT/hf_llama_gguf_float32.log" 2>&1 \
             || status=1
         tail -25 "$OUT/hf_llama_gguf_float32.log"
-        "$venv/bin/python" bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
+        python3 bench/peers/hf_llama_unibuf.py --gguf "$SMOLLM2_GGUF" --device cuda \
             --dtype bfloat16 --f32-reference --json "$OUT/hf_llama_gguf_bfloat16.json" \
             >"$OUT/hf_llama_gguf_bfloat16.log" 2>&1 || status=1
         tail -25 "$OUT/hf_llama_gguf_bfloat16.log"
     fi
-    "$venv/bin/python" bench/peers/python_op_overhead.py --device cuda \
+    python3 bench/peers/python_op_overhead.py --device cuda \
         --json "$OUT/python_overhead.json" >"$OUT/python_overhead.log" 2>&1 || status=1
     tail -30 "$OUT/python_overhead.log"
 fi

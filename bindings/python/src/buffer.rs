@@ -334,6 +334,42 @@ impl PyBuffer {
         Ok(capsule)
     }
 
+    /// The buffer as an object of ``like``'s framework (e.g. a ``torch.Tensor`` when ``like``
+    /// is one), zero-copy, through the framework's DLPack C exchange API
+    /// (``__dlpack_c_exchange_api__``): no Python-level ``from_dlpack`` runs, which is what
+    /// makes it fast. ``stream`` is the framework's current stream on this device (a
+    /// ``CUstream`` as an integer; 0 is the legacy default stream), which waits device-side for
+    /// unibuf's pending work on the buffer, as the ``stream`` of ``__dlpack__``; None waits on
+    /// the host. ``UnsupportedError`` if the framework has no exchange API.
+    #[pyo3(signature = (like, *, stream=None))]
+    fn export_like<'py>(
+        &self,
+        py: Python<'py>,
+        like: &Bound<'py, PyAny>,
+        stream: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let b = self.get("Buffer.export_like")?;
+        let Some(api) =
+            dlpark::python::consumer::exchange::ExchangeApi::from_object(like.as_borrowed())?
+        else {
+            return Err(UbError::Core(unibuf::Error::Unsupported {
+                backend: "dlpack",
+                what: format!(
+                    "export_like: {} has no DLPack C exchange API (use its from_dlpack)",
+                    like.get_type().name()?
+                ),
+            })
+            .into());
+        };
+        // The legacy default stream's handle is 0 in PyTorch; the Array API numbers it 1.
+        let stream = stream.map(|s| if s == 0 { 1 } else { s });
+        // SAFETY: as `__dlpack__`'s stream: the caller passes the framework's live stream of
+        // this device (or a CUDA default-stream number).
+        let s = unsafe { DlpackStream::from_array_api(stream) }.map_err(UbError::from)?;
+        let t = crate::site::detach(py, || b.to_dlpack(s)).map_err(UbError::from)?;
+        api.managed_tensor_to_py_object_no_sync(t.into_managed(), py)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Buffer(label={:?}, dtype={}, shape={:?}, mode={}, device={})",

@@ -6,7 +6,7 @@
 //! as Foreign, ordering its epochs against the foreign stream).
 
 use crate::errors::{UbError, UbResult};
-use dlpark::ffi::DLDevice;
+use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream::{self, StreamArg};
 use dlpark::python::{DlpackStream as PyStreamArg, ImportedDlpack};
 use pyo3::prelude::*;
@@ -15,6 +15,9 @@ use std::ffi::c_void;
 use unibuf::interop::dlpack::{CopyPolicy, DlpackLegacyTensor, DlpackTensor, ImportOptions};
 use unibuf::interop::{ForeignSignal, NativeHandle, NativeQueue};
 use unibuf::{Buffer, Device};
+
+/// The driver's handle of CUDA's legacy default stream (`CU_STREAM_LEGACY`).
+const CU_STREAM_LEGACY: usize = 0x1;
 
 /// The consumer side of a CUDA import: what `__dlpack__(stream=...)` is given, and the
 /// producer's stream when the C exchange API reports it instead.
@@ -30,7 +33,11 @@ struct CudaConsumer {
 // `CUstream`, a live stream of the importing device's context for the whole import (the
 // device outlives the call).
 unsafe impl PyStreamArg for CudaConsumer {
-    fn as_python_arg(&self, _py: Python<'_>, _device: DLDevice) -> PyResult<StreamArg> {
+    fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
+        // Host memory has no stream in the Array API (a CPU tensor offered to a CUDA device).
+        if device.device_type != DLDeviceType::CUDA {
+            return Ok(stream::none());
+        }
         Ok(match self.own {
             Some(s) => stream::cuda(s as *mut c_void),
             None => stream::no_sync(),
@@ -83,7 +90,13 @@ pub fn import(
             // The producer's work is ordered before unibuf's default queue either way: by the
             // producer on `own`, or by an event wait on the producer's stream here. The wait
             // gives the import a fence, which orders every other queue too.
-            let wait_on = consumer.producer.get().unwrap_or(own.addr());
+            // A null producer stream is CUDA's legacy default stream (the exchange API's and
+            // PyTorch's spelling); the driver names it CU_STREAM_LEGACY.
+            let wait_on = match consumer.producer.get() {
+                Some(0) => CU_STREAM_LEGACY,
+                Some(s) => s,
+                None => own.addr(),
+            };
             opts = opts.wait_for(ForeignSignal::CudaStream(NativeHandle::from_addr(wait_on)));
             imported
         }

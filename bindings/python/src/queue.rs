@@ -254,15 +254,12 @@ impl PyQueue {
     /// foreign CUDA stream (a ``CUstream`` as an integer, e.g.
     /// ``torch.cuda.current_stream().cuda_stream``). Returns the wait's fence.
     ///
-    /// The stream must be a live stream of this device's context.
+    /// The stream must be a live stream of this device's context; 0 is the legacy default
+    /// stream.
     fn wait_cuda_stream(&self, stream: usize) -> UbResult<PyFence> {
         let q = self.get("Queue.wait_cuda_stream")?;
-        if stream == 0 {
-            return Err(invalid(
-                "stream",
-                "0 is not a CUstream (pass the stream's handle)",
-            ));
-        }
+        // 0 is the legacy default stream (PyTorch's handle of it), CU_STREAM_LEGACY to the driver.
+        let stream = if stream == 0 { 0x1 } else { stream };
         let s = unibuf::interop::ForeignSignal::CudaStream(
             unibuf::interop::NativeHandle::from_addr(stream),
         );

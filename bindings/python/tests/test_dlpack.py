@@ -1,4 +1,8 @@
-"""DLPack with NumPy: zero-copy both ways, read-only flags, lifetimes, and refusals."""
+"""DLPack with NumPy: zero-copy both ways, read-only flags, lifetimes, and refusals.
+
+NumPy arrays live in host memory, which the CPU backend addresses (a CUDA device takes only
+pinned host memory), so these run on a CPU device whatever ``UNIBUF_BACKEND`` says; the GPU
+side of DLPack is test_torch's."""
 
 from __future__ import annotations
 
@@ -8,6 +12,18 @@ import numpy as np
 import pytest
 
 import unibuf
+
+
+@pytest.fixture
+def dev():
+    d = unibuf.Device("cpu")
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def q(dev):
+    return dev.queue("pytest")
 
 
 def test_numpy_views_unibuf_memory(dev, q, rng):

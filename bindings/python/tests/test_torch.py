@@ -38,6 +38,16 @@ def test_wrap_shares_memory(udev):
     assert back.data_ptr() == t.data_ptr()
 
 
+def test_export_like_needs_an_exchange_api(udev):
+    b = udev.alloc([3], "float32", mode="private" if CUDA else "auto")
+    udev.queue().fill(b, 2.0)
+    if hasattr(torch.Tensor, "__dlpack_c_exchange_api__"):
+        t = b.export_like(torch.empty(0), stream=0 if CUDA else None)
+        assert torch.all(t == 2.0) and t.data_ptr() == b.native()
+    with pytest.raises(unibuf.UnsupportedError, match="exchange API"):
+        b.export_like(object())
+
+
 def test_as_tensor_shares_memory(udev):
     q = udev.queue()
     b = udev.alloc([5, 9], "float16", mode="private" if CUDA else "auto")

@@ -451,6 +451,14 @@ class Buffer:
         host memory); for a zero-copy view of host memory use ``numpy.from_dlpack(buf)``.
         bfloat16 has no NumPy dtype: ``cast("uint16")`` first, or use PyTorch.
         """
+    def export_like(self, like: Any, *, stream: Optional[int] = None) -> Any:
+        """The buffer as an object of ``like``'s framework (e.g. a ``torch.Tensor`` when ``like``
+        is one), zero-copy, through the framework's DLPack C exchange API
+        (``__dlpack_c_exchange_api__``): no Python-level ``from_dlpack`` runs, which is what
+        makes it fast. ``stream`` is the framework's current stream on this device (a
+        ``CUstream`` as an integer; 0 is the legacy default stream), which waits device-side for
+        unibuf's pending work on the buffer, as the ``stream`` of ``__dlpack__``; None waits on
+        the host. ``UnsupportedError`` if the framework has no exchange API."""
     def native(self) -> int:
         """The native handle as an integer: the ``CUdeviceptr`` on CUDA, the ``id<MTLBuffer>``
         on Metal (add ``byte_offset``), the host address on the CPU.

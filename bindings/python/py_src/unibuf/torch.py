@@ -60,17 +60,35 @@ def wrap(
     """The tensor as a ``Buffer`` of ``device`` (default: ``device_for(t.device)``), sharing
     its memory. The tensor must be contiguous (``t.contiguous()`` first otherwise)."""
     dev = device if device is not None else device_for(t.device)
-    stream = None
-    if t.is_cuda:
-        handle = torch.cuda.current_stream(t.device).cuda_stream
-        # The legacy default stream (handle 0) is ordered through the DLPack stream argument
-        # instead: PyTorch makes unibuf's queue wait for it.
-        stream = handle if handle != 0 else None
-    return dev.from_dlpack(t, copy=False, read_only=read_only, label=label, producer_stream=stream)
+    # PyTorch's DLPack exchange API names its current stream to unibuf, whose queue waits for
+    # it (an event, device-side); without the API, PyTorch orders its work before unibuf's
+    # queue through the `stream` argument of `__dlpack__`.
+    return dev.from_dlpack(t, copy=False, read_only=read_only, label=label)
 
 
 def as_tensor(buf: Buffer) -> torch.Tensor:
-    """The buffer as a tensor sharing its memory (``torch.from_dlpack``); PyTorch's current
-    stream waits for unibuf's pending work on it. On CUDA the buffer must be Private
-    (PyTorch refuses pinned-host DLPack tensors)."""
+    """The buffer as a tensor sharing its memory; PyTorch's current stream waits for unibuf's
+    pending work on it. On CUDA the buffer must be Private (PyTorch refuses pinned-host DLPack
+    tensors). Through PyTorch's DLPack exchange API where it has one (``Buffer.export_like``),
+    else ``torch.from_dlpack``."""
+    kind, index = buf.__dlpack_device__()
+    if _PROBE is not None:
+        if kind == 2:  # kDLCUDA
+            return buf.export_like(_PROBE, stream=_current_raw_stream(index))
+        if kind == 1:  # kDLCPU
+            return buf.export_like(_PROBE)
     return torch.utils.dlpack.from_dlpack(buf)
+
+
+# A tensor whose type carries PyTorch's DLPack exchange API (PyTorch 2.9 and later), if any.
+_PROBE: Optional[torch.Tensor] = (
+    torch.empty(0) if hasattr(torch.Tensor, "__dlpack_c_exchange_api__") else None
+)
+
+
+def _current_raw_stream(index: int) -> int:
+    # The raw handle without building a torch.cuda.Stream (several microseconds per call).
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(index))
+    return int(torch.cuda.current_stream(index).cuda_stream)
