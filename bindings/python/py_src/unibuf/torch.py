@@ -33,6 +33,9 @@ from ._unibuf import Buffer, Device
 __all__ = ["device_for", "wrap", "as_tensor"]
 
 _devices: Dict[Tuple[str, int], Device] = {}
+# The same devices keyed by the torch.device objects seen, for the per-call path of `wrap`
+# (building a torch.device costs microseconds).
+_by_torch_device: Dict["torch.device", Device] = {}
 
 
 def device_for(device: "torch.device | str | None" = None) -> Device:
@@ -59,7 +62,10 @@ def wrap(
 ) -> Buffer:
     """The tensor as a ``Buffer`` of ``device`` (default: ``device_for(t.device)``), sharing
     its memory. The tensor must be contiguous (``t.contiguous()`` first otherwise)."""
-    dev = device if device is not None else device_for(t.device)
+    dev = device if device is not None else _by_torch_device.get(t.device)
+    if dev is None or dev.closed:
+        dev = device_for(t.device)
+        _by_torch_device[t.device] = dev
     # PyTorch's DLPack exchange API names its current stream to unibuf, whose queue waits for
     # it (an event, device-side); without the API, PyTorch orders its work before unibuf's
     # queue through the `stream` argument of `__dlpack__`.

@@ -45,6 +45,7 @@
 //! [`Error::Format`]: crate::Error::Format
 
 mod expert_cache;
+pub mod gguf;
 mod header;
 mod load;
 
