@@ -29,9 +29,9 @@ struct CudaConsumer {
     producer: Cell<Option<usize>>,
 }
 
-// SAFETY: `as_python_arg` names either `-1` (no synchronisation) or the default queue's own
-// `CUstream`, a live stream of the importing device's context for the whole import (the
-// device outlives the call).
+// SAFETY: `as_python_arg` names no stream for host memory, and for CUDA memory either `-1` (no
+// synchronisation) or the default queue's own `CUstream`, a live stream of the importing
+// device's context for the whole import (the device outlives the call).
 unsafe impl PyStreamArg for CudaConsumer {
     fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
         // Host memory has no stream in the Array API (a CPU tensor offered to a CUDA device).
