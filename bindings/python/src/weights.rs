@@ -13,10 +13,12 @@ use unibuf::weights::{
     Selection, WeightsFile,
 };
 
-/// An open safetensors file whose header has been validated (no data read yet).
+/// An open safetensors or GGUF file whose header has been validated (no data read yet).
 ///
 /// ``WeightsFile(path)`` opens ``path``; a malformed file is a ``FormatError`` naming the
-/// tensor and the problem, a missing one an ``IoError``.
+/// tensor (or GGUF key) and the problem, a missing one an ``IoError``. A GGUF file's
+/// block-format tensors (Q8_0, Q4_0, Q4_1, ...) load as their bytes: uint8 of shape
+/// ``[rows, bytes per row]``.
 #[pyclass(name = "WeightsFile", module = "unibuf.weights", frozen)]
 pub struct PyWeightsFile {
     file: WeightsFile,
@@ -52,7 +54,13 @@ impl PyWeightsFile {
         Ok(l)
     }
 
-    /// The header's ``__metadata__`` strings.
+    /// "safetensors" or "gguf".
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.file.format()
+    }
+
+    /// The header's ``__metadata__`` strings (a GGUF file's key-value pairs as text).
     #[getter]
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {
         self.file.metadata().clone()

@@ -82,3 +82,38 @@ def test_expert_cache(dev, q, rng, tmp_path):
     assert len(cache.resident(0)) == 2 and cache.stats()["evictions"] >= 2
     with pytest.raises(unibuf.InvalidArgumentError):
         unibuf.weights.ExpertCache(dev, path, layers, experts, "l{layer}.", 2)
+
+
+def write_gguf(path, norm: np.ndarray, q8_rows: bytes):
+    """A GGUF v3 file: one string key, an F32 tensor and a Q8_0 matrix of 2 rows of 32 values
+    (34 bytes a row), data aligned to 32 bytes."""
+    def string(s: bytes) -> bytes:
+        return struct.pack("<Q", len(s)) + s
+
+    def info(name: bytes, dims, ggml: int, offset: int) -> bytes:
+        return string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml, offset)
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 2, 1)
+    head += string(b"general.architecture") + struct.pack("<I", 8) + string(b"llama")
+    norm_bytes = norm.astype("<f4").tobytes()
+    q8_at = (len(norm_bytes) + 31) // 32 * 32
+    head += info(b"norm", [norm.size], 0, 0) + info(b"w", [32, 2], 8, q8_at)
+    head += b"\0" * (-len(head) % 32)
+    data = norm_bytes + b"\0" * (q8_at - len(norm_bytes)) + q8_rows
+    path.write_bytes(head + data)
+
+
+def test_load_gguf(dev, q, rng, tmp_path):
+    norm = rng.standard_normal(11).astype(np.float32)
+    q8 = rng.integers(0, 256, size=68, dtype=np.uint8).tobytes()
+    path = tmp_path / "model.gguf"
+    write_gguf(path, norm, q8)
+    f = unibuf.weights.WeightsFile(path)
+    assert f.format == "gguf" and f.metadata["general.architecture"] == "llama"
+    by_name = {t["name"]: t for t in f.tensors}
+    assert by_name["w"]["file_dtype"] == "Q8_0" and by_name["w"]["shape"] == [2, 34]
+    w = unibuf.weights.load(dev, f)
+    np.testing.assert_array_equal(download(q, w["norm"]), norm.astype(np.float64))
+    assert w["w"].dtype == "uint8" and w["w"].shape == (2, 34)
+    assert q.download(w["w"]) == q8
+    assert [r for r in w.report["text"].splitlines() if r.startswith("Q8_0")]

@@ -1,4 +1,4 @@
-//! `unibuf load FILE`: a safetensors file onto the device, with a progress bar, the rate
+//! `unibuf load FILE`: a safetensors or GGUF file onto the device, with a progress bar, the rate
 //! achieved, a table by dtype and, with `--verify`, a checksum of every tensor compared with
 //! the file.
 
@@ -35,7 +35,7 @@ impl From<RouteArg> for Route {
 /// Options of `unibuf load`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The safetensors file.
+    /// The safetensors or GGUF file.
     file: PathBuf,
     /// Backend: cpu, cuda or metal [default: $UNIBUF_BACKEND, else the best found]
     #[arg(long, value_name = "NAME")]

@@ -37,7 +37,7 @@ enum Command {
     Info(info::Args),
     /// Runs a small MoE decoder on generated random weights and checks it against an f64 reference.
     Demo(demo::Args),
-    /// Loads a safetensors file onto the device: progress, GB/s, a table by dtype, checksums.
+    /// Loads a safetensors or GGUF file onto the device: progress, GB/s, a table by dtype, checksums.
     Load(load::Args),
     /// Replays an allocation trace through the allocator and reports fragmentation and speed.
     Replay(replay::Args),

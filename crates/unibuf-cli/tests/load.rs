@@ -1,4 +1,5 @@
-//! End-to-end tests of `unibuf load` and `unibuf bench load` on generated safetensors files.
+//! End-to-end tests of `unibuf load` and `unibuf bench load` on generated safetensors and GGUF
+//! files.
 //!
 //! The tests inherit `UNIBUF_BACKEND`, so on a GPU machine they exercise that backend.
 
@@ -104,6 +105,63 @@ fn load_verifies_every_tensor_and_reports_json() {
     assert!(out.contains("loaded 3 tensors"), "{out}");
     assert!(out.contains("GB/s"), "{out}");
     assert!(out.contains("verified 3 tensors"), "{out}");
+}
+
+/// A GGUF v3 file written field by field (the format's own layout): one key, an F32 norm of
+/// 17 values and a Q8_0 matrix of 3 rows of 64, data aligned to 32 bytes.
+fn write_gguf(path: &Path) {
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend(2u64.to_le_bytes()); // tensors
+    f.extend(1u64.to_le_bytes()); // key-value pairs
+    let string = |f: &mut Vec<u8>, s: &str| {
+        f.extend((s.len() as u64).to_le_bytes());
+        f.extend(s.as_bytes());
+    };
+    string(&mut f, "general.architecture");
+    f.extend(8u32.to_le_bytes()); // a string value
+    string(&mut f, "llama");
+    let tensor = |f: &mut Vec<u8>, name: &str, dims: &[u64], ggml: u32, offset: u64| {
+        string(f, name);
+        f.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| f.extend(d.to_le_bytes()));
+        f.extend(ggml.to_le_bytes());
+        f.extend(offset.to_le_bytes());
+    };
+    tensor(&mut f, "norm", &[17], 0, 0); // F32: 68 bytes
+    tensor(&mut f, "w", &[64, 3], 8, 96); // Q8_0: 3 rows x 2 blocks x 34 bytes
+    f.resize(f.len().next_multiple_of(32), 0);
+    f.extend((0..96 + 204).map(|i| (i * 7 % 251) as u8));
+    std::fs::write(path, f).expect("write the GGUF file");
+}
+
+#[test]
+fn load_takes_gguf_files_and_verifies_them() {
+    let f = temp("gguf");
+    write_gguf(&f.0);
+    let path = f.0.to_str().expect("a UTF-8 temp path");
+    for route in ["staged", "zero-copy"] {
+        let o = unibuf(&["load", path, "--verify", "--json", "--route", route]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{route}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("\"tensors\":2"), "{out}");
+        assert_eq!(out.matches("\"ok\":true").count(), 2, "{out}");
+        assert!(out.contains("\"dtype\":\"Q8_0\""), "{out}");
+    }
+    let mut bytes = std::fs::read(&f.0).expect("read back");
+    bytes.truncate(bytes.len() - 1);
+    std::fs::write(&f.0, &bytes).expect("rewrite");
+    let o = unibuf(&["load", path]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("format error") && err.contains("tensor 'w'"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -66,10 +66,12 @@ class _ExpertStats(TypedDict):
 
 @final
 class WeightsFile:
-    """An open safetensors file whose header has been validated (no data read yet).
+    """An open safetensors or GGUF file whose header has been validated (no data read yet).
 
     ``WeightsFile(path)`` opens ``path``; a malformed file is a ``FormatError`` naming the
-    tensor and the problem, a missing one an ``IoError``.
+    tensor (or GGUF key) and the problem, a missing one an ``IoError``. A GGUF file's
+    block-format tensors (Q8_0, Q4_0, Q4_1, ...) load as their bytes: uint8 of shape
+    ``[rows, bytes per row]``.
     """
 
     def __new__(cls, path: _StrPath) -> WeightsFile: ...
@@ -80,8 +82,11 @@ class WeightsFile:
     def tensors(self) -> List[_TensorInfo]:
         """The tensors: ``[{"name", "dtype", "shape", "file_dtype", "byte_len"}]`` in file order."""
     @property
+    def format(self) -> str:
+        """"safetensors" or "gguf"."""
+    @property
     def metadata(self) -> Dict[str, str]:
-        """The header's ``__metadata__`` strings."""
+        """The header's ``__metadata__`` strings (a GGUF file's key-value pairs as text)."""
     @property
     def data_len(self) -> int:
         """Bytes of tensor data."""

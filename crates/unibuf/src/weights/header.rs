@@ -294,6 +294,72 @@ impl Header {
     }
 }
 
+impl Header {
+    /// The safetensors-shaped view of a GGUF header, so that a GGUF file loads, streams and
+    /// feeds the expert cache through the same code as a safetensors file.
+    ///
+    /// Plain types (F32, F16, BF16, F64, the integers) load as that dtype in the row-major
+    /// shape. Block formats (Q8_0, Q4_0, Q4_1, the K-quants, ...) load as their bytes, as they
+    /// are in the file: [`DType::U8`] of shape `[outer dims..., bytes per row]`, which the
+    /// kernels read natively (one row of blocks per row of the matrix). `file_dtype` is the
+    /// ggml type's name and `file_shape` the elements' row-major shape. Metadata values are
+    /// given as text (long arrays summarised); the typed values are the GGUF header's.
+    pub(crate) fn from_gguf(g: &super::gguf::GgufHeader) -> Header {
+        let mut tensors: Vec<TensorInfo> = g
+            .tensors()
+            .iter()
+            .map(|t| {
+                let file_shape = t.shape();
+                let (dtype, shape) = match t.dtype() {
+                    Some(d) => (d, file_shape.clone()),
+                    None => {
+                        let ty = t.ggml_type;
+                        // Validated at parse time: a whole number of blocks per row.
+                        let row_bytes = t.row_len() / ty.block_len() * ty.block_bytes();
+                        let mut shape = file_shape.clone();
+                        if let Some(last) = shape.last_mut() {
+                            *last = row_bytes as usize;
+                        }
+                        (DType::U8, shape)
+                    }
+                };
+                TensorInfo {
+                    name: t.name.clone(),
+                    dtype,
+                    shape,
+                    file_dtype: t.ggml_type.name().to_owned(),
+                    file_shape,
+                    range: t.range.clone(),
+                }
+            })
+            .collect();
+        tensors.sort_by_key(|t| t.range.start);
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let metadata = g
+            .metadata()
+            .iter()
+            // Strings as they are (no quotes), as safetensors metadata holds them.
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                )
+            })
+            .collect();
+        Header {
+            tensors,
+            index,
+            metadata,
+            data_start: g.data_start(),
+            file_len: g.file_len(),
+        }
+    }
+}
+
 /// Reads and checks the length prefix against the file's length and the caps.
 pub(crate) fn header_len(prefix: &[u8], file_len: u64) -> Result<u64> {
     if file_len == 0 {

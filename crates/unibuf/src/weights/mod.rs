@@ -1,8 +1,11 @@
-//! Weights: safetensors files into device buffers, and a streaming cache of MoE experts.
+//! Weights: safetensors and GGUF files into device buffers, and a streaming cache of MoE
+//! experts.
 //!
-//! [`WeightsFile::open`] reads and validates a safetensors header completely (see
-//! [`Header`]): a bad file is an [`Error::Format`] naming the tensor and the problem, before any
-//! data moves. [`WeightsFile::load`] then puts all or chosen tensors on a device, the way the
+//! [`WeightsFile::open`] reads and validates a safetensors header, or a GGUF header (the file
+//! starts with `GGUF`; see [`gguf`]), completely (see [`Header`]): a bad file is an
+//! [`Error::Format`] naming the tensor (or key) and the problem, before any data moves. A GGUF
+//! file's block-format tensors (Q8_0, Q4_0, Q4_1, ...) load as their bytes, `U8` of shape
+//! `[rows, bytes per row]`, for the kernels that read them natively. [`WeightsFile::load`] then puts all or chosen tensors on a device, the way the
 //! device wants them:
 //!
 //! - **Unified memory** (the CPU backend, Metal): zero copy. The file is mapped once and wrapped
@@ -60,7 +63,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-/// An open safetensors file whose header has been validated. Cheap to clone.
+/// An open safetensors or GGUF file whose header has been validated. Cheap to clone.
 #[derive(Clone)]
 pub struct WeightsFile {
     inner: Arc<FileInner>,
@@ -70,6 +73,8 @@ struct FileInner {
     path: PathBuf,
     file: File,
     header: Header,
+    /// The GGUF header, for a GGUF file (typed metadata, ggml types).
+    gguf: Option<gguf::GgufHeader>,
     /// The read-only mapping, made on first use by a zero-copy load.
     map: OnceLock<Arc<memmap2::Mmap>>,
 }
@@ -78,7 +83,8 @@ impl WeightsFile {
     /// Opens `path` and validates its header (nothing of the data is read).
     ///
     /// Errors: `Io` if the file cannot be opened or read, `Format` naming the tensor (or the
-    /// header) and the problem if it is not a valid safetensors file.
+    /// header, or the GGUF key) and the problem if it is not a valid safetensors or GGUF file,
+    /// `Unsupported` for a GGUF version other than 2 or 3.
     pub fn open(path: impl AsRef<Path>) -> Result<WeightsFile> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
@@ -97,6 +103,21 @@ impl WeightsFile {
         let mut len = [0u8; 8];
         let got = (file_len as usize).min(8);
         read_exact_at(&file, &mut len[..got], 0, &shown, "the header length")?;
+        // A safetensors file starts with its header's length, which as a little-endian u64
+        // would be at least 0x4655_4747 ("GGUF") bytes: more than any header may hold, so the
+        // magic cannot be mistaken for one.
+        if len[..got].starts_with(&gguf::MAGIC) {
+            let g = gguf::GgufHeader::read_open(&file, file_len, &shown)?;
+            return Ok(WeightsFile {
+                inner: Arc::new(FileInner {
+                    path,
+                    file,
+                    header: Header::from_gguf(&g),
+                    gguf: Some(g),
+                    map: OnceLock::new(),
+                }),
+            });
+        }
         let n = header::header_len(&len[..got], file_len).map_err(in_file)?;
         // `n` is at most MAX_HEADER_BYTES and at most the file's length: safe to allocate.
         let mut json = vec![0u8; n as usize];
@@ -107,6 +128,7 @@ impl WeightsFile {
                 path,
                 file,
                 header,
+                gguf: None,
                 map: OnceLock::new(),
             }),
         })
@@ -117,9 +139,25 @@ impl WeightsFile {
         &self.inner.path
     }
 
-    /// The validated header.
+    /// The validated header (for a GGUF file, its safetensors-shaped view: see
+    /// [`WeightsFile::gguf`] for the GGUF header itself).
     pub fn header(&self) -> &Header {
         &self.inner.header
+    }
+
+    /// The GGUF header, for a GGUF file: typed metadata (the tokenizer's vocabulary and
+    /// merges, the model's hyperparameters) and the tensors' ggml types.
+    pub fn gguf(&self) -> Option<&gguf::GgufHeader> {
+        self.inner.gguf.as_ref()
+    }
+
+    /// The file's format: "safetensors" or "gguf".
+    pub fn format(&self) -> &'static str {
+        if self.inner.gguf.is_some() {
+            "gguf"
+        } else {
+            "safetensors"
+        }
     }
 
     /// The tensors in file order: name, dtype, shape and byte range.
@@ -132,7 +170,7 @@ impl WeightsFile {
         self.inner.header.tensor(name)
     }
 
-    /// The file's `__metadata__`.
+    /// The file's `__metadata__` (for a GGUF file, its key-value pairs as text).
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         self.inner.header.metadata()
     }

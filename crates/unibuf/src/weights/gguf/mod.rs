@@ -568,11 +568,16 @@ impl GgufHeader {
             .metadata()
             .map_err(|e| Error::io(shown.clone(), e))?
             .len();
+        GgufHeader::read_open(&file, file_len, &shown)
+    }
+
+    /// [`GgufHeader::read`] of a file already open, of `file_len` bytes, shown as `shown`.
+    pub(crate) fn read_open(file: &File, file_len: u64, shown: &str) -> Result<GgufHeader> {
         let mut want = file_len.min(FIRST_READ_BYTES);
         loop {
             // At most the file's length: allocation is bounded by the file, not by its header.
             let mut buf = vec![0u8; want as usize];
-            super::read_exact_at(&file, &mut buf, 0, &shown, "the GGUF header")?;
+            super::read_exact_at(file, &mut buf, 0, shown, "the GGUF header")?;
             let mut r = Reader {
                 buf: &buf,
                 pos: 0,

@@ -931,3 +931,117 @@ fn parses_the_real_smollm2_if_present() {
     );
     assert_eq!(last.range.end, h.file_len());
 }
+
+/// A GGUF file of every loadable kind of tensor, written to a temporary path.
+fn loadable_file(tag: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let w = Writer::new()
+        .kv("general.architecture", GgufValue::String("llama".into()))
+        .kv("llama.block_count", GgufValue::U32(2))
+        .tensor("f32", &[5, 3], GgmlType::F32)
+        .tensor("f16", &[7], GgmlType::F16)
+        .tensor("q8", &[64, 3], GgmlType::Q8_0)
+        .tensor("q4_1", &[96, 5], GgmlType::Q4_1)
+        .tensor("q4_0", &[32], GgmlType::Q4_0);
+    let bytes = w.build();
+    let dir = std::env::temp_dir().join(format!("unibuf-gguf-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
+#[test]
+fn weights_file_opens_gguf_with_buffer_shapes_for_the_kernels() {
+    let (path, _) = loadable_file("shapes");
+    let f = crate::weights::WeightsFile::open(&path).unwrap();
+    assert_eq!(f.format(), "gguf");
+    let g = f.gguf().expect("a GGUF file");
+    assert_eq!(g.architecture().unwrap(), "llama");
+    assert_eq!(f.metadata()["llama.block_count"], "2");
+    let t = |n: &str| f.tensor(n).unwrap().clone();
+    let f32t = t("f32");
+    assert_eq!((f32t.dtype, f32t.shape.clone()), (DType::F32, vec![3, 5]));
+    assert!(f32t.is_native());
+    assert_eq!((t("f16").dtype, t("f16").shape), (DType::F16, vec![7]));
+    // Block formats: the bytes of each row (64 values = 2 Q8_0 blocks of 34 bytes).
+    let q8 = t("q8");
+    assert_eq!(
+        (q8.dtype, q8.shape.clone(), q8.file_dtype.as_str()),
+        (DType::U8, vec![3, 68], "Q8_0")
+    );
+    assert_eq!(q8.file_shape, vec![3, 64]);
+    assert!(!q8.is_native());
+    assert_eq!(t("q4_1").shape, vec![5, 3 * 20]);
+    assert_eq!(t("q4_0").shape, vec![18]);
+    for info in f.tensors() {
+        let n: usize = info.shape.iter().product::<usize>() * info.dtype.size();
+        assert_eq!(n as u64, info.byte_len(), "{}", info.name);
+    }
+}
+
+#[test]
+fn gguf_loads_byte_exact_on_both_routes() {
+    use crate::weights::{LoadOptions, Route, Selection, WeightsFile};
+    let (path, bytes) = loadable_file("routes");
+    let f = WeightsFile::open(&path).unwrap();
+    let dev = crate::Device::open("cpu").unwrap();
+    let q = dev.queue();
+    for route in [Route::ZeroCopy, Route::Staged] {
+        let opts = LoadOptions {
+            route,
+            ..LoadOptions::default()
+        };
+        let w = f.load_with(&dev, &q, &Selection::All, &opts).unwrap();
+        assert_eq!(w.len(), 5);
+        assert_eq!(w.report().route, route);
+        for info in f.tensors() {
+            let b = w.get(&info.name).unwrap();
+            assert_eq!((b.dtype(), b.shape()), (info.dtype, info.shape.as_slice()));
+            let got = q.download::<u8>(&b.cast(DType::U8).unwrap()).unwrap();
+            let want = &bytes[info.range.start as usize..info.range.end as usize];
+            assert_eq!(got, want, "{} ({route:?})", info.name);
+        }
+        let rows: Vec<_> = w
+            .report()
+            .by_dtype
+            .iter()
+            .map(|r| r.dtype.as_str())
+            .collect();
+        assert!(rows.contains(&"Q4_1") && rows.contains(&"Q8_0"), "{rows:?}");
+    }
+}
+
+#[test]
+fn weights_file_refuses_bad_gguf_with_the_path() {
+    let (path, mut bytes) = loadable_file("bad");
+    bytes.truncate(bytes.len() - 1);
+    std::fs::write(&path, &bytes).unwrap();
+    match crate::weights::WeightsFile::open(&path) {
+        Err(Error::Format { what, detail }) => {
+            assert!(
+                what.contains("model.gguf") && what.contains("tensor"),
+                "{what}: {detail}"
+            );
+        }
+        other => panic!("expected a Format error, got {other:?}"),
+    }
+}
+
+#[test]
+fn loads_the_real_smollm2_if_present() {
+    use crate::weights::{Selection, WeightsFile};
+    if !std::path::Path::new(SMOLLM2).exists() {
+        eprintln!("{SMOLLM2} not present: skipped");
+        return;
+    }
+    let f = WeightsFile::open(SMOLLM2).unwrap();
+    let dev = crate::Device::open("cpu").unwrap();
+    let w = f.load(&dev, &dev.queue(), &Selection::All).unwrap();
+    assert_eq!(w.len(), 272);
+    // 49152 rows of 576 Q8_0 values: 18 blocks of 34 bytes each.
+    assert_eq!(w.get("token_embd.weight").unwrap().shape(), &[49152, 612]);
+    // A Q4_1 matrix of 576 x 576: 18 blocks of 20 bytes per row.
+    assert_eq!(w.get("blk.0.attn_q.weight").unwrap().shape(), &[576, 360]);
+    assert_eq!(w.get("blk.0.attn_norm.weight").unwrap().dtype(), DType::F32);
+    assert_eq!(w.report().copied_bytes, 0, "zero-copy on the CPU");
+}
