@@ -12,6 +12,7 @@ mod kernels;
 mod ledger;
 mod memory;
 mod model;
+mod ops_ggml;
 mod ops_matmul;
 mod ops_norm;
 mod ops_q4_sample;

@@ -11,7 +11,7 @@ use crate::errors::{invalid, UbError, UbResult};
 use crate::host::HostData;
 use crate::queue::{PyFence, PyQueue};
 use pyo3::prelude::*;
-use unibuf::ops::{self, Q4Matrix, Q8Activations, RopeStyle, Sampling};
+use unibuf::ops::{self, GgmlMatrix, Q4Matrix, Q8Activations, RopeStyle, Sampling};
 use unibuf::Buffer;
 
 /// A buffer argument, unless its device was closed.
@@ -532,10 +532,196 @@ pub fn q4_matvec_q8_into(
     Ok(ops::q4_matvec_q8_into(queue.get(w)?, &m.m, &xq.a, arg(out, w)?)?.into())
 }
 
+/// A ``rows x cols`` matrix in a ggml block format ("Q8_0", "Q4_0" or "Q4_1"), as a GGUF file
+/// stores it: ``bytes`` is uint8 ``[rows, bytes per row]`` (what ``weights.load`` gives for a
+/// block-format tensor), read natively by ``ggml_matvec``.
+///
+/// ``GgmlMatrix(bytes, ggml_type, rows, cols)``; ``cols`` a multiple of 32.
+#[pyclass(name = "GgmlMatrix", module = "unibuf.ops", frozen)]
+pub struct PyGgmlMatrix {
+    device: PyDevice,
+    m: GgmlMatrix,
+}
+
+#[pymethods]
+impl PyGgmlMatrix {
+    #[new]
+    fn new(bytes: &PyBuffer, ggml_type: &str, rows: usize, cols: usize) -> UbResult<PyGgmlMatrix> {
+        use unibuf::weights::gguf::GgmlType;
+        let ty = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1]
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(ggml_type))
+            .ok_or_else(|| {
+                invalid(
+                    "ggml_type",
+                    format!("'{ggml_type}' is not a format read natively (Q8_0, Q4_0, Q4_1)"),
+                )
+            })?;
+        let m = GgmlMatrix::new(arg(bytes, "GgmlMatrix")?.clone(), ty, rows, cols)?;
+        Ok(PyGgmlMatrix {
+            device: PyDevice::from_handle(bytes.h.clone()),
+            m,
+        })
+    }
+
+    /// The blocks, uint8 ``[rows, bytes per row]``.
+    #[getter]
+    fn bytes(&self) -> PyBuffer {
+        PyBuffer::new(self.device.h.clone(), self.m.bytes().clone())
+    }
+
+    /// The block format's name.
+    #[getter]
+    fn ggml_type(&self) -> &'static str {
+        self.m.ggml_type().name()
+    }
+
+    /// Rows of the matrix.
+    #[getter]
+    fn rows(&self) -> usize {
+        self.m.rows()
+    }
+
+    /// Columns of the matrix (the length of x).
+    #[getter]
+    fn cols(&self) -> usize {
+        self.m.cols()
+    }
+
+    /// The dequantised weights (row-major ``rows * cols`` float32) as ``bytes``, downloaded
+    /// through ``queue`` (for references and tests).
+    fn dequantize<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &PyQueue,
+    ) -> UbResult<Bound<'py, pyo3::types::PyBytes>> {
+        let q = queue.get("GgmlMatrix.dequantize")?;
+        let m = &self.m;
+        let w = py.detach(|| m.dequantize_host(q))?;
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        Ok(pyo3::types::PyBytes::new(py, &bytes))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GgmlMatrix({}, rows={}, cols={})",
+            self.m.ggml_type().name(),
+            self.m.rows(),
+            self.m.cols()
+        )
+    }
+}
+
+/// ``m @ x`` for a ``GgmlMatrix`` and ``x`` (float32, float16 or bfloat16) of ``[cols]`` or
+/// ``[batch, cols]`` (batch up to 8) into float32 ``[rows]`` / ``[batch, rows]``, the blocks
+/// read natively.
+#[pyfunction]
+pub fn ggml_matvec(queue: &PyQueue, m: &PyGgmlMatrix, x: &PyBuffer) -> UbResult<PyBuffer> {
+    let w = "ops.ggml_matvec";
+    m.device.h.get(w)?;
+    Ok(out(
+        queue,
+        ops::ggml_matvec(queue.get(w)?, &m.m, arg(x, w)?)?,
+    ))
+}
+
+/// ``ggml_matvec`` into ``out``; returns the fence.
+#[pyfunction]
+pub fn ggml_matvec_into(
+    queue: &PyQueue,
+    m: &PyGgmlMatrix,
+    x: &PyBuffer,
+    out: &PyBuffer,
+) -> UbResult<PyFence> {
+    let w = "ops.ggml_matvec_into";
+    m.device.h.get(w)?;
+    Ok(ops::ggml_matvec_into(queue.get(w)?, &m.m, arg(x, w)?, arg(out, w)?)?.into())
+}
+
+/// An embedding table: ``vocab`` rows of ``cols`` values, in a ggml block format
+/// (``EmbeddingTable.blocks(m)`` of a ``GgmlMatrix``) or float32/float16/bfloat16
+/// (``EmbeddingTable.rows(buf)`` of a ``[vocab, cols]`` buffer).
+#[pyclass(name = "EmbeddingTable", module = "unibuf.ops", frozen)]
+pub struct PyEmbeddingTable {
+    device: PyDevice,
+    t: ops::EmbeddingTable,
+}
+
+#[pymethods]
+impl PyEmbeddingTable {
+    /// A table in a ggml block format: the matrix's rows are the vocabulary.
+    #[staticmethod]
+    fn blocks(m: &PyGgmlMatrix) -> UbResult<PyEmbeddingTable> {
+        m.device.h.get("EmbeddingTable.blocks")?;
+        Ok(PyEmbeddingTable {
+            device: PyDevice::from_handle(m.device.h.clone()),
+            t: ops::EmbeddingTable::blocks(&m.m),
+        })
+    }
+
+    /// A table of float32, float16 or bfloat16 values, ``[vocab, cols]``.
+    #[staticmethod]
+    fn rows(table: &PyBuffer) -> UbResult<PyEmbeddingTable> {
+        let b = arg(table, "EmbeddingTable.rows")?;
+        Ok(PyEmbeddingTable {
+            device: PyDevice::from_handle(table.h.clone()),
+            t: ops::EmbeddingTable::rows(b.clone())?,
+        })
+    }
+
+    /// Rows in the table.
+    #[getter]
+    fn vocab(&self) -> usize {
+        self.t.vocab()
+    }
+
+    /// Values per row.
+    #[getter]
+    fn cols(&self) -> usize {
+        self.t.cols()
+    }
+}
+
+/// The rows ``ids`` (uint32 ``[n]``) of ``table`` as a fresh ``[n, cols]`` buffer of
+/// ``dtype`` (float32, float16 or bfloat16). An id past the vocabulary gives a row of NaN.
+#[pyfunction]
+#[pyo3(signature = (queue, table, ids, dtype=None))]
+pub fn embed_rows(
+    queue: &PyQueue,
+    table: &PyEmbeddingTable,
+    ids: &PyBuffer,
+    dtype: Option<&Bound<'_, PyAny>>,
+) -> PyResult<PyBuffer> {
+    let w = "ops.embed_rows";
+    table.device.h.get(w)?;
+    let d = dtype
+        .map(crate::dtype::extract)
+        .transpose()?
+        .unwrap_or(unibuf::DType::F32);
+    let q = queue.get(w)?;
+    let y = ops::embed_rows(q, &table.t, arg(ids, w)?, d).map_err(UbError::from)?;
+    Ok(out(queue, y))
+}
+
+/// ``embed_rows`` into ``out`` (``[n, cols]``); returns the fence.
+#[pyfunction]
+pub fn embed_rows_into(
+    queue: &PyQueue,
+    table: &PyEmbeddingTable,
+    ids: &PyBuffer,
+    out: &PyBuffer,
+) -> UbResult<PyFence> {
+    let w = "ops.embed_rows_into";
+    table.device.h.get(w)?;
+    Ok(ops::embed_rows_into(queue.get(w)?, &table.t, arg(ids, w)?, arg(out, w)?)?.into())
+}
+
 /// Registers the ops in the `unibuf._unibuf.ops` submodule.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyQ4Matrix>()?;
     m.add_class::<PyQ8Activations>()?;
+    m.add_class::<PyGgmlMatrix>()?;
+    m.add_class::<PyEmbeddingTable>()?;
     macro_rules! add {
         ($($f:ident),* $(,)?) => { $( m.add_function(wrap_pyfunction!($f, m)?)?; )* };
     }
@@ -562,10 +748,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         quantize_activations_into,
         q4_matvec_q8,
         q4_matvec_q8_into,
+        ggml_matvec,
+        ggml_matvec_into,
+        embed_rows,
+        embed_rows_into,
     );
     m.add("Q4_GROUPS", ops::Q4_GROUPS.to_vec())?;
     m.add("Q4_MAX_BATCH", ops::Q4_MAX_BATCH)?;
     m.add("Q8_BLOCK", ops::Q8_BLOCK)?;
     m.add("SAMPLE_MAX_K", ops::SAMPLE_MAX_K)?;
+    m.add("GGML_MAX_BATCH", ops::GGML_MAX_BATCH)?;
     Ok(())
 }

@@ -180,6 +180,68 @@ def test_q4_matrix_from_parts(dev, q, rng):
     assert again.weight_bytes == 8 * 32 + 8 * 2 * 2
 
 
+def ggml_blocks(rng, ty: str, rows: int, cols: int):
+    """Random blocks of a ggml format and their weights decoded in float64 (ggml's layout:
+    a 4-bit block's weight j < 16 is the low nibble of byte j, j + 16 its high nibble)."""
+    nb = rows * cols // 32
+    d = (rng.standard_normal(nb) * 0.02).astype(np.float16)
+    m = (rng.standard_normal(nb) * 0.02).astype(np.float16)
+    if ty == "Q8_0":
+        q = rng.integers(-128, 128, size=(nb, 32), dtype=np.int8)
+        blocks = np.concatenate([d.view(np.uint8).reshape(nb, 2), q.view(np.uint8)], axis=1)
+        w = d.astype(np.float64)[:, None] * q
+    else:
+        qs = rng.integers(0, 256, size=(nb, 16), dtype=np.uint8)
+        nib = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float64)
+        if ty == "Q4_0":
+            blocks = np.concatenate([d.view(np.uint8).reshape(nb, 2), qs], axis=1)
+            w = d.astype(np.float64)[:, None] * (nib - 8)
+        else:
+            blocks = np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2), qs], axis=1)
+            w = d.astype(np.float64)[:, None] * nib + m.astype(np.float64)[:, None]
+    return blocks.reshape(rows, -1), w.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("ty", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ggml_matvec(dev, q, rng, ty, dtype):
+    rows, cols = 67, 96
+    blocks, w = ggml_blocks(rng, ty, rows, cols)
+    m = ops.GgmlMatrix(dev.from_host(np.ascontiguousarray(blocks)), ty, rows, cols)
+    assert (m.ggml_type, m.rows, m.cols) == (ty, rows, cols)
+    np.testing.assert_array_equal(np.frombuffer(m.dequantize(q), np.float32).reshape(rows, cols), w)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, cols))
+        xb = upload(dev, x, dtype)
+        xr = rounded(x, dtype)
+        want, scale = xr @ w.T, np.abs(xr) @ np.abs(w).T
+        got = download(q, ops.ggml_matvec(q, m, xb))
+        assert_close(got, want, "float32", scale=scale * 4)
+        out = poisoned(dev, q, (batch, rows), "float32")
+        q.wait(ops.ggml_matvec_into(q, m, xb, out))
+        assert_close(download(q, out), want, "float32", scale=scale * 4)
+    with pytest.raises(unibuf.InvalidArgumentError, match="Q8_0"):
+        ops.GgmlMatrix(m.bytes, "Q4_K", rows, cols)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_embed_rows(dev, q, rng, dtype):
+    vocab, cols = 29, 64
+    blocks, w = ggml_blocks(rng, "Q8_0", vocab, cols)
+    m = ops.GgmlMatrix(dev.from_host(np.ascontiguousarray(blocks)), "Q8_0", vocab, cols)
+    ids = rng.integers(0, vocab, size=7).astype(np.uint32)
+    idb = dev.from_host(ids)
+    for table, ref in ((ops.EmbeddingTable.blocks(m), w), (ops.EmbeddingTable.rows(upload(dev, w, "float32")), rounded(w, "float32"))):
+        assert (table.vocab, table.cols) == (vocab, cols)
+        want = rounded(ref[ids], dtype)
+        np.testing.assert_array_equal(download(q, ops.embed_rows(q, table, idb, dtype)), want)
+        out = poisoned(dev, q, (7, cols), dtype)
+        q.wait(ops.embed_rows_into(q, table, idb, out))
+        np.testing.assert_array_equal(download(q, out), want)
+    bad = dev.from_host(np.array([vocab], np.uint32))
+    assert np.all(np.isnan(download(q, ops.embed_rows(q, ops.EmbeddingTable.blocks(m), bad))))
+
+
 def test_constants():
     assert ops.Q4_GROUPS == [32, 64, 128]
     assert ops.Q8_BLOCK == 32 and ops.Q4_MAX_BATCH == 8 and ops.SAMPLE_MAX_K == 1024

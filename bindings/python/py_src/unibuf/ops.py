@@ -14,10 +14,13 @@ _ops = _unibuf.ops
 
 Q4Matrix = _ops.Q4Matrix
 Q8Activations = _ops.Q8Activations
+GgmlMatrix = _ops.GgmlMatrix
+EmbeddingTable = _ops.EmbeddingTable
 Q4_GROUPS = _ops.Q4_GROUPS
 Q4_MAX_BATCH = _ops.Q4_MAX_BATCH
 Q8_BLOCK = _ops.Q8_BLOCK
 SAMPLE_MAX_K = _ops.SAMPLE_MAX_K
+GGML_MAX_BATCH = _ops.GGML_MAX_BATCH
 
 rms_norm = _ops.rms_norm
 rms_norm_into = _ops.rms_norm_into
@@ -41,5 +44,9 @@ quantize_activations = _ops.quantize_activations
 quantize_activations_into = _ops.quantize_activations_into
 q4_matvec_q8 = _ops.q4_matvec_q8
 q4_matvec_q8_into = _ops.q4_matvec_q8_into
+ggml_matvec = _ops.ggml_matvec
+ggml_matvec_into = _ops.ggml_matvec_into
+embed_rows = _ops.embed_rows
+embed_rows_into = _ops.embed_rows_into
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]

@@ -8,17 +8,25 @@ bfloat16), rounded once to the output dtype.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, List, Literal, Sequence, Tuple, final
 
 from ._unibuf import Buffer, Device, Fence, Queue
 
 __all__ = [
+    "EmbeddingTable",
+    "GGML_MAX_BATCH",
+    "GgmlMatrix",
     "Q4Matrix",
     "Q4_GROUPS",
     "Q4_MAX_BATCH",
     "Q8Activations",
     "Q8_BLOCK",
     "SAMPLE_MAX_K",
+    "embed_rows",
+    "embed_rows_into",
+    "ggml_matvec",
+    "ggml_matvec_into",
     "matmul",
     "matmul_bt",
     "matmul_bt_into",
@@ -56,6 +64,9 @@ Q4_MAX_BATCH: int  # 8
 Q8_BLOCK: int  # 32
 """Values per quantisation block of ``Q8Activations`` (one scale each); the columns of ``x``
 must be a multiple of it."""
+
+GGML_MAX_BATCH: int  # 8
+"""The most rows of ``x`` one ``ggml_matvec`` takes."""
 
 SAMPLE_MAX_K: int  # 1024
 """The most candidates a sampling step keeps (``top_k`` at most this; ``top_k == 0`` means this)."""
@@ -259,3 +270,63 @@ def q4_matvec_q8(queue: Queue, m: Q4Matrix, xq: Q8Activations) -> Buffer:
 
 def q4_matvec_q8_into(queue: Queue, m: Q4Matrix, xq: Q8Activations, out: Buffer) -> Fence:
     """``q4_matvec_q8`` into ``out``; returns the fence."""
+
+@final
+class GgmlMatrix:
+    """A ``rows x cols`` matrix in a ggml block format ("Q8_0", "Q4_0" or "Q4_1"), as a GGUF file
+    stores it: ``bytes`` is uint8 ``[rows, bytes per row]`` (what ``weights.load`` gives for a
+    block-format tensor), read natively by ``ggml_matvec``.
+
+    ``GgmlMatrix(bytes, ggml_type, rows, cols)``; ``cols`` a multiple of 32.
+    """
+
+    def __new__(cls, bytes: Buffer, ggml_type: str, rows: int, cols: int) -> GgmlMatrix: ...
+    @property
+    def bytes(self) -> Buffer:
+        """The blocks, uint8 ``[rows, bytes per row]``."""
+    @property
+    def ggml_type(self) -> str:
+        """The block format's name."""
+    @property
+    def rows(self) -> int:
+        """Rows of the matrix."""
+    @property
+    def cols(self) -> int:
+        """Columns of the matrix (the length of x)."""
+    def dequantize(self, queue: Queue) -> builtins.bytes:
+        """The dequantised weights (row-major ``rows * cols`` float32) as ``bytes``, downloaded
+        through ``queue`` (for references and tests)."""
+
+def ggml_matvec(queue: Queue, m: GgmlMatrix, x: Buffer) -> Buffer:
+    """``m @ x`` for a ``GgmlMatrix`` and ``x`` (float32, float16 or bfloat16) of ``[cols]`` or
+    ``[batch, cols]`` (batch up to 8) into float32 ``[rows]`` / ``[batch, rows]``, the blocks
+    read natively."""
+
+def ggml_matvec_into(queue: Queue, m: GgmlMatrix, x: Buffer, out: Buffer) -> Fence:
+    """``ggml_matvec`` into ``out``; returns the fence."""
+
+@final
+class EmbeddingTable:
+    """An embedding table: ``vocab`` rows of ``cols`` values, in a ggml block format
+    (``EmbeddingTable.blocks(m)`` of a ``GgmlMatrix``) or float32/float16/bfloat16
+    (``EmbeddingTable.rows(buf)`` of a ``[vocab, cols]`` buffer)."""
+
+    @staticmethod
+    def blocks(m: GgmlMatrix) -> EmbeddingTable:
+        """A table in a ggml block format: the matrix's rows are the vocabulary."""
+    @staticmethod
+    def rows(table: Buffer) -> EmbeddingTable:
+        """A table of float32, float16 or bfloat16 values, ``[vocab, cols]``."""
+    @property
+    def vocab(self) -> int:
+        """Rows in the table."""
+    @property
+    def cols(self) -> int:
+        """Values per row."""
+
+def embed_rows(queue: Queue, table: EmbeddingTable, ids: Buffer, dtype: Any = None) -> Buffer:
+    """The rows ``ids`` (uint32 ``[n]``) of ``table`` as a fresh ``[n, cols]`` buffer of
+    ``dtype`` (float32, float16 or bfloat16). An id past the vocabulary gives a row of NaN."""
+
+def embed_rows_into(queue: Queue, table: EmbeddingTable, ids: Buffer, out: Buffer) -> Fence:
+    """``embed_rows`` into ``out`` (``[n, cols]``); returns the fence."""

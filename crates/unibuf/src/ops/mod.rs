@@ -1,6 +1,7 @@
 //! Fused inference primitives: RMSNorm (optionally with the residual add), softmax, SwiGLU,
-//! rotary embedding, the 4-bit group-quantised matrix-vector product and on-device top-k /
-//! top-p sampling.
+//! rotary embedding, the 4-bit group-quantised matrix-vector product, the matrix-vector
+//! product over GGUF's block formats (Q8_0, Q4_0, Q4_1) read natively, embedding rows from
+//! such tables, and on-device top-k / top-p sampling.
 //!
 //! Every op is one kernel of the registry (CUDA C, Metal Shading Language and a Rust CPU
 //! version under one name, registered when the device opens and compiled on first use or by
@@ -30,6 +31,8 @@
 //! # Ok::<(), unibuf::Error>(())
 //! ```
 
+mod embed;
+mod ggml_matvec;
 mod matmul;
 mod norm;
 mod q4;
@@ -40,6 +43,8 @@ mod sample;
 mod softmax;
 mod swiglu;
 
+pub use embed::{embed_rows, embed_rows_into, EmbeddingTable};
+pub use ggml_matvec::{ggml_matvec, ggml_matvec_into, GgmlMatrix, GGML_MAX_BATCH};
 pub use matmul::{matmul, matmul_bt, matmul_bt_into, matmul_into};
 pub use norm::{rms_norm, rms_norm_into, rms_norm_residual, rms_norm_residual_into};
 pub use q4::{
@@ -63,6 +68,8 @@ use crate::storage::StorageMode;
 pub(crate) fn kernels() -> impl Iterator<Item = &'static KernelSource> {
     [
         norm::KERNELS,
+        ggml_matvec::KERNELS,
+        embed::KERNELS,
         softmax::KERNELS,
         swiglu::KERNELS,
         rope::KERNELS,
