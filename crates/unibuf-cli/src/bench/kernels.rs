@@ -17,7 +17,8 @@
 use crate::load::json_str;
 use crate::{Context, Failure};
 use std::io::Write;
-use unibuf::ops::{self, Q4Matrix, RopeStyle, Sampling};
+use unibuf::ops::{self, GgmlMatrix, Q4Matrix, RopeStyle, Sampling};
+use unibuf::weights::gguf::GgmlType;
 use unibuf::{Buffer, DType, Device, Element, Fence, Queue, StorageMode};
 
 /// Options of `unibuf bench kernels`.
@@ -240,6 +241,41 @@ fn cases<'a>(dev: &Device, z: &Sizes) -> unibuf::Result<Vec<Case<'a>>> {
             bytes: weight_bytes,
             launch: Box::new(move |q| ops::q4_matvec_q8_into(q, &m_q8, &xq, &y_q8)),
         });
+    }
+    // The GGUF block formats read natively (a decode step of a GGUF model, batch 1): random
+    // blocks with small f16 scales, weight bytes only in the count.
+    for &(out_rows, cols) in &z.q4 {
+        for (ty, block_bytes) in [
+            (GgmlType::Q8_0, 34usize),
+            (GgmlType::Q4_0, 18),
+            (GgmlType::Q4_1, 20),
+        ] {
+            let row_bytes = cols / 32 * block_bytes;
+            let mut bytes: Vec<u8> = (0..out_rows * row_bytes)
+                .map(|i| {
+                    (i as u64)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .rotate_left(17) as u8
+                })
+                .collect();
+            // Finite scales (and Q4_1 offsets): f16 0.01 (0x211f) at the start of each block.
+            for blk in bytes.chunks_exact_mut(block_bytes) {
+                blk[..2].copy_from_slice(&0x211fu16.to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    blk[2..4].copy_from_slice(&0x211fu16.to_le_bytes());
+                }
+            }
+            let w = dev.from_slice("w_ggml", &bytes, &[out_rows, row_bytes])?;
+            drop(bytes);
+            let m = GgmlMatrix::new(w, ty, out_rows, cols)?;
+            let x = filled(dev, "x", &[cols], 15, half)?;
+            let y = dev.alloc_labelled("y", DType::F32, &[out_rows], StorageMode::Auto)?;
+            cases.push(Case {
+                name: format!("ggml matvec {} {out_rows}x{cols}", ty.name()),
+                bytes: (out_rows * row_bytes) as u64,
+                launch: Box::new(move |q| ops::ggml_matvec_into(q, &m, &x, &y)),
+            });
+        }
     }
     // The int8 quantisation of a decode step's f16 activations: x read, values, scales and
     // block sums written.
