@@ -468,6 +468,9 @@ fn bench_kernels_times_every_op_on_the_device() {
         "rope neox f16",
         "q4 matvec",
         "q4 matvec q8",
+        "ggml matvec Q8_0",
+        "ggml matvec Q4_0",
+        "ggml matvec Q4_1",
         "quantize q8",
         "sample top-k 50",
     ] {
@@ -477,7 +480,7 @@ fn bench_kernels_times_every_op_on_the_device() {
         );
     }
     let text = std::fs::read_to_string(&json).unwrap();
-    assert_eq!(text.matches("\"op\":").count(), 13, "{text}");
+    assert_eq!(text.matches("\"op\":").count(), 16, "{text}");
     assert!(
         !text.contains("\"device_us\":null"),
         "the CPU backend times every submission: {text}"
