@@ -289,6 +289,12 @@ pub fn sample_into(
     Ok(ops::sample_into(queue.get(w)?, arg(logits, w)?, &s, step, arg(out, w)?)?.into())
 }
 
+/// Float32 values as the `bytes` of their native representation (`numpy.frombuffer(b, "float32")`).
+fn f32_bytes<'py>(py: Python<'py>, w: &[f32]) -> Bound<'py, pyo3::types::PyBytes> {
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    pyo3::types::PyBytes::new(py, &bytes)
+}
+
 /// A 4-bit group-quantised matrix (``rows x cols``, one f16 scale per ``group`` weights of a
 /// row): packed uint8 codes ``[rows, cols / 2]`` and float16 scales ``[rows, cols / group]``.
 ///
@@ -396,8 +402,7 @@ impl PyQ4Matrix {
         let q = queue.get("Q4Matrix.dequantize")?;
         let m = &self.m;
         let w = py.detach(|| m.dequantize_host(q))?;
-        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        Ok(pyo3::types::PyBytes::new(py, &bytes))
+        Ok(f32_bytes(py, &w))
     }
 
     fn __repr__(&self) -> String {
@@ -598,8 +603,7 @@ impl PyGgmlMatrix {
         let q = queue.get("GgmlMatrix.dequantize")?;
         let m = &self.m;
         let w = py.detach(|| m.dequantize_host(q))?;
-        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        Ok(pyo3::types::PyBytes::new(py, &bytes))
+        Ok(f32_bytes(py, &w))
     }
 
     fn __repr__(&self) -> String {

@@ -81,6 +81,19 @@ impl PyWeightsFile {
     }
 }
 
+/// A `WeightsFile` argument: an open one, or a path to open (without the GIL).
+fn weights_file(py: Python<'_>, file: &Bound<'_, PyAny>) -> PyResult<WeightsFile> {
+    match file.cast::<PyWeightsFile>() {
+        Ok(f) => Ok(f.get().file.clone()),
+        Err(_) => {
+            let path: PathBuf = file.extract()?;
+            Ok(py
+                .detach(|| WeightsFile::open(&path))
+                .map_err(UbError::from)?)
+        }
+    }
+}
+
 /// Tensors loaded onto a device: a read-only mapping of name to ``Buffer``, with the load's
 /// ``report``.
 #[pyclass(name = "LoadedWeights", module = "unibuf.weights", frozen, mapping)]
@@ -189,14 +202,7 @@ pub fn load(
     readers: usize,
 ) -> PyResult<PyLoadedWeights> {
     let dev = device.h.get("weights.load")?;
-    let file = match file.cast::<PyWeightsFile>() {
-        Ok(f) => f.get().file.clone(),
-        Err(_) => {
-            let path: PathBuf = file.extract()?;
-            py.detach(|| WeightsFile::open(&path))
-                .map_err(UbError::from)?
-        }
-    };
+    let file = weights_file(py, file)?;
     let selection = match (names, prefix) {
         (Some(_), Some(_)) => {
             return Err(invalid("selection", "give names or prefix, not both").into())
@@ -315,14 +321,7 @@ impl PyExpertCache {
             )
             .into());
         }
-        let file = match file.cast::<PyWeightsFile>() {
-            Ok(f) => f.get().file.clone(),
-            Err(_) => {
-                let path: PathBuf = file.extract()?;
-                py.detach(|| WeightsFile::open(&path))
-                    .map_err(UbError::from)?
-            }
-        };
+        let file = weights_file(py, file)?;
         let pattern = prefix.to_owned();
         let layout = ExpertLayout::by_prefix(&file, layers, experts, |l, e| {
             pattern
