@@ -9,8 +9,8 @@ use unibuf::{DType, Error};
 use unibuf_conformance::{device, download_f64, poisoned, upload_f64, Rng};
 
 /// Random blocks of `ty` for `rows x cols`: scales (and Q4_1 offsets) random finite f16 in
-/// about ±0.05, codes random.
-fn random_blocks(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+/// about ±0.05, codes random. (Shared with the fused ops' tests.)
+pub(crate) fn random_blocks(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     let blocks = rows * cols / 32;
     let mut out = Vec::new();
     let scale = |rng: &mut Rng| f16::from_f32(rng.f32() * 0.05).to_le_bytes();
@@ -28,8 +28,9 @@ fn random_blocks(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u
     out
 }
 
-/// The weights of the blocks, decoded from the ggml layout in f64.
-fn reference_weights(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f64> {
+/// The weights of the blocks, decoded from the ggml layout in f64 (independently of the
+/// library). (Shared with the fused ops' tests.)
+pub(crate) fn reference_weights(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f64> {
     let bb = match ty {
         GgmlType::Q8_0 => 34,
         GgmlType::Q4_0 => 18,

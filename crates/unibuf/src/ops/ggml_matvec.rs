@@ -11,8 +11,14 @@
 //!
 //! In the 4-bit formats weight `j < 16` of a block is the low nibble of `qs[j]` and weight
 //! `j + 16` its high nibble, as ggml lays them out. Arithmetic is f32: per block a sum of 32
-//! products, accumulated over the row's blocks (in block order on the CPU; on a GPU each lane
-//! takes every 32nd block and the lanes are summed as a tree).
+//! products, accumulated over the row's blocks (in block order on the CPU; on a GPU the 32
+//! lanes of a warp take quarter blocks of 8 weights in turn, each lane sums its share, and the
+//! lanes are summed as a tree).
+//!
+//! The fused forms for a decoder step (the input norm fused into the product, the residual add
+//! into the output projection, SwiGLU's gate and up together) are in
+//! [`ggml_matvec_norm`](crate::ops::ggml_matvec_norm) and its neighbours; they share this
+//! module's block decoding, on every backend.
 
 use super::row_common::{by_dtype, expect_len, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
@@ -38,11 +44,11 @@ const NAMES: [&str; 3] = [
 ];
 
 /// Threads per block (8 warps, one row of `W` each).
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 /// Rows of `W` per block of the launch.
-const ROWS_PER_BLOCK: u32 = THREADS / 32;
+pub(super) const ROWS_PER_BLOCK: u32 = THREADS / 32;
 /// The grid is capped here; the kernels grid-stride over the remaining rows.
-const MAX_BLOCKS: u32 = 65_535;
+pub(super) const MAX_BLOCKS: u32 = 65_535;
 
 const fn params(x: DType) -> [Param; 7] {
     [
@@ -79,7 +85,7 @@ pub(crate) const KERNELS: &[KernelSource] = &super::row_common::float_kernels(
 );
 
 /// The block formats the kernels read, as their `kind` argument.
-fn kind(t: GgmlType) -> Option<u32> {
+pub(super) fn kind(t: GgmlType) -> Option<u32> {
     match t {
         GgmlType::Q8_0 => Some(0),
         GgmlType::Q4_0 => Some(1),
@@ -119,6 +125,32 @@ pub(super) fn dequantize_block(kind: u32, blk: &[u8], out: &mut [f32; 32]) {
                 out[j] = d * f32::from(q & 15) + m;
                 out[j + 16] = d * f32::from(q >> 4) + m;
             }
+        }
+    }
+}
+
+/// The dot product of one decoded block with 32 values of x, summed in 8 lanes (so that it
+/// vectorises) and then across them.
+fn dot32(w: &[f32; 32], x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for (wc, xc) in w.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for ((l, &w), &x) in lanes.iter_mut().zip(wc).zip(xc) {
+            *l += w * x;
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// Adds `row · x[b]` to `acc[b]` for every `b < acc.len()`: `row` is one row's blocks of `kind`
+/// (exactly), `xs` holds `acc.len()` rows of `cols` f32 values. Blocks are decoded one at a
+/// time into 32 f32 and reused for every row of x (the CPU kernels' inner loop).
+pub(super) fn row_dot(kind: u32, row: &[u8], xs: &[f32], cols: usize, acc: &mut [f32]) {
+    let mut block = [0.0f32; 32];
+    for (k, blk) in row.chunks_exact(block_bytes(kind)).enumerate() {
+        dequantize_block(kind, blk, &mut block);
+        for (b, a) in acc.iter_mut().enumerate() {
+            let at = b * cols + k * 32;
+            *a += dot32(&block, &xs[at..at + 32]);
         }
     }
 }
@@ -249,15 +281,21 @@ impl GgmlMatrix {
     }
 }
 
-/// (batch, y shape) for `x` of `[cols]` or `[batch, cols]`.
-fn batch_of(m: &GgmlMatrix, x: &Buffer) -> Result<(usize, Vec<usize>)> {
-    expect_float("ggml_matvec x", x)?;
+/// (batch, output shape) for `x` (`what`) of `[cols]` or `[batch, cols]` multiplied by `m`,
+/// giving `rows` outputs per row of x: `[rows]` or `[batch, rows]`.
+pub(super) fn batch_of(
+    what: &'static str,
+    m: &GgmlMatrix,
+    x: &Buffer,
+    rows: usize,
+) -> Result<(usize, Vec<usize>)> {
+    expect_float(what, x)?;
     let (batch, shape) = match *x.shape() {
-        [c] if c == m.cols => (1, vec![m.rows]),
-        [b, c] if c == m.cols && (1..=GGML_MAX_BATCH).contains(&b) => (b, vec![b, m.rows]),
+        [c] if c == m.cols => (1, vec![rows]),
+        [b, c] if c == m.cols && (1..=GGML_MAX_BATCH).contains(&b) => (b, vec![b, rows]),
         _ => {
             return Err(Error::ShapeMismatch {
-                what: "ggml_matvec x",
+                what,
                 expected: format!("[{}] or [batch <= {GGML_MAX_BATCH}, {}]", m.cols, m.cols),
                 got: format!("{:?}", x.shape()),
             })
@@ -265,7 +303,7 @@ fn batch_of(m: &GgmlMatrix, x: &Buffer) -> Result<(usize, Vec<usize>)> {
     };
     if m.bytes.alloc.device.id != x.alloc.device.id {
         return Err(Error::WrongDevice {
-            what: "ggml_matvec x",
+            what,
             expected: m.bytes.alloc.device.id,
             got: x.alloc.device.id,
         });
@@ -276,7 +314,7 @@ fn batch_of(m: &GgmlMatrix, x: &Buffer) -> Result<(usize, Vec<usize>)> {
 /// `y = m x` for `x` (f32, f16 or bf16) of `[cols]` or `[batch, cols]` (batch up to
 /// [`GGML_MAX_BATCH`]), into a fresh f32 `[rows]` / `[batch, rows]`. Returns once queued.
 pub fn ggml_matvec(q: &Queue, m: &GgmlMatrix, x: &Buffer) -> Result<Buffer> {
-    let (_, y_shape) = batch_of(m, x)?;
+    let (_, y_shape) = batch_of("ggml_matvec x", m, x, m.rows)?;
     let y = output(q, "ggml_matvec", DType::F32, &y_shape)?;
     ggml_matvec_into(q, m, x, &y)?;
     Ok(y)
@@ -284,7 +322,7 @@ pub fn ggml_matvec(q: &Queue, m: &GgmlMatrix, x: &Buffer) -> Result<Buffer> {
 
 /// [`ggml_matvec`] into `y`, f32 of the shape it returns. Returns the submission's fence.
 pub fn ggml_matvec_into(q: &Queue, m: &GgmlMatrix, x: &Buffer, y: &Buffer) -> Result<Fence> {
-    let (batch, y_shape) = batch_of(m, x)?;
+    let (batch, y_shape) = batch_of("ggml_matvec x", m, x, m.rows)?;
     expect_dtype("ggml_matvec y", y, DType::F32)?;
     expect_shape("ggml_matvec y", y, &y_shape)?;
     let rows = index_u32("ggml_matvec rows", m.rows)?;
@@ -326,16 +364,9 @@ fn matvec_cpu<X: HostFloat>(args: &mut CpuKernelArgs<'_>) -> std::result::Result
     expect_len(NAME, "x", x.len(), batch * cols)?;
     expect_len(NAME, "y", y.len(), batch * rows)?;
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-    let mut block = [0.0f32; 32];
     for (r, row) in w.chunks_exact(nblocks * bb).enumerate() {
         let mut acc = [0.0f32; GGML_MAX_BATCH];
-        for (k, blk) in row.chunks_exact(bb).enumerate() {
-            dequantize_block(kind, blk, &mut block);
-            for (b, a) in acc.iter_mut().take(batch).enumerate() {
-                let xs = &xf[b * cols + k * 32..b * cols + (k + 1) * 32];
-                *a += block.iter().zip(xs).map(|(w, x)| w * x).sum::<f32>();
-            }
-        }
+        row_dot(kind, row, &xf, cols, &mut acc[..batch]);
         for (b, a) in acc.iter().take(batch).enumerate() {
             y[b * rows + r] = *a;
         }

@@ -1,7 +1,8 @@
 //! Fused inference primitives: RMSNorm (optionally with the residual add), softmax, SwiGLU,
 //! rotary embedding, the 4-bit group-quantised matrix-vector product, the matrix-vector
 //! product over GGUF's block formats (Q8_0, Q4_0, Q4_1) read natively, embedding rows from
-//! such tables, and on-device top-k / top-p sampling.
+//! such tables, on-device top-k / top-p sampling, and grouped-query attention over KV caches
+//! (RoPE fused with the cache append, split-K decode attention).
 //!
 //! Every op is one kernel of the registry (CUDA C, Metal Shading Language and a Rust CPU
 //! version under one name, registered when the device opens and compiled on first use or by
@@ -31,7 +32,9 @@
 //! # Ok::<(), unibuf::Error>(())
 //! ```
 
+mod attention;
 mod embed;
+mod ggml_fused;
 mod ggml_matvec;
 mod matmul;
 mod norm;
@@ -43,7 +46,12 @@ mod sample;
 mod softmax;
 mod swiglu;
 
+pub use attention::{attention, attention_into, rope_kv_append_into};
 pub use embed::{embed_rows, embed_rows_into, EmbeddingTable};
+pub use ggml_fused::{
+    ggml_dequantize, ggml_dequantize_into, ggml_matvec_add, ggml_matvec_add_into, ggml_matvec_norm,
+    ggml_matvec_norm_into, ggml_swiglu_norm, ggml_swiglu_norm_into, GGML_MAX_STACKED,
+};
 pub use ggml_matvec::{ggml_matvec, ggml_matvec_into, GgmlMatrix, GGML_MAX_BATCH};
 pub use matmul::{matmul, matmul_bt, matmul_bt_into, matmul_into};
 pub use norm::{rms_norm, rms_norm_into, rms_norm_residual, rms_norm_residual_into};
@@ -69,10 +77,12 @@ pub(crate) fn kernels() -> impl Iterator<Item = &'static KernelSource> {
     [
         norm::KERNELS,
         ggml_matvec::KERNELS,
+        ggml_fused::KERNELS,
         embed::KERNELS,
         softmax::KERNELS,
         swiglu::KERNELS,
         rope::KERNELS,
+        attention::KERNELS,
         q4::KERNELS,
         q8::KERNELS,
         sample::KERNELS,

@@ -24,7 +24,7 @@ pub enum RopeStyle {
 
 impl RopeStyle {
     /// The kernels' `style` argument.
-    fn code(self) -> u32 {
+    pub(super) fn code(self) -> u32 {
         match self {
             RopeStyle::Neox => 0,
             RopeStyle::Interleaved => 1,
@@ -187,30 +187,58 @@ fn rope_cpu<T: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
     expect_len(NAME, "x", x.len(), n)?;
     expect_len(NAME, "positions", positions.len(), tokens)?;
     expect_len(NAME, "out", out.len(), n)?;
-    let half_dim = head_dim / 2;
     // The rotation of each pair at each token, the same f32 arithmetic as the GPU kernels.
-    let inv_freq: Vec<f32> = (0..half_dim)
-        .map(|i| theta.powf(-((2 * i) as f32 / head_dim as f32)))
-        .collect();
-    for (t, (xt, yt)) in x
-        .chunks_exact(heads * head_dim)
-        .zip(out.chunks_exact_mut(heads * head_dim))
-        .enumerate()
+    let inv_freq = inverse_frequencies(theta, head_dim);
+    let mut rot = Vec::with_capacity(inv_freq.len());
+    let row = heads * head_dim;
+    for ((xt, yt), &pos) in x
+        .chunks_exact(row)
+        .zip(out.chunks_exact_mut(row))
+        .zip(positions)
     {
-        let pos = positions[t] as f32;
-        let rot: Vec<(f32, f32)> = inv_freq.iter().map(|f| (pos * f).sin_cos()).collect();
-        for (xh, yh) in xt.chunks_exact(head_dim).zip(yt.chunks_exact_mut(head_dim)) {
-            for (i, &(s, c)) in rot.iter().enumerate() {
-                let (a, b) = if style == 0 {
-                    (i, i + half_dim)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let (xa, xb) = (xh[a].to_f32(), xh[b].to_f32());
-                yh[a] = T::from_f32(xa * c - xb * s);
-                yh[b] = T::from_f32(xb * c + xa * s);
-            }
-        }
+        rotations(&inv_freq, pos, &mut rot);
+        rotate_heads(xt, yt, &rot, head_dim, style);
     }
     Ok(())
+}
+
+/// The inverse frequency of each pair `i` of a head, `theta^(-2i / head_dim)`, in f32 as the
+/// kernels compute it (shared by the CPU versions of [`rope`] and
+/// [`rope_kv_append_into`](super::rope_kv_append_into)).
+pub(super) fn inverse_frequencies(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-((2 * i) as f32 / head_dim as f32)))
+        .collect()
+}
+
+/// `(sin, cos)` of each pair's angle `pos * inv_freq` (f32) at position `pos`, into `rot`.
+pub(super) fn rotations(inv_freq: &[f32], pos: u32, rot: &mut Vec<(f32, f32)>) {
+    let pos = pos as f32;
+    rot.clear();
+    rot.extend(inv_freq.iter().map(|f| (pos * f).sin_cos()));
+}
+
+/// Turns every head of `x` by `rot` into `y` (both whole heads of `head_dim`, `rot` one entry
+/// per pair), the pairs laid out as `style`'s kernel code says (0 rotate-half, 1 interleaved).
+/// Each output is computed in f32 and rounded once to `Y`.
+pub(super) fn rotate_heads<X: HostFloat, Y: HostFloat>(
+    x: &[X],
+    y: &mut [Y],
+    rot: &[(f32, f32)],
+    head_dim: usize,
+    style: u32,
+) {
+    let half_dim = head_dim / 2;
+    for (xh, yh) in x.chunks_exact(head_dim).zip(y.chunks_exact_mut(head_dim)) {
+        for (i, &(s, c)) in rot.iter().enumerate() {
+            let (a, b) = if style == 0 {
+                (i, i + half_dim)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (xa, xb) = (xh[a].to_f32(), xh[b].to_f32());
+            yh[a] = Y::from_f32(xa * c - xb * s);
+            yh[b] = Y::from_f32(xb * c + xa * s);
+        }
+    }
 }
