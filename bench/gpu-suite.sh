@@ -14,6 +14,12 @@
 #   alloc     unibuf replay of the trace (virtual memory, simulated), unibuf bench alloc
 #   matmul    unibuf bench matmul (cuBLAS through Queue::external), then bench/peers/matmul_torch.py
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
+#   generate  SmolLM2-135M-Instruct (the GGUF file named by SMOLLM2_GGUF) on CUDA: the reference
+#             check (tests/reference/, f16 and f32 KV caches), memcheck over a short run, decode
+#             tokens/s over 256 tokens and prefill tokens/s of a 512-token prompt, then the PyTorch
+#             peers in the same run (bench/peers/smollm2_torch_peers.py: transformers eager, a
+#             hand-written CUDA-graph decoder, the memory-bound limit); `gguf` from
+#             .gpu/python/deps where the machine lacks it
 #   python    the Python package on CUDA: its wheel (.gpu/python/unibuf-*.whl, built here with
 #             `maturin build --release -o ../../.gpu/python` in bindings/python) installed beside the
 #             machine's PyTorch (PYTHONPATH); pytest with UNIBUF_BACKEND=cuda; the Hugging Face
@@ -28,7 +34,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 export UNIBUF_BACKEND=cuda
 export UNIBUF_CACHE_DIR=${UNIBUF_CACHE_DIR:-/tmp/unibuf-kernel-cache}
-parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load python"}
+parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load generate python"}
 unibuf=.gpu/bin/unibuf
 status=0
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -85,6 +91,37 @@ if has load; then
         || status=1
     $unibuf bench load "$file" --samples 3 --json "$OUT/load.json" || status=1
     $unibuf bench load "$file" --samples 3 --staging 4M,64 || status=1
+fi
+if has generate; then
+    stage "generate: SmolLM2 on CUDA"
+    model=${SMOLLM2_GGUF:-/tmp/smollm2.gguf}
+    ref=tests/reference/smollm2-135m-instruct-q4_1.json
+    for kv in f16 f32; do
+        $unibuf generate "$model" --reference "$ref" --kv-dtype "$kv" || status=1
+    done
+    compute-sanitizer --tool memcheck --print-limit 20 $unibuf generate "$model" \
+        --prompt "The capital of France is" --max-tokens 8 --json >"$OUT/generate-memcheck.log" 2>&1 \
+        || status=1
+    grep -E "ERROR SUMMARY" "$OUT/generate-memcheck.log"
+    $unibuf generate "$model" --prompt "Write a story about a lighthouse keeper." --chat \
+        --max-tokens 256 --ignore-eos --json >"$OUT/generate-decode.json" || status=1
+    # 512 prompt tokens: the ids of a repeated text (any ids in the vocabulary do).
+    ids=$(python3 -c "print(','.join(str(198 + (i * 7919) % 40000) for i in range(512)))")
+    $unibuf generate "$model" --prompt-tokens "$ids" --max-tokens 2 --json \
+        >"$OUT/generate-prefill.json" || status=1
+    python3 - "$OUT/generate-decode.json" "$OUT/generate-prefill.json" <<'PY'
+import json, sys
+d, p = (json.load(open(f)) for f in sys.argv[1:3])
+print(f"unibuf generate: decode {d['decode_tokens_per_s']:.0f} tokens/s over {len(d['generated_ids'])} tokens "
+      f"(first step {d['first_step_ms']:.1f} ms); prefill of 512 tokens {p['prefill_tokens_per_s']:.0f} tokens/s "
+      f"({p['prefill_ms']:.1f} ms)")
+PY
+    pylib="$OUT/pylib-generate"
+    python3 -c "import gguf" 2>/dev/null ||
+        python3 -m pip install --quiet --no-deps --no-index --target "$pylib" \
+            --find-links .gpu/python/deps gguf || status=1
+    PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}" python3 bench/peers/smollm2_torch_peers.py \
+        --model "$model" --dtype bf16 --dtype f32 --json "$OUT/peers.json" || status=1
 fi
 if has python; then
     stage "python: the package on CUDA, the Llama client, op-call overhead"

@@ -4,6 +4,8 @@
 //! - `unibuf demo` runs a small mixture-of-experts decoder on random weights, its experts
 //!   streamed from a generated safetensors file, and checks it against an f64 host reference;
 //! - `unibuf bench transfers` measures every transfer path beside the platform's own ceiling;
+//! - `unibuf generate MODEL.gguf` runs a Llama-architecture GGUF model (SmolLM2, say) and
+//!   reports tokens/s, the submissions and the copy audit;
 //! - `unibuf replay TRACE` replays an allocation trace through the allocator.
 //!
 //! Every failure, whether bad input, an unavailable backend, a runtime error or a failed check,
@@ -11,6 +13,7 @@
 
 mod bench;
 mod demo;
+mod generate;
 mod info;
 mod load;
 mod replay;
@@ -39,6 +42,8 @@ enum Command {
     Demo(demo::Args),
     /// Loads a safetensors or GGUF file onto the device: progress, GB/s, a table by dtype, checksums.
     Load(load::Args),
+    /// Generates text with a Llama-architecture GGUF model (greedy or sampled), with tokens/s.
+    Generate(generate::Args),
     /// Replays an allocation trace through the allocator and reports fragmentation and speed.
     Replay(replay::Args),
     /// Benchmarks, each beside the platform's own ceiling measured in the same run.
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd, &mut out),
         Command::Replay(args) => replay::run(args, &mut out),
         Command::Load(args) => load::run(args, &mut out),
+        Command::Generate(args) => generate::run(args, &mut out),
     };
     // Flush before reporting so that stdout and the error line appear in order on a terminal.
     let result = result.and_then(|()| out.flush().map_err(Failure::from));
