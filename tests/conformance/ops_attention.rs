@@ -453,6 +453,37 @@ fn attention_ref(
     (out, err)
 }
 
+/// An attention output `got` (`[tokens, heads, head_dim]` of `dtype`) against the reference
+/// (`want`, `err`) from [`attention_ref`]: the rows of positions past the cache are all NaN,
+/// every other element is within its bound.
+fn assert_rows(
+    what: &str,
+    dtype: DType,
+    got: &[f64],
+    (want, err): (&[f64], &[f64]),
+    positions: &[u32],
+    heads: usize,
+    head_dim: usize,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (row, (g, w)) in got
+        .chunks_exact(head_dim)
+        .zip(want.chunks_exact(head_dim))
+        .enumerate()
+    {
+        if w[0].is_nan() {
+            assert!(
+                g.iter().all(|x| x.is_nan()),
+                "{what}: row {row} (position {}) past the cache is not NaN: {g:?}",
+                positions[row / heads]
+            );
+        }
+    }
+    let valid: Vec<usize> = (0..want.len()).filter(|&i| !want[i].is_nan()).collect();
+    let pick = |v: &[f64]| valid.iter().map(|&i| v[i]).collect::<Vec<_>>();
+    assert_within(what, dtype, &pick(got), &pick(want), &pick(err));
+}
+
 /// One geometry of the attention tests: the query's, the cache's capacity, the positions, and
 /// the magnitude of query and key values (the scores' spread).
 struct AttentionCase {
@@ -510,24 +541,8 @@ fn check_attention(dev: &Device, rng: &mut Rng, qd: DType, cd: DType, c: &Attent
         f64::from(scale),
     );
     let check = |got: &[f64], form: &str| {
-        for (row, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
-            if w[0].is_nan() {
-                assert!(
-                    g.iter().all(|x| x.is_nan()),
-                    "{what} ({form}): row {row} (position {}) past the cache is not NaN: {g:?}",
-                    c.positions[row / h]
-                );
-            }
-        }
-        let valid: Vec<usize> = (0..want.len()).filter(|&i| !want[i].is_nan()).collect();
-        let pick = |v: &[f64]| valid.iter().map(|&i| v[i]).collect::<Vec<_>>();
-        assert_within(
-            &format!("{what} ({form})"),
-            qd,
-            &pick(got),
-            &pick(&want),
-            &pick(&err),
-        );
+        let what = format!("{what} ({form})");
+        assert_rows(&what, qd, got, (&want, &err), &c.positions, h, d);
     };
     let out = ops::attention(&q, &query, &k_cache, &v_cache, &positions, scale).expect("attention");
     assert_eq!((out.dtype(), out.shape()), (qd, &[t, h, d][..]));
@@ -580,7 +595,7 @@ fn attention_matches_the_f64_reference() {
     let mut rng = Rng::new("ops_attention");
     let mut cases = vec![
         decode(1, 1, 2, 1, 1),
-        // Capacity at most one minimum chunk: one split, the single kernel.
+        // Short caches: one split, the single kernel.
         decode(4, 2, 6, 20, 20),
         decode(9, 3, 64, 32, 32),
         // Batch-1 decode as SmolLM2 has it, over a cache long enough to be split.
@@ -591,7 +606,13 @@ fn attention_matches_the_f64_reference() {
         decode(9, 3, 64, 2048, 1500),
         decode(4, 2, 128, 4096, 1700),
         decode(2, 1, 256, 64, 64),
+        decode(2, 1, 256, 200, 190), // 3 splits
         decode(4, 4, 96, 300, 299),
+        // The longest cache SmolLM2 decode has: 88 splits, of 94 keys, or mostly empty.
+        decode(9, 3, 64, 8192, 8192),
+        decode(9, 3, 64, 8192, 16),
+        // The most splits (128), each merging four query heads.
+        decode(4, 1, 32, 8192, 5000),
         // Chunked prefill: causal positions from a start, a few tokens or many.
         prefill(4, 2, 6, 320, 263, 37),
         prefill(9, 3, 64, 600, 0, 5),
@@ -720,8 +741,9 @@ fn decode_step_in_a_launch_batch_follows_the_positions_buffer() {
         ops::attention_into(rq, &rotated, &k_cache, &v_cache, &position, scale, &out)
     })
     .expect("record attention");
-    // One split kernel and its combine: the f32 scratch lives in the batch.
-    assert_eq!(step.len(), 3, "rope_kv_append, attention split, combine");
+    // The split attention (a capacity of 512 splits the keys 8 ways) is one launch, which merges
+    // the splits itself: its scratch and counters live in the batch.
+    assert_eq!(step.len(), 2, "rope_kv_append, split attention");
     let host = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     let mut replays = 0;
     for p in (0..24u32).chain([100, 101, 511, 200]) {
@@ -763,6 +785,165 @@ fn decode_step_in_a_launch_batch_follows_the_positions_buffer() {
             .count,
         replays
     );
+}
+
+/// Random values of `dtype` uploaded into `b` (`n` of them, in [-scale, scale)); returns them.
+fn upload_values(q: &Queue, rng: &mut Rng, b: &Buffer, scale: f64) -> Vec<f64> {
+    let v = values(rng, b.len(), scale, b.dtype());
+    match b.dtype() {
+        DType::F32 => q.upload(b, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        DType::F16 => q.upload(b, &v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>()),
+        _ => q.upload(b, &v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>()),
+    }
+    .expect("upload");
+    v
+}
+
+/// One geometry of the replay test.
+struct Replayed {
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    query: DType,
+    cache: DType,
+}
+
+/// A split attention recorded once into a launch batch (a CUDA graph) and replayed many times,
+/// the positions changing between replays (growing, shrinking, past the cache): every replay
+/// matches the f64 reference. The output is poisoned before each replay and only the last block
+/// of each group of splits writes it, so a replay after one that left a counter non-zero fails.
+#[test]
+fn split_attention_replayed_in_a_launch_batch_matches_each_time() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("ops_attention_split_replays");
+    let cases = [
+        // Batch-1 decode as SmolLM2 has it: 16 splits of a capacity of 1024.
+        Replayed {
+            tokens: 1,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            capacity: 1024,
+            query: DType::F32,
+            cache: DType::BF16,
+        },
+        // Three tokens over two kv heads of six query heads each (two groups of splits per
+        // token and kv head, of 4 and 2 heads): 12 counters, 10 splits.
+        Replayed {
+            tokens: 3,
+            heads: 12,
+            kv_heads: 2,
+            head_dim: 32,
+            capacity: 700,
+            query: DType::F16,
+            cache: DType::F32,
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let (t, h, kvh, d, cap) = (c.tokens, c.heads, c.kv_heads, c.head_dim, c.capacity);
+        let label = format!("split attention {i}");
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let k_cache = alloc(&dev, c.cache, &[cap, kvh, d]);
+        let v_cache = alloc(&dev, c.cache, &[cap, kvh, d]);
+        let kv = upload_values(&q, &mut rng, &k_cache, 2.0);
+        let vv = upload_values(&q, &mut rng, &v_cache, 1.0);
+        let query = alloc(&dev, c.query, &[t, h, d]);
+        let positions = alloc(&dev, DType::U32, &[t]);
+        let out = alloc(&dev, c.query, &[t, h, d]);
+        let mut step = LaunchBatch::new(&dev, &label);
+        step.push_with(|rq| {
+            ops::attention_into(rq, &query, &k_cache, &v_cache, &positions, scale, &out)
+        })
+        .expect("record attention");
+        assert_eq!(step.len(), 1, "the split attention is one launch");
+        // Growing and shrinking rows, the first and last positions, and (in the middle) a row
+        // past the cache.
+        let last = cap as u32 - 1;
+        let mut firsts: Vec<u32> = vec![0, 1, 31, 32, 33, 63, 64, 65, 100, 5, last, 0];
+        firsts.extend([last - 1, 200, 201, 17, 500, 499, 640, 3, 2, last, 300, 150]);
+        for (replay, &first) in firsts.iter().enumerate() {
+            let mut pos: Vec<u32> = (0..t as u32)
+                .map(|i| (first + 37 * i) % cap as u32)
+                .collect();
+            if replay == 9 {
+                pos[t - 1] = cap as u32 + replay as u32;
+            }
+            let qv = upload_values(&q, &mut rng, &query, 2.0);
+            q.upload(&positions, &pos).expect("upload");
+            poison_nan(&dev, &out);
+            q.launch_batch(&step).expect("launch batch");
+            let what = format!(
+                "{}/{} tokens {t} heads {h}/{kvh} head_dim {d} capacity {cap}: replay {} at \
+                 positions {pos:?}",
+                c.query,
+                c.cache,
+                replay + 1
+            );
+            let (want, err) = attention_ref(&qv, &kv, &vv, &pos, h, kvh, d, cap, f64::from(scale));
+            let got = download_f64(&q, &out);
+            assert_rows(&what, c.query, &got, (&want, &err), &pos, h, d);
+        }
+        let replays = dev.submission_stats().get(&label).unwrap().count;
+        assert_eq!(replays, firsts.len() as u64);
+    }
+}
+
+/// Two layers' split attentions in one batch, the second layer's query the first's output: each
+/// call has its own scratch and counters, and each layer's output matches the reference over its
+/// own caches at every replay.
+#[test]
+fn two_layers_split_attentions_in_one_launch_batch() {
+    let dev = device();
+    let q = dev.queue();
+    let mut rng = Rng::new("ops_attention_two_layers");
+    let (h, kvh, d) = (9usize, 3usize, 64usize);
+    let scale = 0.125f32;
+    // Different capacities and cache dtypes: 32 and 23 splits.
+    let layers = [(2048usize, DType::F16), (1500, DType::BF16)];
+    let caches: Vec<_> = layers
+        .iter()
+        .map(|&(cap, cd)| {
+            let k = alloc(&dev, cd, &[cap, kvh, d]);
+            let v = alloc(&dev, cd, &[cap, kvh, d]);
+            let kv = upload_values(&q, &mut rng, &k, 2.0);
+            let vv = upload_values(&q, &mut rng, &v, 1.0);
+            (k, v, kv, vv)
+        })
+        .collect();
+    let query = alloc(&dev, DType::F32, &[1, h, d]);
+    let position = alloc(&dev, DType::U32, &[1]);
+    let out0 = alloc(&dev, DType::F32, &[1, h, d]);
+    let out1 = alloc(&dev, DType::F32, &[1, h, d]);
+    let mut step = LaunchBatch::new(&dev, "two layers");
+    let (c0, c1) = (&caches[0], &caches[1]);
+    step.push_with(|rq| ops::attention_into(rq, &query, &c0.0, &c0.1, &position, scale, &out0))
+        .expect("record layer 0");
+    step.push_with(|rq| ops::attention_into(rq, &out0, &c1.0, &c1.1, &position, scale, &out1))
+        .expect("record layer 1");
+    assert_eq!(step.len(), 2, "one launch per layer");
+    for (replay, p) in [0u32, 40, 1499, 700, 7, 1000, 64, 1200]
+        .into_iter()
+        .enumerate()
+    {
+        let qv = upload_values(&q, &mut rng, &query, 2.0);
+        q.upload(&position, &[p]).expect("upload");
+        poison_nan(&dev, &out0);
+        poison_nan(&dev, &out1);
+        q.launch_batch(&step).expect("launch batch");
+        let got0 = download_f64(&q, &out0);
+        let got1 = download_f64(&q, &out1);
+        // Layer 1 attends with layer 0's output as it was stored.
+        for (layer, (input, got)) in [(&qv, &got0), (&got0, &got1)].into_iter().enumerate() {
+            let (cap, _) = layers[layer];
+            let (_, _, kv, vv) = &caches[layer];
+            let (want, err) = attention_ref(input, kv, vv, &[p], h, kvh, d, cap, f64::from(scale));
+            let what = format!("replay {} at position {p}: layer {layer}", replay + 1);
+            assert_rows(&what, DType::F32, got, (&want, &err), &[p], h, d);
+        }
+    }
 }
 
 fn alloc(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {

@@ -228,7 +228,6 @@ fn caches(b: &Block, d: &Dims) -> Result<(Buffer, Buffer)> {
 struct Step {
     position: Buffer,
     x: [Buffer; 2],
-    qkv: Buffer,
     q_rot: Buffer,
     attn: Buffer,
     act: Buffer,
@@ -238,11 +237,9 @@ struct Step {
 impl Step {
     fn new(dev: &Device, d: &Dims, vocab: usize) -> Result<Step> {
         let f32s = |shape: &[usize]| dev.alloc(DType::F32, shape, StorageMode::Auto);
-        let kv = d.kv_heads * d.head_dim;
         Ok(Step {
             position: dev.alloc(DType::U32, &[1], StorageMode::Auto)?,
             x: [f32s(&[1, d.hidden])?, f32s(&[1, d.hidden])?],
-            qkv: f32s(&[1, d.hidden + 2 * kv])?,
             q_rot: f32s(&[1, d.heads, d.head_dim])?,
             attn: f32s(&[1, d.heads, d.head_dim])?,
             act: f32s(&[1, d.ffn])?,
@@ -250,8 +247,8 @@ impl Step {
         })
     }
 
-    /// Records one token's forward pass and its argmax into `token`: about six launches per
-    /// layer, each with its input norm or residual add fused in.
+    /// Records one token's forward pass and its argmax into `token`: five launches per layer,
+    /// each with its input norm, RoPE and KV append, or residual add fused in.
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
@@ -263,14 +260,7 @@ impl Step {
         out_norm: &Buffer,
         token: &Buffer,
     ) -> Result<LaunchBatch> {
-        let (h, kv, hd) = (d.hidden, d.kv_heads * d.head_dim, d.head_dim);
-        let part =
-            |r: std::ops::Range<usize>, heads: usize| self.qkv.slice(r)?.reshape(&[1, heads, hd]);
-        let (qp, kp, vp) = (
-            part(0..h, d.heads)?,
-            part(h..h + kv, d.kv_heads)?,
-            part(h + kv..h + 2 * kv, d.kv_heads)?,
-        );
+        let (h, hd) = (d.hidden, d.head_dim);
         let attn = self.attn.reshape(&[1, h])?;
         let scale = 1.0 / (hd as f32).sqrt();
         let (x, s) = (&self.x, self);
@@ -280,17 +270,18 @@ impl Step {
             let (kc, vc) = caches(b, d)?;
             let [wq, wk, wv] = &b.qkv;
             step.push_with(|q| {
-                ops::ggml_matvec_norm_into(q, &[wq, wk, wv], &x[0], &b.attn_norm, d.eps, &s.qkv)
-            })?;
-            step.push_with(|q| {
-                ops::rope_kv_append_into(
+                let (theta, style) = (d.theta, RopeStyle::Interleaved);
+                ops::ggml_qkv_rope_append_into(
                     q,
-                    &qp,
-                    &kp,
-                    &vp,
+                    wq,
+                    wk,
+                    wv,
+                    &x[0],
+                    &b.attn_norm,
+                    d.eps,
                     &s.position,
-                    d.theta,
-                    RopeStyle::Interleaved,
+                    theta,
+                    style,
                     &s.q_rot,
                     &kc,
                     &vc,

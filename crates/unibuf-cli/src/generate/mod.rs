@@ -87,6 +87,10 @@ pub struct Args {
     /// The backend (default: $UNIBUF_BACKEND, else the best found).
     #[arg(long)]
     pub backend: Option<String>,
+    /// Submit each launch of a decode step on its own instead of one recorded batch (a CUDA
+    /// graph): slower, but the submission table then shows every kernel's device time.
+    #[arg(long)]
+    pub no_graph: bool,
     /// Print one JSON object instead of text and tables.
     #[arg(long)]
     pub json: bool,
@@ -212,7 +216,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
 
     let load_started = Instant::now();
     let (mut model, load) = Llama::load(&dev, &args.model, args.kv_dtype.into())?;
+    model.graph = !args.no_graph;
     let kernels = dev.warm_all().context("compiling the kernels")?;
+    model.warm_up()?;
     let load_time = load_started.elapsed();
     dev.reset_submission_stats();
 

@@ -7,8 +7,8 @@
 //! decode step (batch 1), one submission:
 //!   x      = embed(token)                                   Q8_0 rows read natively
 //!   per layer:
-//!     qkv  = [Wq; Wk; Wv] rms_norm(x) * attn_norm           one launch for the three
-//!     q, cache[pos] = rope(q), (rope(k), v)                 one launch
+//!     n    = rms_norm(x) * attn_norm                        one launch for the three products,
+//!     q, cache[pos] = rope(Wq n), (rope(Wk n), Wv n)        RoPE and the KV append
 //!     a    = attention(q, cache[0..=pos])                   split over the sequence when long
 //!     x'   = x + Wo a                                       residual fused into the product
 //!     h    = silu(Wg n) * (Wu n), n = rms_norm(x') * ffn_norm
@@ -63,8 +63,6 @@ struct StepBuffers {
     position: Buffer,
     /// The residual stream, ping-ponged (a launch may not write what it reads).
     x: [Buffer; 2],
-    /// `[1, (heads + 2 kv_heads) head_dim]`: the three projections side by side.
-    qkv: Buffer,
     /// `[1, heads, head_dim]`: the rotated query.
     q_rot: Buffer,
     /// `[1, heads, head_dim]`: the attention output.
@@ -74,6 +72,9 @@ struct StepBuffers {
     /// `[1, vocab]` f32.
     logits: Buffer,
 }
+
+/// One launch of the decode step, on the queue it is given.
+type Launch<'a> = dyn Fn(&Queue) -> unibuf::Result<unibuf::Fence> + 'a;
 
 /// A recorded decode step and what it was recorded for.
 struct RecordedStep {
@@ -100,6 +101,8 @@ pub struct Llama {
     len: usize,
     /// The KV cache's dtype.
     pub kv_dtype: DType,
+    /// Whether a decode step is one recorded batch (else each launch is a submission).
+    pub graph: bool,
     /// Keeps the weights' storage alive.
     _weights: LoadedWeights,
 }
@@ -214,7 +217,6 @@ impl Llama {
                 f32_buf("residual a", &[1, h])?,
                 f32_buf("residual b", &[1, h])?,
             ],
-            qkv: f32_buf("qkv", &[1, h + 2 * kv])?,
             q_rot: f32_buf("q rotated", &[1, cfg.heads, cfg.head_dim])?,
             attn: f32_buf("attention", &[1, cfg.heads, cfg.head_dim])?,
             act: f32_buf("swiglu", &[1, cfg.ffn])?,
@@ -230,6 +232,7 @@ impl Llama {
             recorded: None,
             len: 0,
             kv_dtype,
+            graph: true,
             dev: dev.clone(),
             queue,
             cfg,
@@ -382,39 +385,31 @@ impl Llama {
         Ok(())
     }
 
-    /// Records the decode step for the cache's current length.
-    fn record(&self, greedy: bool) -> Result<RecordedStep, Failure> {
+    /// Issues the decode step's launches, in order, to `issue`: into a [`LaunchBatch`] (see
+    /// [`Llama::record`]) or straight onto the queue, one submission each (`--no-graph`, which
+    /// shows every kernel's device time in the submission table).
+    fn step_launches(
+        &self,
+        greedy: bool,
+        issue: &mut dyn FnMut(&Launch<'_>) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
         let cfg = &self.cfg;
         let s = &self.step;
-        let (h, kv, hd) = (cfg.hidden, cfg.kv_width(), cfg.head_dim);
-        let q_part = s.qkv.slice(0..h)?.reshape(&[1, cfg.heads, hd])?;
-        let k_part = s.qkv.slice(h..h + kv)?.reshape(&[1, cfg.kv_heads, hd])?;
-        let v_part = s
-            .qkv
-            .slice(h + kv..h + 2 * kv)?
-            .reshape(&[1, cfg.kv_heads, hd])?;
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
         let attn_rows = s.attn.reshape(&[1, h])?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut batch = LaunchBatch::new(&self.dev, "decode step");
-        batch.push_with(|q| ops::embed_rows_into(q, &self.embedding, &s.token, &s.x[0]))?;
+        issue(&|q| ops::embed_rows_into(q, &self.embedding, &s.token, &s.x[0]))?;
         for layer in &self.layers {
             let (kc, vc) = self.caches(layer)?;
-            batch.push_with(|q| {
-                ops::ggml_matvec_norm_into(
+            issue(&|q| {
+                ops::ggml_qkv_rope_append_into(
                     q,
-                    &[&layer.q, &layer.k, &layer.v],
+                    &layer.q,
+                    &layer.k,
+                    &layer.v,
                     &s.x[0],
                     &layer.attn_norm,
                     cfg.eps,
-                    &s.qkv,
-                )
-            })?;
-            batch.push_with(|q| {
-                ops::rope_kv_append_into(
-                    q,
-                    &q_part,
-                    &k_part,
-                    &v_part,
                     &s.position,
                     cfg.rope_theta,
                     RopeStyle::Interleaved,
@@ -423,13 +418,9 @@ impl Llama {
                     &vc,
                 )
             })?;
-            batch.push_with(|q| {
-                ops::attention_into(q, &s.q_rot, &kc, &vc, &s.position, scale, &s.attn)
-            })?;
-            batch.push_with(|q| {
-                ops::ggml_matvec_add_into(q, &layer.o, &attn_rows, &s.x[0], &s.x[1])
-            })?;
-            batch.push_with(|q| {
+            issue(&|q| ops::attention_into(q, &s.q_rot, &kc, &vc, &s.position, scale, &s.attn))?;
+            issue(&|q| ops::ggml_matvec_add_into(q, &layer.o, &attn_rows, &s.x[0], &s.x[1]))?;
+            issue(&|q| {
                 ops::ggml_swiglu_norm_into(
                     q,
                     &layer.gate,
@@ -440,11 +431,9 @@ impl Llama {
                     &s.act,
                 )
             })?;
-            batch.push_with(|q| {
-                ops::ggml_matvec_add_into(q, &layer.down, &s.act, &s.x[1], &s.x[0])
-            })?;
+            issue(&|q| ops::ggml_matvec_add_into(q, &layer.down, &s.act, &s.x[1], &s.x[0]))?;
         }
-        batch.push_with(|q| {
+        issue(&|q| {
             ops::ggml_matvec_norm_into(
                 q,
                 &[&self.lm_head],
@@ -455,9 +444,15 @@ impl Llama {
             )
         })?;
         if greedy {
-            batch
-                .push_with(|q| ops::sample_into(q, &s.logits, &Sampling::greedy(), 0, &s.token))?;
+            issue(&|q| ops::sample_into(q, &s.logits, &Sampling::greedy(), 0, &s.token))?;
         }
+        Ok(())
+    }
+
+    /// Records the decode step for the cache's current length.
+    fn record(&self, greedy: bool) -> Result<RecordedStep, Failure> {
+        let mut batch = LaunchBatch::new(&self.dev, "decode step");
+        self.step_launches(greedy, &mut |launch| Ok(batch.push_with(launch)?))?;
         Ok(RecordedStep {
             batch,
             cache_rows: self.cache_rows(),
@@ -471,27 +466,32 @@ impl Llama {
     pub fn decode(&mut self, token: u32, sampling: &Sampling, step: u64) -> Result<u32, Failure> {
         self.reserve(self.len + 1)?;
         let greedy = sampling.temperature == 0.0 || sampling.top_k == 1;
-        let stale = match &self.recorded {
-            Some(r) => r.cache_rows != self.cache_rows() || r.greedy != greedy,
-            None => true,
-        };
-        if stale {
-            // The old recording's graph goes before the new one is made.
-            self.recorded = None;
-            let fresh = self.record(greedy)?;
-            self.recorded = Some(fresh);
-        }
         let position = u32::try_from(self.len).map_err(|_| Failure::new("position overflow"))?;
         {
             let mut t = self.step.token.write::<u32>()?;
             t[0] = token;
         }
         self.queue.upload_async(&self.step.position, &[position])?;
-        let Some(recorded) = self.recorded.as_ref() else {
-            return Err(Failure::new("the decode step was not recorded"));
-        };
-        self.queue.launch_batch(&recorded.batch)?;
-        if !recorded.greedy {
+        if self.graph {
+            let stale = match &self.recorded {
+                Some(r) => r.cache_rows != self.cache_rows() || r.greedy != greedy,
+                None => true,
+            };
+            if stale {
+                // The old recording's graph goes before the new one is made.
+                self.recorded = None;
+                let fresh = self.record(greedy)?;
+                self.recorded = Some(fresh);
+            }
+            let Some(recorded) = self.recorded.as_ref() else {
+                return Err(Failure::new("the decode step was not recorded"));
+            };
+            self.queue.launch_batch(&recorded.batch)?;
+        } else {
+            let q = self.queue.clone();
+            self.step_launches(greedy, &mut |launch| Ok(launch(&q).map(drop)?))?;
+        }
+        if !greedy {
             ops::sample_into(
                 &self.queue,
                 &self.step.logits,
@@ -503,6 +503,17 @@ impl Llama {
         self.len += 1;
         let next = self.step.token.read::<u32>()?[0];
         Ok(next)
+    }
+
+    /// Runs a one-token prefill and a decode step, then forgets them: what a first call
+    /// initialises (the BLAS library, the allocator's first blocks, the graph's first
+    /// instantiation) is then done before anything is timed.
+    pub fn warm_up(&mut self) -> Result<(), Failure> {
+        self.reset();
+        self.prefill(&[0], 1)?;
+        self.decode(0, &Sampling::greedy(), 0)?;
+        self.reset();
+        Ok(())
     }
 
     /// Picks a token from the current logits (after a prefill) with `sampling`.

@@ -17,17 +17,21 @@
 //! f32, and every value is rounded once when it is stored.
 //!
 //! On a GPU the attention splits each row's keys over several blocks (flash-decoding) when the
-//! rows alone would leave the GPU mostly idle, as batch-1 decode does: a first kernel leaves per
-//! split the maximum score, the sum of exponentials and the unnormalised output in f32 scratch
-//! that the op allocates, and a second one merges them (online softmax). The number of splits
-//! is chosen on the host from the capacity and the number of rows; each split's share of the
-//! keys follows the row's actual length on the device. The CPU runs the same two kernels.
+//! rows alone would leave the GPU mostly idle, as batch-1 decode does. It stays one launch: each
+//! block leaves its split's maximum score, sum of exponentials and unnormalised output in f32
+//! scratch that the op allocates, counts itself in on its group's counter (U32 scratch, zeroed
+//! once when allocated), and the last block of each group to finish merges the group's splits
+//! (online softmax) into the output and sets the counter back to zero, ready for the next launch
+//! or graph replay (the "last block" pattern). The number of splits is chosen on the host from
+//! the capacity and the number of rows; each split's share of the keys follows the row's actual
+//! length on the device. The CPU runs the same kernels, the split one computing every split's
+//! partial and then merging them.
 
-use super::rope::{inverse_frequencies, rotate_heads, rotations, RopeStyle};
+use super::rope::{rope_kv_rows, RopeStyle};
 use super::row_common::{expect_len, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
 use crate::backend::cpu::{CpuKernelArgs, CpuKernelFn};
-use crate::backend::LaunchDims;
+use crate::backend::{FillPattern, LaunchDims};
 use crate::buffer::Buffer;
 use crate::dtype::DType;
 use crate::epoch::Fence;
@@ -45,9 +49,12 @@ const MAX_CAPACITY: usize = 1 << 31;
 const GROUP: usize = 4;
 /// Threads per block of the attention kernels: 8 warps.
 const THREADS: u32 = 256;
-/// Keys a split takes at least: one step of a block (8 warps x 4 keys).
+/// Keys a split takes at least on the device: one step of a block (8 warps x 4 keys).
 const MIN_CHUNK: usize = 32;
-/// Splits at most (the combine kernel's shared weights hold this many).
+/// Keys of a full-capacity row that the split count leaves each split at least (two steps of a
+/// block); see [`split_count`].
+const MIN_SPLIT_KEYS: usize = 64;
+/// Splits at most (the merging block's shared weights hold this many per head).
 const MAX_SPLITS: usize = 128;
 /// Blocks the split heuristic aims for: two per SM of an H100 (132 SMs), 16 warps per SM.
 const TARGET_BLOCKS: usize = 264;
@@ -93,15 +100,8 @@ const SPLIT_NAMES: [&str; 9] = [
     "unibuf_attention_split_bf16_f16",
     "unibuf_attention_split_bf16_bf16",
 ];
-/// The combine kernel of each query dtype.
-const COMBINE_NAMES: [&str; 3] = [
-    "unibuf_attention_combine_f32",
-    "unibuf_attention_combine_f16",
-    "unibuf_attention_combine_bf16",
-];
-
 /// The source of pair `n`: the whole file with `UB_AT_PAIR` set, so that compiling one kernel
-/// compiles only its pair's four entry points rather than all thirty.
+/// compiles only its pair's three entry points rather than all twenty-seven.
 macro_rules! cuda_pair {
     ($n:literal) => {
         concat!(
@@ -182,34 +182,24 @@ const fn attention_params(q: DType, c: DType) -> [Param; 11] {
     ]
 }
 
-const fn split_params(q: DType, c: DType) -> [Param; 13] {
+/// The split kernel's: the output, the f32 partials it merges, and the counters (read and
+/// written: outputs, so that the launch checks and the hazard tracking see them).
+const fn split_params(q: DType, c: DType) -> [Param; 15] {
     [
         Param::input("query", q),
         Param::input("k_cache", c),
         Param::input("v_cache", c),
         Param::input("positions", DType::U32),
+        Param::output("out", q),
         Param::output("partial_out", DType::F32),
         Param::output("partial_stats", DType::F32),
+        Param::output("counters", DType::U32),
         Param::scalar("tokens", ScalarType::U32),
         Param::scalar("heads", ScalarType::U32),
         Param::scalar("kv_heads", ScalarType::U32),
         Param::scalar("head_dim", ScalarType::U32),
         Param::scalar("capacity", ScalarType::U32),
         Param::scalar("scale", ScalarType::F32),
-        Param::scalar("splits", ScalarType::U32),
-    ]
-}
-
-const fn combine_params(q: DType) -> [Param; 9] {
-    [
-        Param::input("partial_out", DType::F32),
-        Param::input("partial_stats", DType::F32),
-        Param::input("positions", DType::U32),
-        Param::output("out", q),
-        Param::scalar("tokens", ScalarType::U32),
-        Param::scalar("heads", ScalarType::U32),
-        Param::scalar("head_dim", ScalarType::U32),
-        Param::scalar("capacity", ScalarType::U32),
         Param::scalar("splits", ScalarType::U32),
     ]
 }
@@ -233,12 +223,7 @@ macro_rules! pair_table {
 
 const ROPE_PARAMS: [[Param; 14]; 9] = pair_table!(rope_params);
 const ATTENTION_PARAMS: [[Param; 11]; 9] = pair_table!(attention_params);
-const SPLIT_PARAMS: [[Param; 13]; 9] = pair_table!(split_params);
-const COMBINE_PARAMS: [[Param; 9]; 3] = [
-    combine_params(FLOATS[0]),
-    combine_params(FLOATS[1]),
-    combine_params(FLOATS[2]),
-];
+const SPLIT_PARAMS: [[Param; 15]; 9] = pair_table!(split_params);
 
 const fn source(
     name: &'static str,
@@ -297,45 +282,17 @@ const PAIRS: [[KernelSource; 3]; 9] = [
     pair_kernels!(8, bf16, bf16),
 ];
 
-/// The combine kernel of query dtype `i` comes from the source of the pair `(i, i)`.
-const COMBINES: [KernelSource; 3] = [
-    source(
-        COMBINE_NAMES[0],
-        &COMBINE_PARAMS[0],
-        CUDA[0],
-        MSL[0],
-        combine_cpu::<f32>,
-    ),
-    source(
-        COMBINE_NAMES[1],
-        &COMBINE_PARAMS[1],
-        CUDA[4],
-        MSL[4],
-        combine_cpu::<f16>,
-    ),
-    source(
-        COMBINE_NAMES[2],
-        &COMBINE_PARAMS[2],
-        CUDA[8],
-        MSL[8],
-        combine_cpu::<bf16>,
-    ),
-];
-
-const fn flatten(pairs: [[KernelSource; 3]; 9], combines: [KernelSource; 3]) -> [KernelSource; 30] {
-    let mut all = [combines[0]; 30];
+const fn flatten(pairs: [[KernelSource; 3]; 9]) -> [KernelSource; 27] {
+    let mut all = [pairs[0][0]; 27];
     let mut i = 0;
     while i < 27 {
         all[i] = pairs[i / 3][i % 3];
         i += 1;
     }
-    all[27] = combines[0];
-    all[28] = combines[1];
-    all[29] = combines[2];
     all
 }
 
-pub(crate) const KERNELS: &[KernelSource] = &flatten(PAIRS, COMBINES);
+pub(crate) const KERNELS: &[KernelSource] = &flatten(PAIRS);
 
 /// The index of a float dtype in the kernel tables.
 fn float_index(op: &'static str, b: &Buffer) -> Result<usize> {
@@ -377,7 +334,6 @@ struct Geometry {
     head_dim: u32,
     capacity: u32,
     pair: usize,
-    query_index: usize,
 }
 
 /// The three dimensions of `b`, or a shape mismatch naming `layout`.
@@ -462,7 +418,6 @@ fn check_common(
         head_dim: index_u32(n.query, head_dim)?,
         capacity: index_u32(n.k_cache, capacity)?,
         pair: 3 * query_index + cache_index,
-        query_index,
     })
 }
 
@@ -600,8 +555,14 @@ pub fn attention(
 }
 
 /// [`attention`] into `out` (the shape and dtype of `query`, overlapping no input). Returns the
-/// fence of the last submission (one, or two when the keys are split: the op then allocates its
-/// f32 scratch itself, which a [`LaunchBatch`](crate::LaunchBatch) keeps alive).
+/// fence of its one launch.
+///
+/// When the keys are split (see the module docs), the op allocates its scratch itself: f32
+/// partials and one U32 counter per group of split blocks, which it zeroes with a fill right
+/// away (outside any [`LaunchBatch`](crate::LaunchBatch) being recorded, and ordered before the
+/// launch by the counters' use tracking). The kernel leaves the counters at zero, so a batch
+/// that records this call (and keeps the scratch alive) can be replayed any number of times;
+/// each call gets scratch of its own, so the attentions of several layers can share a batch.
 pub fn attention_into(
     q: &Queue,
     query: &Buffer,
@@ -643,14 +604,22 @@ pub fn attention_into(
             ],
         );
     }
-    // Both kernels before the first launch: a compile failure leaves nothing half done.
+    // The kernel before any allocation: a compile failure leaves nothing half done.
     let split = kernel(q, SPLIT_NAMES[g.pair])?;
-    let combine = kernel(q, COMBINE_NAMES[g.query_index])?;
     let rows = g.tokens as usize * g.heads as usize * splits;
     let outs = rows * g.head_dim as usize;
     let scratch = output(q, "attention: partials", DType::F32, &[outs + 2 * rows])?;
     let partial_out = scratch.slice(0..outs)?;
     let partial_stats = scratch.slice(outs..outs + 2 * rows)?;
+    // One counter per group of split blocks (a token, a kv head, a chunk of its query heads),
+    // zeroed once here: a transfer, which runs now even on a queue recording a batch.
+    let counters = output(
+        q,
+        "attention: split counters",
+        DType::U32,
+        &[blocks_per_split],
+    )?;
+    q.fill_async(&counters, FillPattern::of(0u32))?;
     let splits = index_u32("attention: splits", splits)?;
     q.launch(
         &split,
@@ -660,30 +629,16 @@ pub fn attention_into(
             k_cache.into(),
             v_cache.into(),
             positions.into(),
+            out.into(),
             (&partial_out).into(),
             (&partial_stats).into(),
+            (&counters).into(),
             g.tokens.into(),
             g.heads.into(),
             g.kv_heads.into(),
             g.head_dim.into(),
             g.capacity.into(),
             scale.into(),
-            splits.into(),
-        ],
-    )?;
-    let rows = u64::from(g.tokens) * u64::from(g.heads);
-    q.launch(
-        &combine,
-        LaunchDims::linear(rows.min(i32::MAX as u64) as u32, THREADS),
-        &[
-            (&partial_out).into(),
-            (&partial_stats).into(),
-            positions.into(),
-            out.into(),
-            g.tokens.into(),
-            g.heads.into(),
-            g.head_dim.into(),
-            g.capacity.into(),
             splits.into(),
         ],
     )
@@ -732,17 +687,35 @@ fn expect_disjoint(what: &'static str, out: &Buffer, inputs: &[&Buffer]) -> Resu
 }
 
 /// How many splits the keys of each row get: one when the rows alone make `TARGET_BLOCKS`
-/// blocks (prefill), else enough splits to reach it (batch-1 decode with 3 kv heads: 88), but
-/// no more than the capacity fills with `MIN_CHUNK` keys each (88 splits from a capacity of
-/// 2816), and at most `MAX_SPLITS`.
+/// blocks (prefill), else enough splits to reach it, but no more than leave each split
+/// `MIN_SPLIT_KEYS` keys of a row at full capacity, and at most `MAX_SPLITS`.
 /// `blocks_per_split` is tokens x kv_heads x ceil(heads per kv head / `GROUP`).
+///
+/// A heuristic, reasoned rather than measured. With the merge folded into the split kernel, a
+/// split costs no launch; what it costs is one block's fixed work (a dependent read of the
+/// position, the query load, the warps' merge through shared memory, the fenced partial store
+/// and the atomic), which runs in parallel with the other blocks as long as they all fit on the
+/// GPU at once, plus one more partial for the merging block to read (8 warps take the splits in
+/// turn). A block's keys cost one dependent step per 32 (8 warps x 4 keys). So for batch-1
+/// decode of SmolLM2-135M (9 query heads over 3 kv heads: 3 blocks per split):
+/// - about two blocks per SM (264 on an H100's 132 SMs, 88 splits) keep every block resident in
+///   one wave, and reach the HBM bandwidth a long row needs (at 8192 keys, 94 keys and 3 steps a
+///   block); more splits would start a second wave and lengthen the merge;
+/// - at least 64 keys per split of a full row balance the steps against the merge: halving a
+///   split to 32 keys saves one step but doubles the partials to merge;
+/// - rows shorter than the capacity keep the device's chunk of at least `MIN_CHUNK` keys (one
+///   step), so a short row spreads over a few blocks and the other splits are empty: they only
+///   store (-inf, 0) and count in, and their partial outputs are not read.
+///
+/// That gives 88 splits from a capacity of 5632 on (every length from 16 to 8192 then takes 1
+/// to 3 steps a block), 32 at 2048, 16 at 1024, and one split (the single kernel) below 128.
 fn split_count(blocks_per_split: usize, capacity: usize) -> usize {
     if blocks_per_split >= TARGET_BLOCKS {
         return 1;
     }
     TARGET_BLOCKS
         .div_ceil(blocks_per_split.max(1))
-        .min(capacity.div_ceil(MIN_CHUNK))
+        .min(capacity / MIN_SPLIT_KEYS)
         .clamp(1, MAX_SPLITS)
 }
 
@@ -796,36 +769,10 @@ fn rope_kv_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Resu
     expect_len(NAME, "query_out", query_out.len(), n_query)?;
     expect_len(NAME, "k_cache", k_cache.len(), n_cache)?;
     expect_len(NAME, "v_cache", v_cache.len(), n_cache)?;
-    // The arithmetic of `ops::rope`, shared with its CPU version.
-    let inv_freq = inverse_frequencies(theta, head_dim);
-    let mut rot = Vec::with_capacity(inv_freq.len());
-    for (t, &pos) in positions.iter().enumerate() {
-        rotations(&inv_freq, pos, &mut rot);
-        let rows = t * q_row..(t + 1) * q_row;
-        rotate_heads(
-            &query[rows.clone()],
-            &mut query_out[rows],
-            &rot,
-            head_dim,
-            style,
-        );
-        let p = pos as usize;
-        if p >= capacity {
-            continue; // past the cache: nothing stored
-        }
-        let src = t * kv_row..(t + 1) * kv_row;
-        let dst = p * kv_row..(p + 1) * kv_row;
-        rotate_heads(
-            &key[src.clone()],
-            &mut k_cache[dst.clone()],
-            &rot,
-            head_dim,
-            style,
-        );
-        for (c, v) in v_cache[dst].iter_mut().zip(&value[src]) {
-            *c = C::from_f32(v.to_f32());
-        }
-    }
+    // The arithmetic of `ops::rope`, shared with its CPU version and the fused QKV kernel's.
+    rope_kv_rows(
+        query, key, value, positions, query_out, k_cache, v_cache, head_dim, theta, style,
+    );
     Ok(())
 }
 
@@ -1045,10 +992,14 @@ fn attention_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Re
     Ok(())
 }
 
+/// The split kernel: every split's partial into the scratch (as the GPU's blocks leave them),
+/// then the merge the last block of each group does, into `out`. Sequential, so no split counts
+/// in; the counters must be zero, as the op leaves them and as the GPU kernels need them (a
+/// non-zero counter is an error here, where on a GPU it would silently skip a merge).
 fn split_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
     const NAME: &str = "attention_split";
-    let g = CpuGeometry::read(NAME, args, 6)?;
-    let splits = args.u32(12)? as usize;
+    let g = CpuGeometry::read(NAME, args, 8)?;
+    let splits = args.u32(14)? as usize;
     if splits == 0 || splits > MAX_SPLITS {
         return Err(format!(
             "{NAME}: splits {splits} must be in 1..={MAX_SPLITS}"
@@ -1058,8 +1009,10 @@ fn split_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result
     let k_cache = args.input::<C>(1)?;
     let v_cache = args.input::<C>(2)?;
     let positions = args.input::<u32>(3)?;
-    let out = args.output::<f32>(4)?;
-    let stats = args.output::<f32>(5)?;
+    let out = args.output::<Q>(4)?;
+    let partial_out = args.output::<f32>(5)?;
+    let stats = args.output::<f32>(6)?;
+    let counters = args.output::<u32>(7)?;
     g.expect_lens(
         NAME,
         query.len(),
@@ -1067,11 +1020,12 @@ fn split_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result
         v_cache.len(),
         positions.len(),
     )?;
+    expect_len(NAME, "out", out.len(), query.len())?;
     let rows = product(NAME, &[g.tokens, g.heads, splits])?;
     expect_len(
         NAME,
         "partial_out",
-        out.len(),
+        partial_out.len(),
         product(NAME, &[rows, g.head_dim])?,
     )?;
     expect_len(
@@ -1080,45 +1034,39 @@ fn split_cpu<Q: HostFloat, C: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result
         stats.len(),
         product(NAME, &[rows, 2])?,
     )?;
-    let sink = Sink::Partials { out, stats, splits };
+    let chunks = (g.heads / g.kv_heads).div_ceil(GROUP);
+    let groups = product(NAME, &[g.tokens, g.kv_heads, chunks])?;
+    expect_len(NAME, "counters", counters.len(), groups)?;
+    if let Some(i) = counters.iter().position(|&c| c != 0) {
+        return Err(format!(
+            "{NAME}: counter {i} is {}, not 0: the counters must start at zero",
+            counters[i]
+        ));
+    }
+    let sink = Sink::Partials {
+        out: &mut *partial_out,
+        stats: &mut *stats,
+        splits,
+    };
     attention_rows(&g, query, k_cache, v_cache, positions, sink);
+    merge_splits(&g, partial_out, stats, positions, splits, out);
     Ok(())
 }
 
-fn combine_cpu<Q: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
-    const NAME: &str = "attention_combine";
-    let tokens = args.u32(4)? as usize;
-    let heads = args.u32(5)? as usize;
-    let head_dim = args.u32(6)? as usize;
-    let capacity = args.u32(7)? as usize;
-    let splits = args.u32(8)? as usize;
-    if head_dim == 0 || splits == 0 || splits > MAX_SPLITS {
-        return Err(format!(
-            "{NAME}: head_dim {head_dim} must be non-zero, splits {splits} in 1..={MAX_SPLITS}"
-        ));
-    }
-    let partial_out = args.input::<f32>(0)?;
-    let stats = args.input::<f32>(1)?;
-    let positions = args.input::<u32>(2)?;
-    let out = args.output::<Q>(3)?;
-    let rows = product(NAME, &[tokens, heads])?;
-    expect_len(
-        NAME,
-        "partial_out",
-        partial_out.len(),
-        product(NAME, &[rows, splits, head_dim])?,
-    )?;
-    expect_len(
-        NAME,
-        "partial_stats",
-        stats.len(),
-        product(NAME, &[rows, splits, 2])?,
-    )?;
-    expect_len(NAME, "positions", positions.len(), tokens)?;
-    expect_len(NAME, "out", out.len(), product(NAME, &[rows, head_dim])?)?;
+/// The merge of each (token, head) row's `splits` partials into `out` (NaN for a row whose
+/// position is past the cache), as the last block of each group of splits does on a GPU.
+fn merge_splits<Q: HostFloat>(
+    g: &CpuGeometry,
+    partial_out: &[f32],
+    stats: &[f32],
+    positions: &[u32],
+    splits: usize,
+    out: &mut [Q],
+) {
+    let head_dim = g.head_dim;
     let mut acc = vec![0.0f32; head_dim];
     for (row, dst) in out.chunks_exact_mut(head_dim).enumerate() {
-        if positions[row / heads] as usize >= capacity {
+        if positions[row / g.heads] as usize >= g.capacity {
             dst.fill(Q::from_f32(f32::NAN));
             continue;
         }
@@ -1149,5 +1097,4 @@ fn combine_cpu<Q: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String>
             *d = Q::from_f32(a / ll);
         }
     }
-    Ok(())
 }

@@ -9,17 +9,19 @@
 //! | [`ggml_matvec_add`] | `y = residual + W x` |
 //! | [`ggml_swiglu_norm`] | `y = silu(G n) * (U n)`, `n` as above |
 //! | [`ggml_dequantize`] | `W` as a dense `[rows, cols]` f32 / f16 / bf16 array |
+//! | [`ggml_qkv_rope_append_into`] | `rope(Wq n)`, and `rope(Wk n)`, `Wv n` into the KV caches |
 //!
-//! The semantics, the GPU design and the accuracy are documented on [`ggml_matvec_norm`] (the
-//! public docs; this module is private).
+//! The semantics, the GPU design and the accuracy are documented on [`ggml_matvec_norm`] and
+//! [`ggml_qkv_rope_append_into`] (the public docs; this module is private).
 
 use super::ggml_matvec::{
     batch_of, block_bytes, dequantize_block, row_dot, GgmlMatrix, GGML_MAX_BATCH, MAX_BLOCKS,
     ROWS_PER_BLOCK, THREADS,
 };
+use super::rope::{rope_kv_rows, RopeStyle};
 use super::row_common::{by_dtype, expect_finite_at_least, expect_len, float_kernels, HostFloat};
 use super::{expect_dtype, expect_float, expect_shape, index_u32, kernel, output};
-use crate::backend::cpu::CpuKernelArgs;
+use crate::backend::cpu::{CpuKernelArgs, CpuKernelFn};
 use crate::backend::LaunchDims;
 use crate::buffer::Buffer;
 use crate::dtype::DType;
@@ -51,10 +53,25 @@ const DEQUANTIZE_NAMES: [&str; 3] = [
     "unibuf_ggml_dequantize_f16",
     "unibuf_ggml_dequantize_bf16",
 ];
+/// The kernels of [`ggml_qkv_rope_append_into`], one per (dtype of x, dtype of the caches) at
+/// index `3 * x + cache` (f32, f16, bf16 in that order).
+const QKV_NAMES: [&str; 9] = [
+    "unibuf_ggml_qkv_rope_append_f32_f32",
+    "unibuf_ggml_qkv_rope_append_f32_f16",
+    "unibuf_ggml_qkv_rope_append_f32_bf16",
+    "unibuf_ggml_qkv_rope_append_f16_f32",
+    "unibuf_ggml_qkv_rope_append_f16_f16",
+    "unibuf_ggml_qkv_rope_append_f16_bf16",
+    "unibuf_ggml_qkv_rope_append_bf16_f32",
+    "unibuf_ggml_qkv_rope_append_bf16_f16",
+    "unibuf_ggml_qkv_rope_append_bf16_bf16",
+];
 
 /// The sources of one op's three kernels: ggml_matvec's helpers (block decoding, the warp's row
 /// product) without its own kernels, then this file's, with only the op's kernels compiled
-/// (`UB_GF_<op>`), so that compiling one kernel does not compile the other ops'.
+/// (`UB_GF_<op>`), so that compiling one kernel does not compile the other ops'. The source of
+/// [`ggml_qkv_rope_append_into`]'s kernel `n` (of [`QKV_NAMES`]) is `sources!("QKV n")`
+/// (`UB_GF_QKV` set to `n`): one entry point each.
 macro_rules! sources {
     ($op:literal) => {
         (
@@ -81,6 +98,17 @@ const NORM_SRC: (&str, &str) = sources!("NORM");
 const SWIGLU_SRC: (&str, &str) = sources!("SWIGLU");
 const ADD_SRC: (&str, &str) = sources!("ADD");
 const DEQUANTIZE_SRC: (&str, &str) = sources!("DEQUANTIZE");
+const QKV_SRC: [(&str, &str); 9] = [
+    sources!("QKV 0"),
+    sources!("QKV 1"),
+    sources!("QKV 2"),
+    sources!("QKV 3"),
+    sources!("QKV 4"),
+    sources!("QKV 5"),
+    sources!("QKV 6"),
+    sources!("QKV 7"),
+    sources!("QKV 8"),
+];
 
 const fn norm_params(x: DType) -> [Param; 15] {
     [
@@ -131,6 +159,32 @@ const fn add_params(x: DType) -> [Param; 8] {
     ]
 }
 
+const fn qkv_params(x: DType, cache: DType) -> [Param; 21] {
+    [
+        Param::input("wq", DType::U8),
+        Param::input("wk", DType::U8),
+        Param::input("wv", DType::U8),
+        Param::input("x", x),
+        Param::input("norm_weight", x),
+        Param::input("positions", DType::U32),
+        Param::output("q_out", DType::F32),
+        Param::output("k_cache", cache),
+        Param::output("v_cache", cache),
+        Param::scalar("q_rows", ScalarType::U32),
+        Param::scalar("kv_rows", ScalarType::U32),
+        Param::scalar("kind_q", ScalarType::U32),
+        Param::scalar("kind_k", ScalarType::U32),
+        Param::scalar("kind_v", ScalarType::U32),
+        Param::scalar("cols", ScalarType::U32),
+        Param::scalar("tokens", ScalarType::U32),
+        Param::scalar("head_dim", ScalarType::U32),
+        Param::scalar("capacity", ScalarType::U32),
+        Param::scalar("eps", ScalarType::F32),
+        Param::scalar("theta_base", ScalarType::F32),
+        Param::scalar("style", ScalarType::U32),
+    ]
+}
+
 const fn dequantize_params(out: DType) -> [Param; 5] {
     [
         Param::input("w", DType::U8),
@@ -153,6 +207,17 @@ const ADD_BF16: [Param; 8] = add_params(DType::BF16);
 const DEQUANTIZE_F32: [Param; 5] = dequantize_params(DType::F32);
 const DEQUANTIZE_F16: [Param; 5] = dequantize_params(DType::F16);
 const DEQUANTIZE_BF16: [Param; 5] = dequantize_params(DType::BF16);
+const QKV_PARAMS: [[Param; 21]; 9] = [
+    qkv_params(DType::F32, DType::F32),
+    qkv_params(DType::F32, DType::F16),
+    qkv_params(DType::F32, DType::BF16),
+    qkv_params(DType::F16, DType::F32),
+    qkv_params(DType::F16, DType::F16),
+    qkv_params(DType::F16, DType::BF16),
+    qkv_params(DType::BF16, DType::F32),
+    qkv_params(DType::BF16, DType::F16),
+    qkv_params(DType::BF16, DType::BF16),
+];
 
 const NORM: [KernelSource; 3] = float_kernels(
     NORM_NAMES,
@@ -199,6 +264,31 @@ const DEQUANTIZE: [KernelSource; 3] = float_kernels(
     ],
 );
 
+/// Kernel `$n` of [`QKV_NAMES`]: x stored as `$x`, the caches as `$c`.
+macro_rules! qkv_kernel {
+    ($n:literal, $x:ty, $c:ty) => {
+        KernelSource {
+            name: QKV_NAMES[$n],
+            params: &QKV_PARAMS[$n],
+            cuda: Some(QKV_SRC[$n].0),
+            msl: Some(QKV_SRC[$n].1),
+            cpu: Some(qkv_rope_append_cpu::<$x, $c> as CpuKernelFn),
+        }
+    };
+}
+
+const QKV: [KernelSource; 9] = [
+    qkv_kernel!(0, f32, f32),
+    qkv_kernel!(1, f32, half::f16),
+    qkv_kernel!(2, f32, half::bf16),
+    qkv_kernel!(3, half::f16, f32),
+    qkv_kernel!(4, half::f16, half::f16),
+    qkv_kernel!(5, half::f16, half::bf16),
+    qkv_kernel!(6, half::bf16, f32),
+    qkv_kernel!(7, half::bf16, half::f16),
+    qkv_kernel!(8, half::bf16, half::bf16),
+];
+
 pub(crate) const KERNELS: &[KernelSource] = &[
     NORM[0],
     NORM[1],
@@ -212,6 +302,15 @@ pub(crate) const KERNELS: &[KernelSource] = &[
     DEQUANTIZE[0],
     DEQUANTIZE[1],
     DEQUANTIZE[2],
+    QKV[0],
+    QKV[1],
+    QKV[2],
+    QKV[3],
+    QKV[4],
+    QKV[5],
+    QKV[6],
+    QKV[7],
+    QKV[8],
 ];
 
 /// Threads per block of the dequantisation (one output element each).
@@ -600,6 +699,293 @@ pub fn ggml_dequantize_into(q: &Queue, w: &GgmlMatrix, out: &Buffer) -> Result<F
     )
 }
 
+/// The largest head dimension [`ggml_qkv_rope_append_into`] takes: that of the attention
+/// kernels its caches feed.
+const QKV_MAX_HEAD_DIM: usize = 256;
+
+/// The index of a float dtype (which the checks admitted) in the kernel tables.
+fn float_index(dtype: DType) -> usize {
+    match dtype {
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        _ => 0,
+    }
+}
+
+/// The geometry of a [`ggml_qkv_rope_append_into`] call, checked, as kernel arguments.
+struct QkvGeometry {
+    tokens: u32,
+    q_rows: u32,
+    kv_rows: u32,
+    cols: u32,
+    head_dim: u32,
+    capacity: u32,
+    /// The pairs of rows the warps take: `(q_rows + 2 kv_rows) / 2`.
+    pairs: u32,
+    /// The kernel, in [`QKV_NAMES`].
+    kernel: usize,
+}
+
+/// Validates the arguments of [`ggml_qkv_rope_append_into`] (the launch then checks that no
+/// written buffer overlaps another argument).
+#[allow(clippy::too_many_arguments)]
+fn check_qkv_rope_append(
+    q: &Queue,
+    (wq, wk, wv): (&GgmlMatrix, &GgmlMatrix, &GgmlMatrix),
+    x: &Buffer,
+    norm_weight: &Buffer,
+    eps: f32,
+    positions: &Buffer,
+    theta_base: f32,
+    q_out: &Buffer,
+    k_cache: &Buffer,
+    v_cache: &Buffer,
+) -> Result<QkvGeometry> {
+    const OP: &str = "ggml_qkv_rope_append";
+    for (what, b) in [
+        ("ggml_qkv_rope_append wq", wq.bytes()),
+        ("ggml_qkv_rope_append wk", wk.bytes()),
+        ("ggml_qkv_rope_append wv", wv.bytes()),
+        ("ggml_qkv_rope_append x", x),
+        ("ggml_qkv_rope_append norm_weight", norm_weight),
+        ("ggml_qkv_rope_append positions", positions),
+        ("ggml_qkv_rope_append q_out", q_out),
+        ("ggml_qkv_rope_append k_cache", k_cache),
+        ("ggml_qkv_rope_append v_cache", v_cache),
+    ] {
+        q.check_buffer(what, b)?;
+    }
+    for (what, m) in [
+        ("ggml_qkv_rope_append wk", wk),
+        ("ggml_qkv_rope_append wv", wv),
+    ] {
+        if m.cols() != wq.cols() {
+            return Err(Error::ShapeMismatch {
+                what,
+                expected: format!("{} cols, as wq", wq.cols()),
+                got: format!("{} cols", m.cols()),
+            });
+        }
+    }
+    if wv.rows() != wk.rows() {
+        return Err(Error::ShapeMismatch {
+            what: "ggml_qkv_rope_append wv",
+            expected: format!("{} rows, as wk", wk.rows()),
+            got: format!("{} rows", wv.rows()),
+        });
+    }
+    let (tokens, _) = batch_of("ggml_qkv_rope_append x", wq, x, wq.rows())?;
+    check_norm(
+        (
+            "ggml_qkv_rope_append norm_weight",
+            "ggml_qkv_rope_append eps",
+        ),
+        x,
+        norm_weight,
+        wq.cols(),
+        eps,
+    )?;
+    expect_float("ggml_qkv_rope_append k_cache", k_cache)?;
+    let &[capacity, kv_heads, head_dim] = k_cache.shape() else {
+        return Err(Error::ShapeMismatch {
+            what: "ggml_qkv_rope_append k_cache",
+            expected: "[capacity, kv_heads, head_dim]".to_owned(),
+            got: format!("{:?}", k_cache.shape()),
+        });
+    };
+    expect_dtype("ggml_qkv_rope_append v_cache", v_cache, k_cache.dtype())?;
+    expect_shape("ggml_qkv_rope_append v_cache", v_cache, k_cache.shape())?;
+    if capacity == 0 || kv_heads == 0 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "k_cache '{}' {:?}: capacity and kv_heads must be non-zero",
+                k_cache.label(),
+                k_cache.shape()
+            ),
+        ));
+    }
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > QKV_MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "head_dim = {head_dim} (the caches' last dimension): must be even, non-zero and \
+                 at most {QKV_MAX_HEAD_DIM}"
+            ),
+        ));
+    }
+    if wk.rows() != kv_heads * head_dim {
+        return Err(Error::ShapeMismatch {
+            what: "ggml_qkv_rope_append wk",
+            expected: format!(
+                "{} rows: the caches' kv_heads {kv_heads} x head_dim {head_dim}",
+                kv_heads * head_dim
+            ),
+            got: format!("{} rows", wk.rows()),
+        });
+    }
+    if !wq.rows().is_multiple_of(head_dim) {
+        return Err(Error::ShapeMismatch {
+            what: "ggml_qkv_rope_append wq",
+            expected: format!("rows a multiple of the caches' head_dim {head_dim}"),
+            got: format!("{} rows", wq.rows()),
+        });
+    }
+    let heads = wq.rows() / head_dim;
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "heads = {heads} (wq's rows / head_dim) is not a multiple of kv_heads = \
+                 {kv_heads} (each kv head serves heads / kv_heads query heads)"
+            ),
+        ));
+    }
+    expect_dtype("ggml_qkv_rope_append positions", positions, DType::U32)?;
+    expect_shape("ggml_qkv_rope_append positions", positions, &[tokens])?;
+    if !(theta_base.is_finite() && theta_base > 0.0) {
+        return Err(Error::invalid(
+            "ggml_qkv_rope_append theta_base",
+            format!("{theta_base} must be finite and positive"),
+        ));
+    }
+    expect_dtype("ggml_qkv_rope_append q_out", q_out, DType::F32)?;
+    expect_shape(
+        "ggml_qkv_rope_append q_out",
+        q_out,
+        &[tokens, heads, head_dim],
+    )?;
+    let q_rows = index_u32("ggml_qkv_rope_append wq rows", wq.rows())?;
+    let kv_rows = index_u32("ggml_qkv_rope_append wk rows", wk.rows())?;
+    Ok(QkvGeometry {
+        tokens: tokens as u32,
+        q_rows,
+        kv_rows,
+        cols: index_u32("ggml_qkv_rope_append cols", wq.cols())?,
+        head_dim: head_dim as u32,
+        capacity: index_u32("ggml_qkv_rope_append capacity", capacity)?,
+        pairs: index_u32("ggml_qkv_rope_append rows", (wq.rows() + 2 * wk.rows()) / 2)?,
+        kernel: 3 * float_index(x.dtype()) + float_index(k_cache.dtype()),
+    })
+}
+
+/// The first launch of a Llama attention block, "QKV + RoPE + append": the input norm, the Q, K
+/// and V projections, RoPE on Q and K, and the append of K and V to the KV caches. For each row
+/// `t` of `x`, a token at `p = positions[t]`, with `n = x[t] / sqrt(mean(x[t]²) + eps) *
+/// norm_weight`:
+///
+/// `q_out[t] = rope(wq n, p)`, `k_cache[p] = rope(wk n, p)`, `v_cache[p] = wv n`
+///
+/// — what [`ggml_matvec_norm_into`] over `[wq, wk, wv]` followed by
+/// [`rope_kv_append_into`](crate::ops::rope_kv_append_into) on the three parts of its output
+/// computes, in one launch and without the f32 buffer between them.
+///
+/// **Arguments.** `wq` is `heads * head_dim` x `cols`, `wk` and `wv` `kv_heads * head_dim` x
+/// `cols` (Q8_0, Q4_0 or Q4_1, formats may differ). `x` is f32, f16 or bf16, `[tokens, cols]`
+/// with 1 to [`GGML_MAX_BATCH`] tokens (or `[cols]`: one token); `norm_weight` `[cols]` of its
+/// dtype; `eps` finite and at least 0 (as [`ggml_matvec_norm`]). `positions` is U32 `[tokens]`,
+/// device data, so that one decode step recorded into a [`LaunchBatch`](crate::LaunchBatch)
+/// serves every position. `q_out` is **f32** `[tokens, heads, head_dim]` whatever the dtype of
+/// `x`: the products are f32, and f32 is what the two-op sequence keeps (its `qkv` output is
+/// f32), so nothing is rounded that the sequence would not round. `k_cache` and `v_cache` are
+/// `[capacity, kv_heads, head_dim]` of one float dtype (f32, f16 or bf16, independent of `x`);
+/// they fix `head_dim` (even, at most 256) and `kv_heads`, from which `heads = wq rows /
+/// head_dim`. `heads` must be a multiple of `kv_heads` (as for
+/// [`attention`](crate::ops::attention), which reads these caches); `theta_base` finite and
+/// positive. The rows of `wq` and `wk` pair up as `style` says: rows `(2i, 2i + 1)` of each head
+/// for [`RopeStyle::Interleaved`] (a GGUF Llama's Q and K rows are permuted for it), rows
+/// `(i, i + head_dim / 2)` for [`RopeStyle::Neox`].
+///
+/// A position at or past `capacity` (device data, which the kernel cannot refuse) leaves the
+/// caches untouched for that row; its `q_out` row is still written. Positions within one call
+/// should differ: for two rows at one position, which one the caches keep is unspecified.
+/// Nothing written may overlap an input or another output. Returns the submission's fence.
+///
+/// **On a GPU** each warp (SIMD-group) computes one pair of rows that rotate together, 8 warps
+/// to a block of 256 threads over a grid of `ceil((q rows + 2 kv rows) / 16)` blocks
+/// (grid-striding beyond 65535): the pair's two weight rows in one pass over `n`, each with
+/// [`ggml_matvec_norm`]'s quarter-block product (the same operations in the same order). Lane
+/// `t` then takes token `t`: it rotates the pair in f32 and stores it, a Q pair into `q_out`, a
+/// K pair into the k cache row `positions[t]` (converted to the cache dtype), and a V pair,
+/// not rotated, into the v cache. The input norm is [`ggml_matvec_norm`]'s prologue: every
+/// block computes the RMS scales and keeps `n` in shared memory when it fits.
+///
+/// **Accuracy.** The products are [`ggml_matvec_norm`]'s and the rotation is
+/// [`rope`](crate::ops::rope)'s term for term (the f32 inverse frequency and angle, the rotation
+/// in f32), each value rounded once to its output's dtype: the same f32 operations in the same
+/// order as the two-op sequence, whose result it gives (bit for bit on the CPU; a GPU compiler
+/// may contract the rotation's multiplies and adds differently in the two kernels). It differs
+/// from an exact computation by the products' error (see [`ggml_matvec_norm`]) plus rope's
+/// angle error, which grows with the position.
+///
+/// Errors: `InvalidArgument` for a non-float `x` or cache, a bad `eps` or `theta_base`, an odd
+/// `head_dim` or one above 256, an empty cache, `heads` not a multiple of `kv_heads`, or a
+/// written buffer overlapping another argument; `ShapeMismatch` for `wk` or `wv` of other cols
+/// than `wq`, `wv` of other rows than `wk`, `wk` rows other than `kv_heads * head_dim`, `wq`
+/// rows not a multiple of `head_dim`, or a wrong shape of `x` (including more than 8 tokens),
+/// `norm_weight`, `k_cache` (not 3-dimensional), `v_cache`, `positions` or `q_out`;
+/// `DTypeMismatch` for a `norm_weight` of another dtype than `x`, a `v_cache` of another dtype
+/// than `k_cache`, non-U32 `positions` or a non-f32 `q_out`; `WrongDevice` for a buffer of
+/// another device.
+#[allow(clippy::too_many_arguments)]
+pub fn ggml_qkv_rope_append_into(
+    q: &Queue,
+    wq: &GgmlMatrix,
+    wk: &GgmlMatrix,
+    wv: &GgmlMatrix,
+    x: &Buffer,
+    norm_weight: &Buffer,
+    eps: f32,
+    positions: &Buffer,
+    theta_base: f32,
+    style: RopeStyle,
+    q_out: &Buffer,
+    k_cache: &Buffer,
+    v_cache: &Buffer,
+) -> Result<Fence> {
+    let g = check_qkv_rope_append(
+        q,
+        (wq, wk, wv),
+        x,
+        norm_weight,
+        eps,
+        positions,
+        theta_base,
+        q_out,
+        k_cache,
+        v_cache,
+    )?;
+    let k = kernel(q, QKV_NAMES[g.kernel])?;
+    // One warp per pair of rows (where the products take one per row).
+    q.launch(
+        &k,
+        row_grid(g.pairs),
+        &[
+            wq.bytes().into(),
+            wk.bytes().into(),
+            wv.bytes().into(),
+            x.into(),
+            norm_weight.into(),
+            positions.into(),
+            q_out.into(),
+            k_cache.into(),
+            v_cache.into(),
+            g.q_rows.into(),
+            g.kv_rows.into(),
+            wq.kind().into(),
+            wk.kind().into(),
+            wv.kind().into(),
+            g.cols.into(),
+            g.tokens.into(),
+            g.head_dim.into(),
+            g.capacity.into(),
+            eps.into(),
+            theta_base.into(),
+            style.code().into(),
+        ],
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // CPU kernels
 
@@ -658,6 +1044,28 @@ fn normalise<X: HostFloat>(x: &[X], weight: &[X], cols: usize, eps: f32) -> Vec<
     n
 }
 
+/// `y[b * stride + first + i] = row_i . n[b]` for every row `i` of `w` (blocks of `kind`, `cols`
+/// weights a row) and every row `b` of `n` (f32 rows of `cols`): the products of the CPU
+/// kernels, each row's blocks decoded once for all rows of `n`.
+fn products(
+    kind: u32,
+    w: &[u8],
+    n: &[f32],
+    cols: usize,
+    y: &mut [f32],
+    stride: usize,
+    first: usize,
+) {
+    let batch = n.len() / cols;
+    for (i, row) in w.chunks_exact(cols / 32 * block_bytes(kind)).enumerate() {
+        let mut acc = [0.0f32; GGML_MAX_BATCH];
+        row_dot(kind, row, n, cols, &mut acc[..batch]);
+        for (b, a) in acc.iter().take(batch).enumerate() {
+            y[b * stride + first + i] = *a;
+        }
+    }
+}
+
 fn matvec_norm_cpu<X: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
     const NAME: &str = "unibuf_ggml_matvec_norm";
     let rows = [args.u32(6)?, args.u32(7)?, args.u32(8)?].map(|r| r as usize);
@@ -686,17 +1094,10 @@ fn matvec_norm_cpu<X: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), Str
     let n = normalise(x, nw, cols, eps);
     let mut first = 0;
     for ((w, &r), &kind) in ws.iter().zip(&rows).zip(&kinds) {
-        if r == 0 {
-            continue;
+        if r > 0 {
+            products(kind, w, &n, cols, y, total, first);
+            first += r;
         }
-        for (i, row) in w.chunks_exact(cols / 32 * block_bytes(kind)).enumerate() {
-            let mut acc = [0.0f32; GGML_MAX_BATCH];
-            row_dot(kind, row, &n, cols, &mut acc[..batch]);
-            for (b, a) in acc.iter().take(batch).enumerate() {
-                y[b * total + first + i] = *a;
-            }
-        }
-        first += r;
     }
     Ok(())
 }
@@ -785,5 +1186,71 @@ fn dequantize_cpu<T: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), Stri
             *o = T::from_f32(v);
         }
     }
+    Ok(())
+}
+
+fn qkv_rope_append_cpu<X: HostFloat, C: HostFloat>(
+    args: &mut CpuKernelArgs<'_>,
+) -> Result<(), String> {
+    const NAME: &str = "unibuf_ggml_qkv_rope_append";
+    let q_rows = args.u32(9)? as usize;
+    let kv_rows = args.u32(10)? as usize;
+    let kinds = [args.u32(11)?, args.u32(12)?, args.u32(13)?];
+    let cols = args.u32(14)? as usize;
+    let tokens = args.u32(15)? as usize;
+    let head_dim = args.u32(16)? as usize;
+    let capacity = args.u32(17)? as usize;
+    let eps = args.f32(18)?;
+    let theta = args.f32(19)?;
+    let style = args.u32(20)?;
+    check_geometry(NAME, &kinds, cols, tokens)?;
+    if head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || q_rows == 0
+        || kv_rows == 0
+        || !q_rows.is_multiple_of(head_dim)
+        || !kv_rows.is_multiple_of(head_dim)
+        || style > 1
+    {
+        return Err(format!(
+            "{NAME}: bad geometry: q_rows {q_rows}, kv_rows {kv_rows}, head_dim {head_dim}, \
+             style {style}"
+        ));
+    }
+    let ws = [
+        args.input::<u8>(0)?,
+        args.input::<u8>(1)?,
+        args.input::<u8>(2)?,
+    ];
+    let x = args.input::<X>(3)?;
+    let nw = args.input::<X>(4)?;
+    let positions = args.input::<u32>(5)?;
+    let q_out = args.output::<f32>(6)?;
+    let k_cache = args.output::<C>(7)?;
+    let v_cache = args.output::<C>(8)?;
+    let rows = [q_rows, kv_rows, kv_rows];
+    for (i, (w, &r)) in ws.iter().zip(&rows).enumerate() {
+        expect_matrix(NAME, ["wq", "wk", "wv"][i], w, r, cols, kinds[i])?;
+    }
+    let cache_len = capacity
+        .checked_mul(kv_rows)
+        .ok_or_else(|| format!("{NAME}: capacity {capacity} x {kv_rows} overflows"))?;
+    expect_len(NAME, "x", x.len(), tokens * cols)?;
+    expect_len(NAME, "norm_weight", nw.len(), cols)?;
+    expect_len(NAME, "positions", positions.len(), tokens)?;
+    expect_len(NAME, "q_out", q_out.len(), tokens * q_rows)?;
+    expect_len(NAME, "k_cache", k_cache.len(), cache_len)?;
+    expect_len(NAME, "v_cache", v_cache.len(), cache_len)?;
+    // The products as ggml_matvec_norm's CPU kernel computes them, then the rotation and the
+    // cache writes as rope_kv_append's.
+    let n = normalise(x, nw, cols, eps);
+    let [yq, yk, yv] = [0, 1, 2].map(|i| {
+        let mut y = vec![0.0f32; tokens * rows[i]];
+        products(kinds[i], ws[i], &n, cols, &mut y, rows[i], 0);
+        y
+    });
+    rope_kv_rows(
+        &yq, &yk, &yv, positions, q_out, k_cache, v_cache, head_dim, theta, style,
+    );
     Ok(())
 }

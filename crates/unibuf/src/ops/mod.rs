@@ -50,7 +50,8 @@ pub use attention::{attention, attention_into, rope_kv_append_into};
 pub use embed::{embed_rows, embed_rows_into, EmbeddingTable};
 pub use ggml_fused::{
     ggml_dequantize, ggml_dequantize_into, ggml_matvec_add, ggml_matvec_add_into, ggml_matvec_norm,
-    ggml_matvec_norm_into, ggml_swiglu_norm, ggml_swiglu_norm_into, GGML_MAX_STACKED,
+    ggml_matvec_norm_into, ggml_qkv_rope_append_into, ggml_swiglu_norm, ggml_swiglu_norm_into,
+    GGML_MAX_STACKED,
 };
 pub use ggml_matvec::{ggml_matvec, ggml_matvec_into, GgmlMatrix, GGML_MAX_BATCH};
 pub use matmul::{matmul, matmul_bt, matmul_bt_into, matmul_into};

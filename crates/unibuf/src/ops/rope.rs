@@ -203,7 +203,7 @@ fn rope_cpu<T: HostFloat>(args: &mut CpuKernelArgs<'_>) -> Result<(), String> {
 }
 
 /// The inverse frequency of each pair `i` of a head, `theta^(-2i / head_dim)`, in f32 as the
-/// kernels compute it (shared by the CPU versions of [`rope`] and
+/// kernels compute it (shared by the CPU versions of [`rope`], [`rope_kv_rows`] and
 /// [`rope_kv_append_into`](super::rope_kv_append_into)).
 pub(super) fn inverse_frequencies(theta: f32, head_dim: usize) -> Vec<f32> {
     (0..head_dim / 2)
@@ -239,6 +239,68 @@ pub(super) fn rotate_heads<X: HostFloat, Y: HostFloat>(
             let (xa, xb) = (xh[a].to_f32(), xh[b].to_f32());
             yh[a] = Y::from_f32(xa * c - xb * s);
             yh[b] = Y::from_f32(xb * c + xa * s);
+        }
+    }
+}
+
+/// The CPU arithmetic of RoPE with the KV-cache append, shared by the CPU versions of
+/// [`rope_kv_append_into`](super::rope_kv_append_into) and
+/// [`ggml_qkv_rope_append_into`](super::ggml_qkv_rope_append_into) (whose query, key and value
+/// are its f32 products). Token `t` is at `positions[t]`: `query_out[t] = rope(query[t])` and,
+/// when that position is below the capacity (`k_cache.len() / kv_row`),
+/// `k_cache[pos] = rope(key[t])` and `v_cache[pos] = value[t]`; no other cache row is touched.
+/// The rotation is [`rope`]'s, each output computed in f32 and rounded once to its dtype.
+///
+/// `query` and `query_out` hold one row of whole heads per token, `key` and `value` one row of
+/// `kv_row` values (whole heads) per token, the caches `kv_row` values per position; the
+/// callers have checked those lengths.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope_kv_rows<Q: HostFloat, C: HostFloat>(
+    query: &[Q],
+    key: &[Q],
+    value: &[Q],
+    positions: &[u32],
+    query_out: &mut [Q],
+    k_cache: &mut [C],
+    v_cache: &mut [C],
+    head_dim: usize,
+    theta: f32,
+    style: u32,
+) {
+    let tokens = positions.len();
+    if tokens == 0 || head_dim == 0 {
+        return;
+    }
+    let q_row = query.len() / tokens;
+    let kv_row = key.len() / tokens;
+    let capacity = k_cache.len().checked_div(kv_row).unwrap_or(0);
+    let inv_freq = inverse_frequencies(theta, head_dim);
+    let mut rot = Vec::with_capacity(inv_freq.len());
+    for (t, &pos) in positions.iter().enumerate() {
+        rotations(&inv_freq, pos, &mut rot);
+        let rows = t * q_row..(t + 1) * q_row;
+        rotate_heads(
+            &query[rows.clone()],
+            &mut query_out[rows],
+            &rot,
+            head_dim,
+            style,
+        );
+        let p = pos as usize;
+        if p >= capacity {
+            continue; // past the cache: nothing stored
+        }
+        let src = t * kv_row..(t + 1) * kv_row;
+        let dst = p * kv_row..(p + 1) * kv_row;
+        rotate_heads(
+            &key[src.clone()],
+            &mut k_cache[dst.clone()],
+            &rot,
+            head_dim,
+            style,
+        );
+        for (c, v) in v_cache[dst].iter_mut().zip(&value[src]) {
+            *c = C::from_f32(v.to_f32());
         }
     }
 }

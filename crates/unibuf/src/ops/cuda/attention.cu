@@ -5,10 +5,11 @@
 //   unibuf_rope_kv_append_Q_C   RoPE on query and key at positions[t]; the rotated key and the
 //                               value are stored at row positions[t] of the caches.
 //   unibuf_attention_Q_C        causal attention, each row's whole key range in one block.
-//   unibuf_attention_split_Q_C  the same over `splits` ranges of keys (flash-decoding), leaving
-//                               per split the maximum score, the sum of exp and the unnormalised
-//                               output in f32 scratch ...
-//   unibuf_attention_combine_Q  ... which this kernel merges (online softmax) into the output.
+//   unibuf_attention_split_Q_C  the same over `splits` ranges of keys (flash-decoding): each
+//                               block leaves its split's maximum score, sum of exp and
+//                               unnormalised output in f32 scratch, and the last block of each
+//                               group of splits to finish merges them (online softmax) into the
+//                               output, so that a split attention is one launch.
 //
 // Q is the dtype of query, key, value and output, C that of the caches (each f32, f16 or bf16);
 // arithmetic is f32 and each value is rounded once when stored. Positions are device data and a
@@ -17,7 +18,7 @@
 // row of NaN.
 //
 // Each (Q, C) pair is compiled from this source with UB_AT_PAIR set to its index (3 * Q + C, in
-// the order f32, f16, bf16), so that NVRTC compiles that pair's kernels only, not all 30.
+// the order f32, f16, bf16), so that NVRTC compiles that pair's kernels only, not all 27.
 
 #define UB_AT_WARPS 8          // warps per block of the attention kernels (256 threads)
 #define UB_AT_THREADS 256
@@ -107,17 +108,102 @@ __device__ __forceinline__ void ub_at_range(unsigned int len, unsigned int split
     *end = (unsigned int)(e < len ? e : len);
 }
 
+// The last block of a group merges its splits (SPLIT true, below): per head g of the group,
+// the maximum M of the splits' maxima m_s, the weights w_s = 2^(m_s - M) (0 for an empty split,
+// whose partial is not read) and L = sum_s w_s l_s, then out = sum_s w_s o_s / L, the warps
+// taking the splits in turn (lane l holding elements l, l + 32, ... of each head) and their sums
+// added through shared memory. The partials are read through volatile pointers, which bypass
+// the (incoherent) L1: a line of them may be cached there from an earlier group's merge on
+// this SM. `valid` and `ng` are the same for the whole block.
+template <typename Q, int E>
+__device__ __forceinline__ void ub_at_merge_splits(
+    const float* part_o, const float* part_ml, Q* out, ub_u64 head_row0, unsigned int ng,
+    unsigned int head_dim, unsigned int splits, bool valid, unsigned int lane,
+    unsigned int warp, unsigned int warps, float* sh_w, float* sh_ll, float* sh_o) {
+    if (!valid) {  // a position past the cache: the rows are NaN, no partial is read
+        for (unsigned int idx = threadIdx.x; idx < ng * head_dim; idx += blockDim.x)
+            out[head_row0 * head_dim + idx] = ub_from_f32<Q>(ub_at_nan());
+        return;
+    }
+    const volatile float* ml = part_ml;
+    const volatile float* po = part_o;
+    // Warp g: head g's maximum, weights and weighted sum of l.
+    for (unsigned int g = warp; g < ng; g += warps) {
+        const ub_u64 base = (head_row0 + g) * splits;
+        float mx = ub_at_neg_inf();
+        for (unsigned int s = lane; s < splits; s += 32u) mx = fmaxf(mx, ml[(base + s) * 2]);
+        const float mm = ub_warp_max(mx);
+        float lw = 0.0f;
+        for (unsigned int s = lane; s < splits; s += 32u) {
+            const float ms = ml[(base + s) * 2];
+            const float w = ms != ub_at_neg_inf() ? exp2f(ms - mm) : 0.0f;
+            sh_w[g * splits + s] = w;
+            lw += w * ml[(base + s) * 2 + 1];
+        }
+        lw = ub_warp_sum(lw);
+        if (lane == 0) sh_ll[g] = lw;
+    }
+    __syncthreads();
+    float acc[UB_AT_GROUP][E];
+#pragma unroll
+    for (int g = 0; g < UB_AT_GROUP; ++g) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) acc[g][j] = 0.0f;
+    }
+    if (warp < warps) {
+#pragma unroll 2
+        for (unsigned int s = warp; s < splits; s += warps) {
+#pragma unroll
+            for (int g = 0; g < UB_AT_GROUP; ++g) {
+                if ((unsigned int)g >= ng) continue;
+                const float w = sh_w[g * splits + s];
+                if (w == 0.0f) continue;  // an empty split: its partial is not read
+                const volatile float* ps = po + ((head_row0 + g) * splits + s) * head_dim;
+#pragma unroll
+                for (int j = 0; j < E; ++j) {
+                    const unsigned int d = (unsigned int)j * 32u + lane;
+                    if (d < head_dim) acc[g][j] += w * ps[d];
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < UB_AT_GROUP; ++g) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                const unsigned int d = (unsigned int)j * 32u + lane;
+                if ((unsigned int)g < ng && d < head_dim)
+                    sh_o[(warp * UB_AT_GROUP + g) * head_dim + d] = acc[g][j];
+            }
+        }
+    }
+    __syncthreads();
+    for (unsigned int idx = threadIdx.x; idx < ng * head_dim; idx += blockDim.x) {
+        const unsigned int g = idx / head_dim;
+        const unsigned int d = idx - g * head_dim;
+        float o = 0.0f;
+        for (unsigned int w = 0; w < warps; ++w) o += sh_o[(w * UB_AT_GROUP + g) * head_dim + d];
+        out[(head_row0 + g) * head_dim + d] = ub_from_f32<Q>(o / sh_ll[g]);
+    }
+}
+
 // SPLIT false: writes `out` (splits is 1). SPLIT true: writes the partials of each (row, split):
 // part_o[((t * heads + h) * splits + s) * head_dim + d] (unnormalised output) and
 // part_ml[((t * heads + h) * splits + s) * 2 + {0, 1}] (maximum score in log2 units, sum of
 // 2^(score - maximum)); an empty split, or a row whose position is past the cache, leaves
-// (-inf, 0) and zeros.
+// (-inf, 0) and zeros. Then the split counts itself in on its group's counter (the group: the
+// item without its split, tk * chunks + hc), and the block that counts the last of the group's
+// `splits` merges them all into `out` and sets the counter back to 0 for the next launch.
+// This is the "last block" pattern of the threadFenceReduction sample: every thread fences its
+// partial stores before the block's barrier, thread 0's atomicAdd then publishes them, and the
+// last block fences after its atomicAdd before reading the others' partials. No block waits
+// for another, so the blocks may run in any order, any number at a time.
 template <typename Q, typename C, int E, bool SPLIT>
 __device__ __forceinline__ void ub_attention_items(
     const Q* query, const C* k_cache, const C* v_cache, const unsigned int* positions, Q* out,
-    float* part_o, float* part_ml, unsigned int tokens, unsigned int heads,
-    unsigned int kv_heads, unsigned int head_dim, unsigned int capacity, float scale,
-    unsigned int splits, float* sh_m, float* sh_l, float* sh_o) {
+    float* part_o, float* part_ml, unsigned int* counters, unsigned int tokens,
+    unsigned int heads, unsigned int kv_heads, unsigned int head_dim, unsigned int capacity,
+    float scale, unsigned int splits, float* sh_m, float* sh_l, float* sh_o, float* sh_w,
+    float* sh_ll, unsigned int* sh_last) {
     const unsigned int lane = threadIdx.x & 31u;
     const unsigned int warp = threadIdx.x >> 5;
     // The shared arrays hold UB_AT_WARPS warps; warps past them (a bigger block) stay idle.
@@ -274,6 +360,27 @@ __device__ __forceinline__ void ub_attention_items(
                 out[(head_row0 + g) * head_dim + d] = ub_from_f32<Q>(valid ? o / ll : ub_at_nan());
             }
         }
+        if (SPLIT) {
+            // Publish this split's partials (every thread fences its own stores; the barrier
+            // also ends the reads of sh_o above), then count the split in.
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                const unsigned int arrived = atomicAdd(counters + row, 1u);
+                const unsigned int last = arrived == splits - 1u ? 1u : 0u;
+                if (last) {
+                    // Every split of the group has arrived: nothing else touches the counter in
+                    // this launch, and the next launch (a graph replay) starts from 0.
+                    atomicExch(counters + row, 0u);
+                    __threadfence();  // the others' partials are read after their arrivals
+                }
+                *sh_last = last;
+            }
+            __syncthreads();
+            if (*sh_last)
+                ub_at_merge_splits<Q, E>(part_o, part_ml, out, head_row0, ng, head_dim, splits,
+                                         valid, lane, warp, warps, sh_w, sh_ll, sh_o);
+        }
         __syncthreads();  // the next item reuses the shared arrays
     }
 }
@@ -281,99 +388,34 @@ __device__ __forceinline__ void ub_attention_items(
 template <typename Q, typename C, bool SPLIT>
 __device__ __forceinline__ void ub_attention(
     const Q* query, const C* k_cache, const C* v_cache, const unsigned int* positions, Q* out,
-    float* part_o, float* part_ml, unsigned int tokens, unsigned int heads,
-    unsigned int kv_heads, unsigned int head_dim, unsigned int capacity, float scale,
-    unsigned int splits, float* sh_m, float* sh_l, float* sh_o) {
+    float* part_o, float* part_ml, unsigned int* counters, unsigned int tokens,
+    unsigned int heads, unsigned int kv_heads, unsigned int head_dim, unsigned int capacity,
+    float scale, unsigned int splits, float* sh_m, float* sh_l, float* sh_o, float* sh_w,
+    float* sh_ll, unsigned int* sh_last) {
     // The op refuses these; a direct launch with them does nothing rather than fault.
     if (head_dim == 0 || head_dim > UB_AT_MAX_DIM || kv_heads == 0 || heads < kv_heads ||
-        splits == 0)
+        splits == 0 || (SPLIT && splits > UB_AT_MAX_SPLITS))
         return;
     if (head_dim <= 32)
         ub_attention_items<Q, C, 1, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim,
-                                           capacity, scale, splits, sh_m, sh_l, sh_o);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last);
     else if (head_dim <= 64)
         ub_attention_items<Q, C, 2, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim,
-                                           capacity, scale, splits, sh_m, sh_l, sh_o);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last);
     else if (head_dim <= 128)
         ub_attention_items<Q, C, 4, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim,
-                                           capacity, scale, splits, sh_m, sh_l, sh_o);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last);
     else
         ub_attention_items<Q, C, 8, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim,
-                                           capacity, scale, splits, sh_m, sh_l, sh_o);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Combine: one block per (token, head) row, grid-stride. The threads over the splits find the
-// row's maximum M and weights 2^(m_s - M) (0 for an empty split, whose partial is not read),
-// the warps over the splits sum the weighted partial outputs (lane l holding elements l,
-// l + 32, ...), and the sum over the warps divided by sum_s l_s 2^(m_s - M) is the output.
-
-template <typename Q>
-__device__ __forceinline__ void ub_attention_combine(
-    const float* part_o, const float* part_ml, const unsigned int* positions, Q* out,
-    unsigned int tokens, unsigned int heads, unsigned int head_dim, unsigned int capacity,
-    unsigned int splits, float* sh_w, float* sh_red, float* sh_o) {
-    if (head_dim == 0 || head_dim > UB_AT_MAX_DIM || splits == 0 || splits > UB_AT_MAX_SPLITS)
-        return;
-    const unsigned int lane = threadIdx.x & 31u;
-    const unsigned int warp = threadIdx.x >> 5;
-    const unsigned int warps = ub_at_min(blockDim.x >> 5, UB_AT_WARPS);
-    const ub_u64 rows = (ub_u64)tokens * heads;
-    for (ub_u64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const unsigned int t = (unsigned int)(row / heads);
-        Q* dst = out + row * head_dim;
-        if (positions[t] >= capacity) {  // the same for every thread of the block
-            for (unsigned int d = threadIdx.x; d < head_dim; d += blockDim.x)
-                dst[d] = ub_from_f32<Q>(ub_at_nan());
-            continue;
-        }
-        const float* ml = part_ml + row * splits * 2;
-        const float* po = part_o + row * splits * head_dim;
-        float mx = ub_at_neg_inf();
-        for (unsigned int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, ml[2 * s]);
-        const float mm = ub_block_max(mx, sh_red);
-        float lw = 0.0f;
-        for (unsigned int s = threadIdx.x; s < splits; s += blockDim.x) {
-            const float ms = ml[2 * s];
-            const float w = ms != ub_at_neg_inf() ? exp2f(ms - mm) : 0.0f;
-            sh_w[s] = w;
-            lw += w * ml[2 * s + 1];
-        }
-        // The block sum's barriers also publish sh_w.
-        const float ll = ub_block_sum(lw, sh_red);
-        float acc[UB_AT_MAX_DIM / 32];
-#pragma unroll
-        for (int j = 0; j < UB_AT_MAX_DIM / 32; ++j) acc[j] = 0.0f;
-        if (warp < warps) {
-#pragma unroll 4
-            for (unsigned int s = warp; s < splits; s += warps) {
-                const float w = sh_w[s];
-                if (w == 0.0f) continue;
-                const float* ps = po + (ub_u64)s * head_dim;
-#pragma unroll
-                for (int j = 0; j < UB_AT_MAX_DIM / 32; ++j) {
-                    const unsigned int d = (unsigned int)j * 32u + lane;
-                    if (d < head_dim) acc[j] += w * ps[d];
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < UB_AT_MAX_DIM / 32; ++j) {
-                const unsigned int d = (unsigned int)j * 32u + lane;
-                if (d < head_dim) sh_o[warp * UB_AT_MAX_DIM + d] = acc[j];
-            }
-        }
-        __syncthreads();
-        for (unsigned int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float o = 0.0f;
-            for (unsigned int w = 0; w < warps; ++w) o += sh_o[w * UB_AT_MAX_DIM + d];
-            dst[d] = ub_from_f32<Q>(o / ll);
-        }
-        __syncthreads();  // the next row reuses sh_w and sh_o
-    }
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,39 +438,29 @@ __device__ __forceinline__ void ub_attention_combine(
         __shared__ float sh_l[UB_AT_WARPS * UB_AT_GROUP];                                        \
         __shared__ float sh_o[UB_AT_WARPS * UB_AT_GROUP * UB_AT_MAX_DIM];                        \
         ub_attention<Q, C, false>(query, k_cache, v_cache, positions, out, nullptr, nullptr,     \
-                                  tokens, heads, kv_heads, head_dim, capacity, scale, 1u, sh_m,  \
-                                  sh_l, sh_o);                                                   \
+                                  nullptr, tokens, heads, kv_heads, head_dim, capacity, scale,   \
+                                  1u, sh_m, sh_l, sh_o, nullptr, nullptr, nullptr);              \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(UB_AT_THREADS)                                  \
         unibuf_attention_split_##QS##_##CS(                                                      \
             const Q* query, const C* k_cache, const C* v_cache, const unsigned int* positions,   \
-            float* part_o, float* part_ml, unsigned int tokens, unsigned int heads,              \
-            unsigned int kv_heads, unsigned int head_dim, unsigned int capacity, float scale,    \
-            unsigned int splits) {                                                               \
+            Q* out, float* part_o, float* part_ml, unsigned int* counters, unsigned int tokens,  \
+            unsigned int heads, unsigned int kv_heads, unsigned int head_dim,                    \
+            unsigned int capacity, float scale, unsigned int splits) {                           \
         __shared__ float sh_m[UB_AT_WARPS * UB_AT_GROUP];                                        \
         __shared__ float sh_l[UB_AT_WARPS * UB_AT_GROUP];                                        \
         __shared__ float sh_o[UB_AT_WARPS * UB_AT_GROUP * UB_AT_MAX_DIM];                        \
-        ub_attention<Q, C, true>(query, k_cache, v_cache, positions, (Q*)nullptr, part_o,        \
-                                 part_ml, tokens, heads, kv_heads, head_dim, capacity, scale,    \
-                                 splits, sh_m, sh_l, sh_o);                                      \
+        __shared__ float sh_w[UB_AT_GROUP * UB_AT_MAX_SPLITS];                                   \
+        __shared__ float sh_ll[UB_AT_GROUP];                                                     \
+        __shared__ unsigned int sh_last;                                                         \
+        ub_attention<Q, C, true>(query, k_cache, v_cache, positions, out, part_o, part_ml,       \
+                                 counters, tokens, heads, kv_heads, head_dim, capacity, scale,   \
+                                 splits, sh_m, sh_l, sh_o, sh_w, sh_ll, &sh_last);               \
     }
 
-#define UB_AT_COMBINE_KERNEL(QS, Q)                                                              \
-    extern "C" __global__ void __launch_bounds__(UB_AT_THREADS) unibuf_attention_combine_##QS(   \
-        const float* part_o, const float* part_ml, const unsigned int* positions, Q* out,        \
-        unsigned int tokens, unsigned int heads, unsigned int head_dim, unsigned int capacity,   \
-        unsigned int splits) {                                                                   \
-        __shared__ float sh_w[UB_AT_MAX_SPLITS];                                                 \
-        __shared__ float sh_red[32];                                                             \
-        __shared__ float sh_o[UB_AT_WARPS * UB_AT_MAX_DIM];                                      \
-        ub_attention_combine<Q>(part_o, part_ml, positions, out, tokens, heads, head_dim,        \
-                                capacity, splits, sh_w, sh_red, sh_o);                           \
-    }
-
-// The pair (Q, C) has index 3 * Q + C; the combine kernel of Q comes with the pair (Q, Q).
+// The pair (Q, C) has index 3 * Q + C.
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 0
 UB_AT_PAIR_KERNELS(f32, float, f32, float)
-UB_AT_COMBINE_KERNEL(f32, float)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 1
 UB_AT_PAIR_KERNELS(f32, float, f16, ub_f16)
@@ -441,7 +473,6 @@ UB_AT_PAIR_KERNELS(f16, ub_f16, f32, float)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 4
 UB_AT_PAIR_KERNELS(f16, ub_f16, f16, ub_f16)
-UB_AT_COMBINE_KERNEL(f16, ub_f16)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 5
 UB_AT_PAIR_KERNELS(f16, ub_f16, bf16, ub_bf16)
@@ -454,5 +485,4 @@ UB_AT_PAIR_KERNELS(bf16, ub_bf16, f16, ub_f16)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 8
 UB_AT_PAIR_KERNELS(bf16, ub_bf16, bf16, ub_bf16)
-UB_AT_COMBINE_KERNEL(bf16, ub_bf16)
 #endif

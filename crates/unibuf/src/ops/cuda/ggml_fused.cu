@@ -5,7 +5,10 @@
 //   unibuf_ggml_matvec_add_*    y = residual + W x
 //   unibuf_ggml_swiglu_norm_*   y = silu(G n) * (U n), silu(g) = g / (1 + exp(-g))
 //   unibuf_ggml_dequantize_*    the weights as a dense [rows, cols] array
-// The suffix is the dtype of x (and of the norm weight), or of the output for dequantize.
+//   unibuf_ggml_qkv_rope_append_X_C   q_out[t] = rope(Wq n[t]), k_cache[pos] = rope(Wk n[t]),
+//                               v_cache[pos] = Wv n[t] at pos = positions[t] (see below)
+// The suffix is the dtype of x (and of the norm weight), or of the output for dequantize; the
+// QKV kernels' second suffix is the dtype of the caches.
 //
 // The products are one warp per output row, as in ggml_matvec (8 warps per block, grid-stride
 // over the rows). The norm kernels first compute, in every block, the RMS scale of each row of
@@ -203,8 +206,186 @@ __device__ __forceinline__ void ub_ggml_dequantize(const unsigned char* w, T* ou
     }
 }
 
+// ---- QKV + RoPE + append
+//
+// One warp per pair of rows that rotate together (rows a and b of a head: (i, i + head_dim/2)
+// in the rotate-half layout, style 0; (2i, 2i + 1) interleaved, style 1), over the pairs of Wq,
+// then Wk, then Wv (V rows are paired the same way but not rotated), 8 warps per block,
+// grid-stride. The warp computes both rows in one pass over n (ub_gf_pair_part: the quarter
+// blocks of ub_gm_row_part for two rows, each accumulator summed in exactly ub_gm_row_part's
+// order, so each product equals unibuf_ggml_matvec_norm's). Then lane t < tokens takes token t:
+// it rotates (y_a, y_b) by token t's angle with rope.cu's arithmetic term for term (the f32
+// inverse frequency powf(theta, -(2i / head_dim)), the f32 angle pos * inv_freq, sincosf, the
+// rotation in f32) and stores it: Q into q_out (f32), K into k_cache row positions[t] and V
+// (unrotated) into v_cache row positions[t], converted to the cache dtype. A position at or
+// past the capacity skips the cache stores (q_out is still written): positions are device
+// data, which the kernel cannot refuse, and it never writes out of bounds.
+
+// Adds this lane's share of row_a . x[b] to acc_a[b] and of row_b . x[b] to acc_b[b], b < batch:
+// two rows of one matrix (one format) in one pass over x, each x value loaded once for both.
+template <typename X, int XS, bool A2>
+__device__ __forceinline__ void ub_gf_pair_part(const unsigned char* row_a,
+                                                const unsigned char* row_b, unsigned int kind,
+                                                unsigned int nblocks, unsigned int batch,
+                                                const ub_gm_xsrc<X>& src, unsigned int lane,
+                                                float* acc_a, float* acc_b) {
+    const unsigned int bb = ub_gm_block_bytes(kind);
+    const unsigned int quarters = nblocks * 4u;
+    // Two turns in flight: four quarter loads per lane before the first one is used.
+#pragma unroll 2
+    for (unsigned int t = lane; t < quarters; t += 32u) {
+        const unsigned int k = t >> 2;
+        float la[4], ha[4], lb[4], hb[4];
+        unsigned int o0, o1;
+        ub_gm_quarter<A2>(row_a + (ub_u64)k * bb, kind, t & 3u, la, ha, o0, o1);
+        ub_gm_quarter<A2>(row_b + (ub_u64)k * bb, kind, t & 3u, lb, hb, o0, o1);
+        const unsigned int c = k * 32u;
+#pragma unroll
+        for (unsigned int b = 0; b < UB_GM_MAX_BATCH; ++b) {
+            if (b < batch) {
+                const float4 u = ub_gm_x4<X, XS>(src, b, c + o0);
+                const float4 v = ub_gm_x4<X, XS>(src, b, c + o1);
+                acc_a[b] = ub_gm_quarter_dot(la, ha, u, v, acc_a[b]);
+                acc_b[b] = ub_gm_quarter_dot(lb, hb, u, v, acc_b[b]);
+            }
+        }
+    }
+}
+
+// acc_a[b] = row_a . x[b] and acc_b[b] = row_b . x[b] for b < batch, on every lane of the warp
+// (all 32 lanes call it with the same rows), as ub_gm_row_dot computes each.
+template <typename X, int XS>
+__device__ __forceinline__ void ub_gf_pair_dot(const unsigned char* row_a,
+                                               const unsigned char* row_b, unsigned int kind,
+                                               unsigned int nblocks, unsigned int batch,
+                                               const ub_gm_xsrc<X>& src, unsigned int lane,
+                                               float* acc_a, float* acc_b) {
+#pragma unroll
+    for (unsigned int b = 0; b < UB_GM_MAX_BATCH; ++b) {
+        acc_a[b] = 0.0f;
+        acc_b[b] = 0.0f;
+    }
+    // Rows of one matrix are a whole number of even-sized rows apart: both have row_a's parity,
+    // uniform over the warp.
+    if ((((ub_u64)row_a) & 1ull) == 0ull) {
+        ub_gf_pair_part<X, XS, true>(row_a, row_b, kind, nblocks, batch, src, lane, acc_a, acc_b);
+    } else {
+        ub_gf_pair_part<X, XS, false>(row_a, row_b, kind, nblocks, batch, src, lane, acc_a, acc_b);
+    }
+#pragma unroll
+    for (unsigned int b = 0; b < UB_GM_MAX_BATCH; ++b) {
+        if (b < batch) {
+            acc_a[b] = ub_warp_sum(acc_a[b]);
+            acc_b[b] = ub_warp_sum(acc_b[b]);
+        }
+    }
+}
+
+// The pair's products over n, read as the prologue left it (as ub_gf_row_dot_norm).
+template <typename X>
+__device__ __forceinline__ void ub_gf_pair_dot_norm(const unsigned char* row_a,
+                                                    const unsigned char* row_b, unsigned int kind,
+                                                    unsigned int nblocks, unsigned int batch,
+                                                    const ub_gm_xsrc<X>& src, bool shared,
+                                                    bool xvec, unsigned int lane, float* acc_a,
+                                                    float* acc_b) {
+    if (shared) {
+        ub_gf_pair_dot<X, UB_GM_X_SHARED>(row_a, row_b, kind, nblocks, batch, src, lane, acc_a,
+                                          acc_b);
+    } else if (xvec) {
+        ub_gf_pair_dot<X, UB_GM_X_NORM_VEC>(row_a, row_b, kind, nblocks, batch, src, lane, acc_a,
+                                            acc_b);
+    } else {
+        ub_gf_pair_dot<X, UB_GM_X_NORM>(row_a, row_b, kind, nblocks, batch, src, lane, acc_a,
+                                        acc_b);
+    }
+}
+
+template <typename X, typename C>
+__device__ __forceinline__ void ub_ggml_qkv_rope_append(
+    const unsigned char* wq, const unsigned char* wk, const unsigned char* wv, const X* x,
+    const X* nw, const unsigned int* positions, float* q_out, C* k_cache, C* v_cache,
+    unsigned int q_rows, unsigned int kv_rows, unsigned int kind_q, unsigned int kind_k,
+    unsigned int kind_v, unsigned int cols, unsigned int tokens, unsigned int head_dim,
+    unsigned int capacity, float eps, float theta, unsigned int style, float* xs,
+    float* scale) {
+    const bool shared = ub_gf_prologue<X>(x, nw, cols, tokens, eps, xs, scale);
+    const ub_gm_xsrc<X> src = ub_gf_src<X>(x, nw, xs, scale, cols);
+    const bool xvec = ub_gm_x_vec<X>(x, nw);
+    const unsigned int nblocks = cols / 32u;
+    const unsigned int lane = threadIdx.x & 31u;
+    const unsigned int warps = blockDim.x >> 5;
+    const unsigned int half_dim = head_dim / 2u;
+    const ub_u64 end_q = q_rows / 2u, end_k = end_q + kv_rows / 2u, pairs = end_k + kv_rows / 2u;
+    // Lane t < tokens stores token t; its position, read once.
+    const unsigned int pos = lane < tokens ? positions[lane] : 0u;
+    const bool cached = lane < tokens && pos < capacity;
+    for (ub_u64 p = (ub_u64)blockIdx.x * warps + (threadIdx.x >> 5); p < pairs;
+         p += (ub_u64)gridDim.x * warps) {
+        // The warp's matrix (0 Q, 1 K, 2 V) and its pair there, by p (uniform over the warp).
+        unsigned int m;
+        ub_u64 pair;
+        if (p < end_q) {
+            m = 0u;
+            pair = p;
+        } else if (p < end_k) {
+            m = 1u;
+            pair = p - end_q;
+        } else {
+            m = 2u;
+            pair = p - end_k;
+        }
+        const unsigned char* w = m == 0u ? wq : (m == 1u ? wk : wv);
+        const unsigned int kind = m == 0u ? kind_q : (m == 1u ? kind_k : kind_v);
+        const unsigned int head = (unsigned int)(pair / half_dim);
+        const unsigned int i = (unsigned int)(pair - (ub_u64)head * half_dim);
+        const unsigned int ra = head * head_dim + (style == 0u ? i : 2u * i);
+        const unsigned int rb = ra + (style == 0u ? half_dim : 1u);
+        const ub_u64 row_bytes = (ub_u64)nblocks * ub_gm_block_bytes(kind);
+        float acc_a[UB_GM_MAX_BATCH], acc_b[UB_GM_MAX_BATCH];
+        ub_gf_pair_dot_norm<X>(w + ra * row_bytes, w + rb * row_bytes, kind, nblocks, tokens, src,
+                               shared, xvec, lane, acc_a, acc_b);
+        // Token `lane`'s products (every lane holds every sum): selects over the unrolled loop,
+        // so that the arrays stay in registers.
+        float ya = 0.0f, yb = 0.0f;
+#pragma unroll
+        for (unsigned int b = 0; b < UB_GM_MAX_BATCH; ++b) {
+            if (b == lane) {
+                ya = acc_a[b];
+                yb = acc_b[b];
+            }
+        }
+        if (m == 2u) {
+            if (cached) {
+                const ub_u64 at = (ub_u64)pos * kv_rows;
+                v_cache[at + ra] = ub_from_f32<C>(ya);
+                v_cache[at + rb] = ub_from_f32<C>(yb);
+            }
+        } else if (lane < tokens) {
+            // rope.cu's arithmetic, term for term.
+            const float inv_freq = powf(theta, -((float)(2 * i) / (float)head_dim));
+            const float angle = (float)pos * inv_freq;
+            float s, c;
+            sincosf(angle, &s, &c);
+            const float oa = ya * c - yb * s;
+            const float ob = yb * c + ya * s;
+            if (m == 0u) {
+                const ub_u64 at = (ub_u64)lane * q_rows;
+                q_out[at + ra] = oa;
+                q_out[at + rb] = ob;
+            } else if (cached) {
+                const ub_u64 at = (ub_u64)pos * kv_rows;
+                k_cache[at + ra] = ub_from_f32<C>(oa);
+                k_cache[at + rb] = ub_from_f32<C>(ob);
+            }
+        }
+    }
+}
+
 // The kernels of one op per compiled source (the op's source defines UB_GF_NORM, UB_GF_SWIGLU,
-// UB_GF_ADD or UB_GF_DEQUANTIZE), so that compiling one kernel compiles only its op's three.
+// UB_GF_ADD or UB_GF_DEQUANTIZE), so that compiling one kernel compiles only its op's three;
+// a QKV source defines UB_GF_QKV as the index of its one kernel (3 * x dtype + cache dtype, in
+// the order f32, f16, bf16).
 #define UB_GF_NORM_KERNEL(SUFFIX, X)                                                             \
     extern "C" __global__ void unibuf_ggml_matvec_norm_##SUFFIX(                                 \
         const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, const X* x,   \
@@ -238,6 +419,21 @@ __device__ __forceinline__ void ub_ggml_dequantize(const unsigned char* w, T* ou
         unsigned int kind) {                                                                     \
         ub_ggml_dequantize<X>(w, out, rows, cols, kind);                                         \
     }
+#define UB_GF_QKV_KERNEL(XS, X, CS, C)                                                           \
+    extern "C" __global__ void unibuf_ggml_qkv_rope_append_##XS##_##CS(                          \
+        const unsigned char* wq, const unsigned char* wk, const unsigned char* wv, const X* x,   \
+        const X* norm_weight, const unsigned int* positions, float* q_out, C* k_cache,           \
+        C* v_cache, unsigned int q_rows, unsigned int kv_rows, unsigned int kind_q,              \
+        unsigned int kind_k, unsigned int kind_v, unsigned int cols, unsigned int tokens,        \
+        unsigned int head_dim, unsigned int capacity, float eps, float theta,                    \
+        unsigned int style) {                                                                    \
+        __shared__ float4 xs[UB_GF_SMEM / 4];                                                    \
+        __shared__ float scale[UB_GM_MAX_BATCH];                                                 \
+        ub_ggml_qkv_rope_append<X, C>(wq, wk, wv, x, norm_weight, positions, q_out, k_cache,     \
+                                      v_cache, q_rows, kv_rows, kind_q, kind_k, kind_v, cols,    \
+                                      tokens, head_dim, capacity, eps, theta, style,             \
+                                      reinterpret_cast<float*>(xs), scale);                      \
+    }
 
 #if defined(UB_GF_NORM)
 #define UB_GF_KERNEL UB_GF_NORM_KERNEL
@@ -245,10 +441,33 @@ __device__ __forceinline__ void ub_ggml_dequantize(const unsigned char* w, T* ou
 #define UB_GF_KERNEL UB_GF_SWIGLU_KERNEL
 #elif defined(UB_GF_ADD)
 #define UB_GF_KERNEL UB_GF_ADD_KERNEL
-#else
+#elif defined(UB_GF_DEQUANTIZE)
 #define UB_GF_KERNEL UB_GF_DEQUANTIZE_KERNEL
 #endif
 
+#ifdef UB_GF_KERNEL
 UB_GF_KERNEL(f32, float)
 UB_GF_KERNEL(f16, ub_f16)
 UB_GF_KERNEL(bf16, ub_bf16)
+#endif
+
+#if !defined(UB_GF_QKV)
+#elif UB_GF_QKV == 0
+UB_GF_QKV_KERNEL(f32, float, f32, float)
+#elif UB_GF_QKV == 1
+UB_GF_QKV_KERNEL(f32, float, f16, ub_f16)
+#elif UB_GF_QKV == 2
+UB_GF_QKV_KERNEL(f32, float, bf16, ub_bf16)
+#elif UB_GF_QKV == 3
+UB_GF_QKV_KERNEL(f16, ub_f16, f32, float)
+#elif UB_GF_QKV == 4
+UB_GF_QKV_KERNEL(f16, ub_f16, f16, ub_f16)
+#elif UB_GF_QKV == 5
+UB_GF_QKV_KERNEL(f16, ub_f16, bf16, ub_bf16)
+#elif UB_GF_QKV == 6
+UB_GF_QKV_KERNEL(bf16, ub_bf16, f32, float)
+#elif UB_GF_QKV == 7
+UB_GF_QKV_KERNEL(bf16, ub_bf16, f16, ub_f16)
+#elif UB_GF_QKV == 8
+UB_GF_QKV_KERNEL(bf16, ub_bf16, bf16, ub_bf16)
+#endif

@@ -6,8 +6,9 @@ using namespace metal;
 //
 //   unibuf_rope_kv_append_Q_C   RoPE on query and key, key and value stored at row positions[t]
 //   unibuf_attention_Q_C        causal attention, each row's keys in one threadgroup
-//   unibuf_attention_split_Q_C  the same over `splits` ranges of keys, leaving f32 partials
-//   unibuf_attention_combine_Q  the partials merged (online softmax) into the output
+//   unibuf_attention_split_Q_C  the same over `splits` ranges of keys, leaving f32 partials that
+//                               the last threadgroup of each group of splits merges (online
+//                               softmax) into the output: one dispatch
 //
 // A position >= capacity never reads or writes out of bounds: the append skips that row's
 // cache write, attention writes a row of NaN. Storage is float, half or bfloat; arithmetic is
@@ -24,6 +25,19 @@ using namespace metal;
 #define UB_AT_MAX_DIM 256
 #define UB_AT_MAX_SPLITS 128
 #define UB_AT_LOG2E 1.4426950408889634f
+
+// Merging the splits in the dispatch that computes them needs the partials one threadgroup
+// writes to be visible to another within the dispatch: coherent(device) memory and
+// device-scope fences, which MSL 3.2 (macOS 15) introduced. Before it, the split kernel falls
+// back to attending to each row's whole key range in split 0 (correct, one dispatch, but no
+// faster than the unsplit kernel).
+#if __METAL_VERSION__ >= 320
+#define UB_AT_FUSED 1
+#define UB_AT_PARTIAL coherent(device) device float*
+#else
+#define UB_AT_FUSED 0
+#define UB_AT_PARTIAL device float*
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // RoPE + KV append: one thread per (token, pair), looping over the heads, with the arithmetic
@@ -91,15 +105,119 @@ static uint2 ub_at_range(uint len, uint splits, uint s) {
     return uint2(uint(b < ulong(len) ? b : ulong(len)), uint(e < ulong(len) ? e : ulong(len)));
 }
 
+#if UB_AT_FUSED
+// The last threadgroup of a group merges its splits (as cuda/attention.cu): per head g, the
+// maximum M of the splits' maxima, the weights 2^(m_s - M) (0 for an empty split, whose partial
+// is not read) and L = sum_s w_s l_s, then out = sum_s w_s o_s / L, the SIMD-groups taking the
+// splits in turn and adding their sums into one [UB_AT_GROUP, head_dim] array in turn. The
+// partials are read through coherent(device) pointers, after the device-scope fences that pair
+// with the other threadgroups' through the counter. `valid` and `ng` are the same for the whole
+// threadgroup.
+template <typename Q, int E>
+static void ub_at_merge_splits(UB_AT_PARTIAL part_o, UB_AT_PARTIAL part_ml, device Q* out,
+                               ulong head_row0, uint ng, uint head_dim, uint splits, bool valid,
+                               threadgroup float* sh_w, threadgroup float* sh_ll,
+                               threadgroup float* sh_o, uint tid, uint threads, uint lane,
+                               uint simd, uint simds, uint width) {
+    if (!valid) {  // a position past the cache: the rows are NaN, no partial is read
+        for (uint idx = tid; idx < ng * head_dim; idx += threads) {
+            out[head_row0 * head_dim + idx] = Q(NAN);
+        }
+        return;
+    }
+    // SIMD-group g: head g's maximum, weights and weighted sum of l.
+    for (uint g = simd; g < ng; g += simds) {
+        const ulong base = (head_row0 + g) * splits;
+        float mx = -INFINITY;
+        for (uint s = lane; s < splits; s += width) {
+            mx = fmax(mx, part_ml[(base + s) * 2]);
+        }
+        const float mm = simd_max(mx);
+        float lw = 0.0f;
+        for (uint s = lane; s < splits; s += width) {
+            const float ms = part_ml[(base + s) * 2];
+            const float w = ms != -INFINITY ? exp2(ms - mm) : 0.0f;
+            sh_w[g * splits + s] = w;
+            lw += w * part_ml[(base + s) * 2 + 1];
+        }
+        lw = simd_sum(lw);
+        if (lane == 0) {
+            sh_ll[g] = lw;
+        }
+    }
+    for (uint idx = tid; idx < UB_AT_GROUP * head_dim; idx += threads) {
+        sh_o[idx] = 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float acc[UB_AT_GROUP][E];
+    for (uint g = 0; g < UB_AT_GROUP; ++g) {
+        for (uint j = 0; j < uint(E); ++j) {
+            acc[g][j] = 0.0f;
+        }
+    }
+    if (simd < simds) {
+        for (uint s = simd; s < splits; s += simds) {
+            for (uint g = 0; g < UB_AT_GROUP; ++g) {
+                if (g >= ng) {
+                    continue;
+                }
+                const float w = sh_w[g * splits + s];
+                if (w == 0.0f) {
+                    continue;  // an empty split: its partial is not read
+                }
+                const ulong at = ((head_row0 + g) * splits + s) * head_dim;
+                for (uint j = 0; j < uint(E); ++j) {
+                    const uint d = j * width + lane;
+                    if (d < head_dim) {
+                        acc[g][j] += w * part_o[at + d];
+                    }
+                }
+            }
+        }
+    }
+    for (uint w = 0; w < simds; ++w) {
+        if (simd == w) {
+            for (uint g = 0; g < UB_AT_GROUP; ++g) {
+                if (g >= ng) {
+                    continue;
+                }
+                for (uint j = 0; j < uint(E); ++j) {
+                    const uint d = j * width + lane;
+                    if (d < head_dim) {
+                        sh_o[g * head_dim + d] += acc[g][j];
+                    }
+                }
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (uint idx = tid; idx < ng * head_dim; idx += threads) {
+        const uint g = idx / head_dim;
+        const uint d = idx - g * head_dim;
+        out[(head_row0 + g) * head_dim + d] = Q(sh_o[g * head_dim + d] / sh_ll[g]);
+    }
+}
+#endif
+
+// SPLIT false: writes `out`. SPLIT true with UB_AT_FUSED: writes the partials of each (row,
+// split) (layouts as cuda/attention.cu), counts the split in on its group's counter, and the
+// threadgroup that counts the last of the group's `splits` merges them all into `out` and sets
+// the counter back to 0 for the next dispatch. SPLIT true without UB_AT_FUSED: split 0 of each
+// group attends to the whole row and writes `out`, the other splits do nothing (correct, but
+// as slow as one split; the counters stay 0 and the partials unused).
 template <typename Q, typename C, int E, bool SPLIT>
 static void ub_attention_items(device const Q* query, device const C* k_cache,
                                device const C* v_cache, device const uint* positions,
-                               device Q* out, device float* part_o, device float* part_ml,
-                               uint tokens, uint heads, uint kv_heads, uint head_dim,
-                               uint capacity, float scale, uint splits, threadgroup float* sh_m,
-                               threadgroup float* sh_l, threadgroup float* sh_o, uint tg,
+                               device Q* out, UB_AT_PARTIAL part_o, UB_AT_PARTIAL part_ml,
+                               device atomic_uint* counters, uint tokens, uint heads,
+                               uint kv_heads, uint head_dim, uint capacity, float scale,
+                               uint splits, threadgroup float* sh_m, threadgroup float* sh_l,
+                               threadgroup float* sh_o, threadgroup float* sh_w,
+                               threadgroup float* sh_ll, threadgroup uint* sh_last, uint tg,
                                uint tgs, uint tid, uint threads, uint lane, uint simd,
                                uint simds_in, uint width) {
+    // Whether this call leaves partials (else it writes the output itself).
+    const bool partials = SPLIT && UB_AT_FUSED;
     const uint simds = min(simds_in, uint(UB_AT_SIMDS));
     const bool active = simd < simds;
     const uint group = heads / kv_heads;
@@ -109,6 +227,9 @@ static void ub_attention_items(device const Q* query, device const C* k_cache,
     const float qscale = scale * UB_AT_LOG2E;
     for (ulong item = tg; item < items; item += tgs) {
         const uint s = uint(item % splits);
+        if (SPLIT && !partials && s != 0) {
+            continue;  // the same for the whole threadgroup
+        }
         const ulong row = item / splits;
         const uint hc = uint(row % chunks);
         const ulong tk = row / chunks;
@@ -118,7 +239,9 @@ static void ub_attention_items(device const Q* query, device const C* k_cache,
         const uint ng = min(uint(UB_AT_GROUP), group - hc * UB_AT_GROUP);
         const uint pos = positions[t];
         const bool valid = pos < capacity;
-        const uint2 range = valid ? ub_at_range(pos + 1u, splits, s) : uint2(0u, 0u);
+        const uint2 range =
+            valid ? ub_at_range(pos + 1u, partials ? splits : 1u, partials ? s : 0u)
+                  : uint2(0u, 0u);
         const uint begin = range.x;
         const uint end = range.y;
         const ulong head_row0 = ulong(t) * heads + h0;
@@ -250,7 +373,7 @@ static void ub_attention_items(device const Q* query, device const C* k_cache,
                 }
             }
             const float o = sh_o[g * head_dim + d];
-            if (SPLIT) {
+            if (partials) {
                 const ulong pi = (head_row0 + g) * splits + s;
                 part_o[pi * head_dim + d] = o;
                 if (d == 0) {
@@ -261,152 +384,77 @@ static void ub_attention_items(device const Q* query, device const C* k_cache,
                 out[(head_row0 + g) * head_dim + d] = Q(valid ? o / ll : NAN);
             }
         }
+#if UB_AT_FUSED
+        if (SPLIT) {
+            // Publish this split's partials device-wide (every thread fences its own stores;
+            // the barrier also ends the reads of sh_o above), then count the split in.
+            atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+            threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+            if (tid == 0) {
+                const uint arrived =
+                    atomic_fetch_add_explicit(counters + row, 1u, memory_order_relaxed);
+                const uint last = arrived == splits - 1u ? 1u : 0u;
+                if (last != 0u) {
+                    // Every split of the group has arrived: nothing else touches the counter
+                    // in this dispatch, and the next one starts from 0.
+                    atomic_store_explicit(counters + row, 0u, memory_order_relaxed);
+                }
+                sh_last[0] = last;
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            if (sh_last[0] != 0u) {  // the same for the whole threadgroup
+                // The others' partials are read after their arrivals.
+                atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst,
+                                    thread_scope_device);
+                ub_at_merge_splits<Q, E>(part_o, part_ml, out, head_row0, ng, head_dim, splits,
+                                         valid, sh_w, sh_ll, sh_o, tid, threads, lane, simd,
+                                         simds, width);
+            }
+        }
+#endif
         threadgroup_barrier(mem_flags::mem_threadgroup);  // the next item reuses the arrays
     }
 }
 
 template <typename Q, typename C, bool SPLIT>
 static void ub_attention(device const Q* query, device const C* k_cache, device const C* v_cache,
-                         device const uint* positions, device Q* out, device float* part_o,
-                         device float* part_ml, uint tokens, uint heads, uint kv_heads,
-                         uint head_dim, uint capacity, float scale, uint splits,
-                         threadgroup float* sh_m, threadgroup float* sh_l,
-                         threadgroup float* sh_o, uint tg, uint tgs, uint tid, uint threads,
-                         uint lane, uint simd, uint simds, uint width) {
+                         device const uint* positions, device Q* out, UB_AT_PARTIAL part_o,
+                         UB_AT_PARTIAL part_ml, device atomic_uint* counters, uint tokens,
+                         uint heads, uint kv_heads, uint head_dim, uint capacity, float scale,
+                         uint splits, threadgroup float* sh_m, threadgroup float* sh_l,
+                         threadgroup float* sh_o, threadgroup float* sh_w,
+                         threadgroup float* sh_ll, threadgroup uint* sh_last, uint tg, uint tgs,
+                         uint tid, uint threads, uint lane, uint simd, uint simds, uint width) {
     // The op refuses these; a direct launch with them does nothing rather than fault.
     if (head_dim == 0 || head_dim > UB_AT_MAX_DIM || kv_heads == 0 || heads < kv_heads ||
-        splits == 0 || width == 0) {
+        splits == 0 || (SPLIT && splits > UB_AT_MAX_SPLITS) || width == 0) {
         return;
     }
     const uint need = (head_dim + width - 1) / width;
     if (need <= 1) {
         ub_attention_items<Q, C, 1, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim, capacity,
-                                           scale, splits, sh_m, sh_l, sh_o, tg, tgs, tid,
-                                           threads, lane, simd, simds, width);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last, tg, tgs, tid, threads, lane, simd,
+                                           simds, width);
     } else if (need <= 2) {
         ub_attention_items<Q, C, 2, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim, capacity,
-                                           scale, splits, sh_m, sh_l, sh_o, tg, tgs, tid,
-                                           threads, lane, simd, simds, width);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last, tg, tgs, tid, threads, lane, simd,
+                                           simds, width);
     } else if (need <= 4) {
         ub_attention_items<Q, C, 4, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim, capacity,
-                                           scale, splits, sh_m, sh_l, sh_o, tg, tgs, tid,
-                                           threads, lane, simd, simds, width);
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last, tg, tgs, tid, threads, lane, simd,
+                                           simds, width);
     } else if (need <= 8) {
         ub_attention_items<Q, C, 8, SPLIT>(query, k_cache, v_cache, positions, out, part_o,
-                                           part_ml, tokens, heads, kv_heads, head_dim, capacity,
-                                           scale, splits, sh_m, sh_l, sh_o, tg, tgs, tid,
-                                           threads, lane, simd, simds, width);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Combine: one threadgroup per (token, head) row; the threads over the splits find the maximum
-// and the weights, the SIMD-groups over the splits sum the weighted partial outputs.
-
-static float ub_at_group_max(float v, threadgroup float* scratch, uint lane, uint simd,
-                             uint simds) {
-    v = simd_max(v);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (lane == 0) {
-        scratch[simd] = v;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    float total = scratch[0];
-    for (uint g = 1; g < simds; ++g) {
-        total = fmax(total, scratch[g]);
-    }
-    return total;
-}
-
-static float ub_at_group_sum(float v, threadgroup float* scratch, uint lane, uint simd,
-                             uint simds) {
-    v = simd_sum(v);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (lane == 0) {
-        scratch[simd] = v;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    float total = 0.0f;
-    for (uint g = 0; g < simds; ++g) {
-        total += scratch[g];
-    }
-    return total;
-}
-
-template <typename Q>
-static void ub_attention_combine(device const float* part_o, device const float* part_ml,
-                                 device const uint* positions, device Q* out, uint tokens,
-                                 uint heads, uint head_dim, uint capacity, uint splits,
-                                 threadgroup float* sh_w, threadgroup float* sh_red,
-                                 threadgroup float* sh_o, uint tg, uint tgs, uint tid,
-                                 uint threads, uint lane, uint simd, uint simds_in, uint width) {
-    if (head_dim == 0 || head_dim > UB_AT_MAX_DIM || splits == 0 || splits > UB_AT_MAX_SPLITS) {
-        return;
-    }
-    const uint simds = min(simds_in, uint(UB_AT_SIMDS));
-    const ulong rows = ulong(tokens) * heads;
-    for (ulong row = tg; row < rows; row += tgs) {
-        const uint t = uint(row / heads);
-        device Q* dst = out + row * head_dim;
-        if (positions[t] >= capacity) {  // the same for the whole threadgroup
-            for (uint d = tid; d < head_dim; d += threads) {
-                dst[d] = Q(NAN);
-            }
-            continue;
-        }
-        device const float* ml = part_ml + row * splits * 2;
-        device const float* po = part_o + row * splits * head_dim;
-        float mx = -INFINITY;
-        for (uint s = tid; s < splits; s += threads) {
-            mx = fmax(mx, ml[2 * s]);
-        }
-        const float mm = ub_at_group_max(mx, sh_red, lane, simd, simds_in);
-        float lw = 0.0f;
-        for (uint s = tid; s < splits; s += threads) {
-            const float ms = ml[2 * s];
-            const float w = ms != -INFINITY ? exp2(ms - mm) : 0.0f;
-            sh_w[s] = w;
-            lw += w * ml[2 * s + 1];
-        }
-        // The group sum's barriers also publish sh_w.
-        const float ll = ub_at_group_sum(lw, sh_red, lane, simd, simds_in);
-        float acc[UB_AT_MAX_DIM / 32];
-        for (uint j = 0; j < UB_AT_MAX_DIM / 32; ++j) {
-            acc[j] = 0.0f;
-        }
-        if (simd < simds) {
-            for (uint s = simd; s < splits; s += simds) {
-                const float w = sh_w[s];
-                if (w == 0.0f) {
-                    continue;
-                }
-                device const float* ps = po + ulong(s) * head_dim;
-                for (uint j = 0; j < UB_AT_MAX_DIM / 32; ++j) {
-                    const uint d = j * width + lane;
-                    if (d < head_dim) {
-                        acc[j] += w * ps[d];
-                    }
-                }
-            }
-            for (uint j = 0; j < UB_AT_MAX_DIM / 32; ++j) {
-                const uint d = j * width + lane;
-                if (d < head_dim) {
-                    sh_o[simd * UB_AT_MAX_DIM + d] = acc[j];
-                }
-            }
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint d = tid; d < head_dim; d += threads) {
-            float o = 0.0f;
-            for (uint w = 0; w < simds; ++w) {
-                o += sh_o[w * UB_AT_MAX_DIM + d];
-            }
-            dst[d] = Q(o / ll);
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);  // the next row reuses the arrays
+                                           part_ml, counters, tokens, heads, kv_heads, head_dim,
+                                           capacity, scale, splits, sh_m, sh_l, sh_o, sh_w,
+                                           sh_ll, sh_last, tg, tgs, tid, threads, lane, simd,
+                                           simds, width);
     }
 }
 
@@ -444,46 +492,37 @@ static void ub_attention_combine(device const float* part_o, device const float*
         threadgroup float sh_m[UB_AT_SIMDS * UB_AT_GROUP];                                         \
         threadgroup float sh_l[UB_AT_SIMDS * UB_AT_GROUP];                                         \
         threadgroup float sh_o[UB_AT_GROUP * UB_AT_MAX_DIM];                                       \
+        threadgroup uint sh_last[1];                                                               \
         ub_attention<Q, C, false>(query, k_cache, v_cache, positions, out, nullptr, nullptr,       \
-                                  tokens, heads, kv_heads, head_dim, capacity, scale, 1u, sh_m,    \
-                                  sh_l, sh_o, tg, tgs, tid, threads, lane, simd, simds, width);    \
+                                  nullptr, tokens, heads, kv_heads, head_dim, capacity, scale, 1u, \
+                                  sh_m, sh_l, sh_o, sh_m, sh_l, sh_last, tg, tgs, tid, threads,    \
+                                  lane, simd, simds, width);                                       \
     }                                                                                              \
     kernel void unibuf_attention_split_##QS##_##CS(                                                \
         device const Q* query [[buffer(0)]], device const C* k_cache [[buffer(1)]],                \
         device const C* v_cache [[buffer(2)]], device const uint* positions [[buffer(3)]],         \
-        device float* part_o [[buffer(4)]], device float* part_ml [[buffer(5)]],                   \
-        constant uint& tokens [[buffer(6)]], constant uint& heads [[buffer(7)]],                   \
-        constant uint& kv_heads [[buffer(8)]], constant uint& head_dim [[buffer(9)]],              \
-        constant uint& capacity [[buffer(10)]], constant float& scale [[buffer(11)]],              \
-        constant uint& splits [[buffer(12)]], UB_AT_GRID_ARGS) {                                   \
+        device Q* out [[buffer(4)]], UB_AT_PARTIAL part_o [[buffer(5)]],                           \
+        UB_AT_PARTIAL part_ml [[buffer(6)]], device atomic_uint* counters [[buffer(7)]],           \
+        constant uint& tokens [[buffer(8)]], constant uint& heads [[buffer(9)]],                   \
+        constant uint& kv_heads [[buffer(10)]], constant uint& head_dim [[buffer(11)]],            \
+        constant uint& capacity [[buffer(12)]], constant float& scale [[buffer(13)]],              \
+        constant uint& splits [[buffer(14)]], UB_AT_GRID_ARGS) {                                   \
         threadgroup float sh_m[UB_AT_SIMDS * UB_AT_GROUP];                                         \
         threadgroup float sh_l[UB_AT_SIMDS * UB_AT_GROUP];                                         \
         threadgroup float sh_o[UB_AT_GROUP * UB_AT_MAX_DIM];                                       \
-        ub_attention<Q, C, true>(query, k_cache, v_cache, positions, nullptr, part_o, part_ml,     \
-                                 tokens, heads, kv_heads, head_dim, capacity, scale, splits, sh_m, \
-                                 sh_l, sh_o, tg, tgs, tid, threads, lane, simd, simds, width);     \
+        threadgroup float sh_w[UB_AT_GROUP * UB_AT_MAX_SPLITS];                                    \
+        threadgroup float sh_ll[UB_AT_GROUP];                                                      \
+        threadgroup uint sh_last[1];                                                               \
+        ub_attention<Q, C, true>(query, k_cache, v_cache, positions, out, part_o, part_ml,         \
+                                 counters, tokens, heads, kv_heads, head_dim, capacity, scale,     \
+                                 splits, sh_m, sh_l, sh_o, sh_w, sh_ll, sh_last, tg, tgs, tid,     \
+                                 threads, lane, simd, simds, width);                               \
     }
 
-#define UB_AT_COMBINE_KERNEL(QS, Q)                                                                \
-    kernel void unibuf_attention_combine_##QS(                                                     \
-        device const float* part_o [[buffer(0)]], device const float* part_ml [[buffer(1)]],       \
-        device const uint* positions [[buffer(2)]], device Q* out [[buffer(3)]],                   \
-        constant uint& tokens [[buffer(4)]], constant uint& heads [[buffer(5)]],                   \
-        constant uint& head_dim [[buffer(6)]], constant uint& capacity [[buffer(7)]],              \
-        constant uint& splits [[buffer(8)]], UB_AT_GRID_ARGS) {                                    \
-        threadgroup float sh_w[UB_AT_MAX_SPLITS];                                                  \
-        threadgroup float sh_red[128];                                                             \
-        threadgroup float sh_o[UB_AT_SIMDS * UB_AT_MAX_DIM];                                       \
-        ub_attention_combine<Q>(part_o, part_ml, positions, out, tokens, heads, head_dim,          \
-                                capacity, splits, sh_w, sh_red, sh_o, tg, tgs, tid, threads,       \
-                                lane, simd, simds, width);                                         \
-    }
-
-// The pair (Q, C) has index 3 * Q + C; the combine kernel of Q comes with the pair (Q, Q).
+// The pair (Q, C) has index 3 * Q + C.
 // bfloat needs MSL 3.1 (macOS 14): older systems still get the float and half kernels.
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 0
 UB_AT_PAIR_KERNELS(f32, float, f32, float)
-UB_AT_COMBINE_KERNEL(f32, float)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 1
 UB_AT_PAIR_KERNELS(f32, float, f16, half)
@@ -493,7 +532,6 @@ UB_AT_PAIR_KERNELS(f16, half, f32, float)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 4
 UB_AT_PAIR_KERNELS(f16, half, f16, half)
-UB_AT_COMBINE_KERNEL(f16, half)
 #endif
 #if __METAL_VERSION__ >= 310
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 2
@@ -510,6 +548,5 @@ UB_AT_PAIR_KERNELS(bf16, bfloat, f16, half)
 #endif
 #if !defined(UB_AT_PAIR) || UB_AT_PAIR == 8
 UB_AT_PAIR_KERNELS(bf16, bfloat, bf16, bfloat)
-UB_AT_COMBINE_KERNEL(bf16, bfloat)
 #endif
 #endif

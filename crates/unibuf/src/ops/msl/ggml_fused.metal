@@ -5,6 +5,8 @@
 //   unibuf_ggml_matvec_add_*    y = residual + W x
 //   unibuf_ggml_swiglu_norm_*   y = silu(G n) * (U n), silu(g) = g / (1 + exp(-g))
 //   unibuf_ggml_dequantize_*    the weights as a dense [rows, cols] array
+//   unibuf_ggml_qkv_rope_append_X_C   q_out[t] = rope(Wq n[t]), k_cache[pos] = rope(Wk n[t]),
+//                               v_cache[pos] = Wv n[t] at pos = positions[t] (see below)
 // One SIMD-group per output row. The norm kernels first compute, in every threadgroup, the
 // RMS scale of each row of x (SIMD-group b sums row b) and, when batch * cols <= UB_GF_TG, the
 // normalised x into threadgroup memory as float; beyond that the lanes normalise x as they read
@@ -170,6 +172,151 @@ static void ub_ggml_dequantize(device const uchar* w, device T* out, uint rows, 
     }
 }
 
+// ---- QKV + RoPE + append (cuda/ggml_fused.cu describes the design)
+//
+// One SIMD-group per pair of rows that rotate together ((i, i + head_dim/2) for style 0,
+// (2i, 2i + 1) for style 1), over the pairs of Wq, Wk and Wv (V pairs are not rotated): both
+// rows in one pass over n, then lane t < tokens rotates token t's pair with rope.metal's
+// arithmetic term for term (precise pow, sin and cos) and stores it into q_out, or into row
+// positions[t] of the k or v cache (none at or past the capacity).
+
+// acc_a[b] = row_a . x[b] and acc_b[b] = row_b . x[b] for b < batch, on every lane of the
+// SIMD-group (all its lanes call it with the same rows): ub_gm_row_dot for two rows of one
+// matrix, each x value loaded once for both, each sum formed as ub_gm_row_dot forms it.
+template <typename S>
+static void ub_gf_pair_dot(device const uchar* row_a, device const uchar* row_b, uint kind,
+                           uint nblocks, uint batch, thread const S& src, uint lane, uint width,
+                           thread float* acc_a, thread float* acc_b) {
+    for (uint b = 0; b < UB_GM_MAX_BATCH; ++b) {
+        acc_a[b] = 0.0f;
+        acc_b[b] = 0.0f;
+    }
+    const uint bb = ub_gm_block_bytes(kind);
+    const uint quarters = nblocks * 4u;
+    for (uint t = lane; t < quarters; t += width) {
+        const uint k = t >> 2;
+        float la[4], ha[4], lb[4], hb[4];
+        uint o0, o1;
+        ub_gm_quarter(row_a + ulong(k) * bb, kind, t & 3u, la, ha, o0, o1);
+        ub_gm_quarter(row_b + ulong(k) * bb, kind, t & 3u, lb, hb, o0, o1);
+        const uint c = k * 32u;
+        const float4 wla = float4(la[0], la[1], la[2], la[3]);
+        const float4 wha = float4(ha[0], ha[1], ha[2], ha[3]);
+        const float4 wlb = float4(lb[0], lb[1], lb[2], lb[3]);
+        const float4 whb = float4(hb[0], hb[1], hb[2], hb[3]);
+        for (uint b = 0; b < UB_GM_MAX_BATCH; ++b) {
+            if (b < batch) {
+                const float4 u = src.load(b, c + o0);
+                const float4 v = src.load(b, c + o1);
+                acc_a[b] += dot(wla, u) + dot(wha, v);
+                acc_b[b] += dot(wlb, u) + dot(whb, v);
+            }
+        }
+    }
+    for (uint b = 0; b < UB_GM_MAX_BATCH; ++b) {
+        if (b < batch) {
+            acc_a[b] = simd_sum(acc_a[b]);
+            acc_b[b] = simd_sum(acc_b[b]);
+        }
+    }
+}
+
+// The pair's products over n, read as the prologue left it (as ub_gf_row_dot_norm).
+template <typename X>
+static void ub_gf_pair_dot_norm(device const uchar* row_a, device const uchar* row_b, uint kind,
+                                uint nblocks, uint batch, device const X* x, device const X* nw,
+                                threadgroup const float* xs, threadgroup const float* scale,
+                                uint cols, bool shared, uint lane, uint width,
+                                thread float* acc_a, thread float* acc_b) {
+    if (shared) {
+        const ub_gm_shared src = {xs, cols};
+        ub_gf_pair_dot(row_a, row_b, kind, nblocks, batch, src, lane, width, acc_a, acc_b);
+    } else {
+        const ub_gm_norm<X> src = {x, nw, scale, cols};
+        ub_gf_pair_dot(row_a, row_b, kind, nblocks, batch, src, lane, width, acc_a, acc_b);
+    }
+}
+
+template <typename X, typename C>
+static void ub_ggml_qkv_rope_append(
+    device const uchar* wq, device const uchar* wk, device const uchar* wv, device const X* x,
+    device const X* nw, device const uint* positions, device float* q_out, device C* k_cache,
+    device C* v_cache, uint q_rows, uint kv_rows, uint kind_q, uint kind_k, uint kind_v,
+    uint cols, uint tokens, uint head_dim, uint capacity, float eps, float theta, uint style,
+    threadgroup float* xs, threadgroup float* scale, uint group, uint groups, uint tid,
+    uint threads, uint sg, uint sgs, uint lane, uint width) {
+    const bool shared =
+        ub_gf_prologue<X>(x, nw, cols, tokens, eps, xs, scale, tid, threads, sg, sgs, lane,
+                          width);
+    const uint nblocks = cols / 32u;
+    const uint half_dim = head_dim / 2u;
+    const ulong end_q = q_rows / 2u, end_k = end_q + kv_rows / 2u, pairs = end_k + kv_rows / 2u;
+    // Lane t < tokens stores token t; its position, read once.
+    const uint pos = lane < tokens ? positions[lane] : 0u;
+    const bool cached = lane < tokens && pos < capacity;
+    for (ulong p = ulong(group) * sgs + sg; p < pairs; p += ulong(groups) * sgs) {
+        // The SIMD-group's matrix (0 Q, 1 K, 2 V) and its pair there, by p (uniform).
+        uint m;
+        ulong pair;
+        if (p < end_q) {
+            m = 0u;
+            pair = p;
+        } else if (p < end_k) {
+            m = 1u;
+            pair = p - end_q;
+        } else {
+            m = 2u;
+            pair = p - end_k;
+        }
+        device const uchar* w = m == 0u ? wq : (m == 1u ? wk : wv);
+        const uint kind = m == 0u ? kind_q : (m == 1u ? kind_k : kind_v);
+        const uint head = uint(pair / half_dim);
+        const uint i = uint(pair - ulong(head) * half_dim);
+        const uint ra = head * head_dim + (style == 0u ? i : 2u * i);
+        const uint rb = ra + (style == 0u ? half_dim : 1u);
+        const ulong row_bytes = ulong(nblocks) * ub_gm_block_bytes(kind);
+        float acc_a[UB_GM_MAX_BATCH];
+        float acc_b[UB_GM_MAX_BATCH];
+        ub_gf_pair_dot_norm<X>(w + ulong(ra) * row_bytes, w + ulong(rb) * row_bytes, kind,
+                               nblocks, tokens, x, nw, xs, scale, cols, shared, lane, width,
+                               acc_a, acc_b);
+        // Token `lane`'s products (every lane holds every sum), selected without an indexed
+        // read of the arrays.
+        float ya = 0.0f;
+        float yb = 0.0f;
+        for (uint b = 0; b < UB_GM_MAX_BATCH; ++b) {
+            if (b == lane) {
+                ya = acc_a[b];
+                yb = acc_b[b];
+            }
+        }
+        if (m == 2u) {
+            if (cached) {
+                const ulong at = ulong(pos) * kv_rows;
+                v_cache[at + ra] = C(ya);
+                v_cache[at + rb] = C(yb);
+            }
+        } else if (lane < tokens) {
+            // rope.metal's arithmetic, term for term.
+            const float inv_freq = precise::pow(theta, -(float(2 * i) / float(head_dim)));
+            const float angle = float(pos) * inv_freq;
+            const float s = precise::sin(angle);
+            const float c = precise::cos(angle);
+            const float oa = ya * c - yb * s;
+            const float ob = yb * c + ya * s;
+            if (m == 0u) {
+                const ulong at = ulong(lane) * q_rows;
+                q_out[at + ra] = oa;
+                q_out[at + rb] = ob;
+            } else if (cached) {
+                const ulong at = ulong(pos) * kv_rows;
+                k_cache[at + ra] = C(oa);
+                k_cache[at + rb] = C(ob);
+            }
+        }
+    }
+}
+
 #define UB_GF_SIMD_ARGS                                                                            \
     uint group [[threadgroup_position_in_grid]], uint groups [[threadgroups_per_grid]],            \
         uint tid [[thread_position_in_threadgroup]], uint threads [[threads_per_threadgroup]],     \
@@ -177,7 +324,9 @@ static void ub_ggml_dequantize(device const uchar* w, device T* out, uint rows, 
         uint lane [[thread_index_in_simdgroup]], uint width [[threads_per_simdgroup]]
 
 // The kernels of one op per compiled source (the op's source defines UB_GF_NORM, UB_GF_SWIGLU,
-// UB_GF_ADD or UB_GF_DEQUANTIZE), so that compiling one kernel compiles only its op's three.
+// UB_GF_ADD or UB_GF_DEQUANTIZE), so that compiling one kernel compiles only its op's three;
+// a QKV source defines UB_GF_QKV as the index of its one kernel (3 * x dtype + cache dtype, in
+// the order f32, f16, bf16).
 #define UB_GF_NORM_KERNEL(SUFFIX, X)                                                               \
     kernel void unibuf_ggml_matvec_norm_##SUFFIX(                                                  \
         device const uchar* w0 [[buffer(0)]], device const uchar* w1 [[buffer(1)]],                \
@@ -224,6 +373,26 @@ static void ub_ggml_dequantize(device const uchar* w, device T* out, uint rows, 
         uint grid [[threads_per_grid]]) {                                                          \
         ub_ggml_dequantize<X>(w, out, rows, cols, kind, ulong(gid), ulong(grid));                  \
     }
+#define UB_GF_QKV_KERNEL(XS, X, CS, C)                                                             \
+    kernel void unibuf_ggml_qkv_rope_append_##XS##_##CS(                                           \
+        device const uchar* wq [[buffer(0)]], device const uchar* wk [[buffer(1)]],                \
+        device const uchar* wv [[buffer(2)]], device const X* x [[buffer(3)]],                     \
+        device const X* norm_weight [[buffer(4)]], device const uint* positions [[buffer(5)]],     \
+        device float* q_out [[buffer(6)]], device C* k_cache [[buffer(7)]],                        \
+        device C* v_cache [[buffer(8)]], constant uint& q_rows [[buffer(9)]],                      \
+        constant uint& kv_rows [[buffer(10)]], constant uint& kind_q [[buffer(11)]],               \
+        constant uint& kind_k [[buffer(12)]], constant uint& kind_v [[buffer(13)]],                \
+        constant uint& cols [[buffer(14)]], constant uint& tokens [[buffer(15)]],                  \
+        constant uint& head_dim [[buffer(16)]], constant uint& capacity [[buffer(17)]],            \
+        constant float& eps [[buffer(18)]], constant float& theta [[buffer(19)]],                  \
+        constant uint& style [[buffer(20)]], UB_GF_SIMD_ARGS) {                                    \
+        threadgroup float xs[UB_GF_TG];                                                            \
+        threadgroup float scale[UB_GM_MAX_BATCH];                                                  \
+        ub_ggml_qkv_rope_append<X, C>(wq, wk, wv, x, norm_weight, positions, q_out, k_cache,       \
+                                      v_cache, q_rows, kv_rows, kind_q, kind_k, kind_v, cols,      \
+                                      tokens, head_dim, capacity, eps, theta, style, xs, scale,    \
+                                      group, groups, tid, threads, sg, sgs, lane, width);          \
+    }
 
 #if defined(UB_GF_NORM)
 #define UB_GF_KERNEL UB_GF_NORM_KERNEL
@@ -231,13 +400,38 @@ static void ub_ggml_dequantize(device const uchar* w, device T* out, uint rows, 
 #define UB_GF_KERNEL UB_GF_SWIGLU_KERNEL
 #elif defined(UB_GF_ADD)
 #define UB_GF_KERNEL UB_GF_ADD_KERNEL
-#else
+#elif defined(UB_GF_DEQUANTIZE)
 #define UB_GF_KERNEL UB_GF_DEQUANTIZE_KERNEL
 #endif
 
+#ifdef UB_GF_KERNEL
 UB_GF_KERNEL(f32, float)
 UB_GF_KERNEL(f16, half)
 // bfloat needs MSL 3.1 (macOS 14): older systems still get the f32 and f16 kernels.
 #if __METAL_VERSION__ >= 310
 UB_GF_KERNEL(bf16, bfloat)
+#endif
+#endif
+
+// The QKV kernels with a bfloat x or cache need MSL 3.1 too.
+#if !defined(UB_GF_QKV)
+#elif UB_GF_QKV == 0
+UB_GF_QKV_KERNEL(f32, float, f32, float)
+#elif UB_GF_QKV == 1
+UB_GF_QKV_KERNEL(f32, float, f16, half)
+#elif UB_GF_QKV == 3
+UB_GF_QKV_KERNEL(f16, half, f32, float)
+#elif UB_GF_QKV == 4
+UB_GF_QKV_KERNEL(f16, half, f16, half)
+#elif __METAL_VERSION__ < 310
+#elif UB_GF_QKV == 2
+UB_GF_QKV_KERNEL(f32, float, bf16, bfloat)
+#elif UB_GF_QKV == 5
+UB_GF_QKV_KERNEL(f16, half, bf16, bfloat)
+#elif UB_GF_QKV == 6
+UB_GF_QKV_KERNEL(bf16, bfloat, f32, float)
+#elif UB_GF_QKV == 7
+UB_GF_QKV_KERNEL(bf16, bfloat, f16, half)
+#elif UB_GF_QKV == 8
+UB_GF_QKV_KERNEL(bf16, bfloat, bf16, bfloat)
 #endif
