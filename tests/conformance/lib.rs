@@ -222,3 +222,25 @@ pub fn poisoned(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
     poison_nan(dev, &b);
     b
 }
+
+/// The unit roundoff of f32 arithmetic.
+pub const F32_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// The unit roundoff (half an ulp, relative) of a storage dtype (f32, f16, else bf16).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => F32_ROUNDOFF,
+        DType::F16 => 1.0 / 2048.0,
+        _ => 1.0 / 256.0,
+    }
+}
+
+/// An absolute floor for a value rounded to `dtype`: half the smallest f16 subnormal (f32 and
+/// bf16 subnormals are far below every tolerance of the suite).
+pub fn subnormal_floor(dtype: DType) -> f64 {
+    if dtype == DType::F16 {
+        1.0 / (1u64 << 25) as f64
+    } else {
+        0.0
+    }
+}

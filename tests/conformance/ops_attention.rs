@@ -23,31 +23,14 @@
 use half::{bf16, f16};
 use unibuf::ops::{self, RopeStyle};
 use unibuf::{Buffer, DType, Device, Error, LaunchBatch, Queue, StorageMode};
-use unibuf_conformance::{device, download_f64, poison_nan, poisoned, upload_f64, Rng, NAN_POISON};
+use unibuf_conformance::{
+    device, download_f64, poison_nan, poisoned, subnormal_floor, unit_roundoff, upload_f64, Rng,
+    F32_ROUNDOFF, NAN_POISON,
+};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// The unit roundoff of f32 arithmetic.
-const U32: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// The unit roundoff (half an ulp, relative) of a storage dtype.
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => U32,
-        DType::F16 => 1.0 / 2048.0,
-        _ => 1.0 / 256.0,
-    }
-}
-
-/// An absolute floor for a value rounded to `dtype`: half the smallest f16 subnormal (f32 and
-/// bf16 subnormals are far below every tolerance here).
-fn subnormal_floor(dtype: DType) -> f64 {
-    if dtype == DType::F16 {
-        1.0 / (1u64 << 25) as f64
-    } else {
-        0.0
-    }
-}
+const U32: f64 = F32_ROUNDOFF;
 
 /// `v` rounded to `dtype` (to nearest even), widened back.
 ///

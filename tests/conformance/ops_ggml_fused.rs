@@ -26,12 +26,15 @@ use crate::ops_ggml::{random_blocks, reference_weights};
 use unibuf::ops::{self, GgmlMatrix, RopeStyle, GGML_MAX_BATCH, GGML_MAX_STACKED};
 use unibuf::weights::gguf::GgmlType;
 use unibuf::{Buffer, DType, Device, Error, LaunchBatch, Queue, StorageMode};
-use unibuf_conformance::{device, download_f64, poison_nan, poisoned, upload_f64, Rng, NAN_POISON};
+use unibuf_conformance::{
+    device, download_f64, poison_nan, poisoned, subnormal_floor, unit_roundoff, upload_f64, Rng,
+    F32_ROUNDOFF, NAN_POISON,
+};
 
 const FORMATS: [GgmlType; 3] = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 const X_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 /// The f32 unit roundoff.
-const U: f64 = 1.0 / (1u64 << 24) as f64;
+const U: f64 = F32_ROUNDOFF;
 
 /// A random matrix on the device with its reference weights (f64, row-major).
 struct Mat {
@@ -802,24 +805,6 @@ fn ggml_fused_ops_refuse_bad_input() {
 
 // ---------------------------------------------------------------------------------------------
 // ggml_qkv_rope_append_into
-
-/// The unit roundoff (half an ulp, relative) of a storage dtype.
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => U,
-        DType::F16 => 1.0 / 2048.0,
-        _ => 1.0 / 256.0,
-    }
-}
-
-/// An absolute floor for a value rounded to `dtype`: half the smallest f16 subnormal.
-fn subnormal_floor(dtype: DType) -> f64 {
-    if dtype == DType::F16 {
-        1.0 / (1u64 << 25) as f64
-    } else {
-        0.0
-    }
-}
 
 /// `n` distinct positions below `capacity`, in random order.
 fn distinct_positions(rng: &mut Rng, n: usize, capacity: usize) -> Vec<u32> {
