@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The C ABI from C and C++, on the CPU backend: builds libunibuf_capi (cargo, honouring
-# CARGO_TARGET_DIR), compiles tests/c/capi_test.c (C11) and examples/triton_buffers.cpp (C++17)
-# with every warning an error, links them against the shared library (rpath to the target
-# directory), and runs both: normally, then under valgrind, where any invalid read or write,
-# use of uninitialised memory or definite/indirect leak fails the run.
+# CARGO_TARGET_DIR), compiles tests/c/capi_test.c (C11), tests/cpp/wrapper_test.cpp and
+# examples/triton_buffers.cpp (C++17) with every warning an error, links them against the shared
+# library (rpath to the target directory), and runs them: normally, then under valgrind, where
+# any invalid read or write, use of uninitialised memory or definite/indirect leak fails the run.
 #
 # These are also the commands to copy for building and linking your own program; see README.md.
 #
@@ -42,6 +42,12 @@ cc -std=c11 -Wall -Wextra -Werror -D_POSIX_C_SOURCE=200809L -g \
     -L "$lib" -lunibuf_capi -Wl,-rpath,"$lib" -lm \
     -o "$out/capi_test"
 
+echo "-- c++ -std=c++17 tests/cpp/wrapper_test.cpp"
+c++ -std=c++17 -Wall -Wextra -Werror -g \
+    -I "$here/include" "$here/tests/cpp/wrapper_test.cpp" \
+    -L "$lib" -lunibuf_capi -Wl,-rpath,"$lib" \
+    -o "$out/wrapper_test"
+
 echo "-- c++ -std=c++17 examples/triton_buffers.cpp"
 c++ -std=c++17 -Wall -Wextra -Werror -g \
     -I "$here/include" "$here/examples/triton_buffers.cpp" \
@@ -55,6 +61,8 @@ export UNIBUF_TEST_SEED="${UNIBUF_TEST_SEED:-$(date +%s)}"
 
 echo "-- run: capi_test"
 "$out/capi_test"
+echo "-- run: wrapper_test"
+"$out/wrapper_test"
 echo "-- run: triton_buffers"
 "$out/triton_buffers"
 
@@ -62,6 +70,8 @@ vg=("$valgrind" --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=def
     --show-possibly-lost=no --quiet)
 echo "-- valgrind: capi_test"
 "${vg[@]}" "$out/capi_test"
+echo "-- valgrind: wrapper_test"
+"${vg[@]}" "$out/wrapper_test"
 echo "-- valgrind: triton_buffers"
 "${vg[@]}" "$out/triton_buffers"
-echo "-- C ABI: both programs passed, also under valgrind (no errors, no definite or indirect leaks)"
+echo "-- C ABI: the three programs passed, also under valgrind (no errors, no definite or indirect leaks)"

@@ -21,7 +21,13 @@
 #define UB_ABI_VERSION_MAJOR 1
 
 // The minor version of the ABI: grows when functions, statuses or fields are added.
-#define UB_ABI_VERSION_MINOR 0
+#define UB_ABI_VERSION_MINOR 1
+
+// The most matrices `ub_op_ggml_matvec_norm` stacks in one launch (Q, K and V).
+#define UB_GGML_MAX_STACKED 3
+
+// The most rows of `x` (tokens) one product takes.
+#define UB_GGML_MAX_BATCH 8
 
 // The result of every entry point. `UB_STATUS_OK` is 0; every other value is a failure whose
 // details are in `ub_last_error_message`.
@@ -106,9 +112,18 @@ typedef struct ub_device ub_device;
 // host memory when it completes. Opaque; release with `ub_download_release`.
 typedef struct ub_download ub_download;
 
+// A `rows x cols` matrix in a GGUF block format (Q8_0, Q4_0 or Q4_1), over a buffer of its
+// blocks. Opaque; release with `ub_ggml_matrix_release` (the blocks' buffer stays valid).
+typedef struct ub_ggml_matrix ub_ggml_matrix;
+
 // A one-shot signal set by host code: the CPU backend's counterpart of an event on a stream
 // the library does not own. Opaque; release with `ub_host_signal_release`.
 typedef struct ub_host_signal ub_host_signal;
+
+// A fixed sequence of op launches on one device, recorded through its recording queue
+// (`ub_launch_batch_queue`) and submitted with `ub_queue_launch_batch`. Opaque; release with
+// `ub_launch_batch_release`.
+typedef struct ub_launch_batch ub_launch_batch;
 
 // Tensors of a file loaded onto a device, by name. Opaque; release with
 // `ub_loaded_weights_release` (buffers taken from it stay valid).
@@ -125,6 +140,18 @@ typedef struct ub_queue ub_queue;
 // An open safetensors or GGUF file whose header has been validated (no data read yet).
 // Opaque; release with `ub_weights_release`.
 typedef struct ub_weights ub_weights;
+
+// A point in one queue's work: complete once that queue has finished its `epoch`-th
+// submission. Returned by every asynchronous call; wait for it with `ub_device_wait` or
+// `ub_queue_wait`. Epoch 0 is complete from the start (work the host finished at once).
+typedef struct ub_fence {
+    // The device's id (`ub_device_info.id`).
+    uint64_t device;
+    // The submission's epoch on its queue.
+    uint64_t epoch;
+    // The queue's index on its device.
+    uint32_t queue;
+} ub_fence;
 
 // An element type: one of the `UB_DTYPE_*` values.
 typedef uint32_t ub_dtype;
@@ -190,17 +217,23 @@ typedef struct ub_device_info {
     bool timestamps;
 } ub_device_info;
 
-// A point in one queue's work: complete once that queue has finished its `epoch`-th
-// submission. Returned by every asynchronous call; wait for it with `ub_device_wait` or
-// `ub_queue_wait`. Epoch 0 is complete from the start (work the host finished at once).
-typedef struct ub_fence {
-    // The device's id (`ub_device_info.id`).
-    uint64_t device;
-    // The submission's epoch on its queue.
-    uint64_t epoch;
-    // The queue's index on its device.
-    uint32_t queue;
-} ub_fence;
+// A GGUF block format, as the file's type code: one of the `UB_GGML_TYPE_*` values.
+typedef uint32_t ub_ggml_type;
+
+// What a matrix is. Filled by `ub_ggml_matrix_get_info`.
+typedef struct ub_ggml_matrix_info {
+    // The block format (`UB_GGML_TYPE_*`).
+    ub_ggml_type ggml_type;
+    // Rows (outputs of a product).
+    size_t rows;
+    // Weights per row (inputs of a product), a multiple of 32.
+    size_t cols;
+    // Bytes per row: `cols / 32` blocks.
+    size_t row_bytes;
+} ub_ggml_matrix_info;
+
+// Which elements of a head rotate together in RoPE: one of the `UB_ROPE_*` values.
+typedef uint32_t ub_rope_style;
 
 // Called once when the library no longer needs memory or a callback context the caller
 // handed over: with the `user_data` given alongside. It may run on any thread (a queue's
@@ -292,9 +325,6 @@ typedef struct ub_native_encoder {
 // (no C++ exception, no `longjmp`) and must not call back into the library.
 typedef int32_t (*ub_external_fn)(void *user_data,
                                   const struct ub_native_encoder *encoder);
-
-// Which elements of a head rotate together in RoPE: one of the `UB_ROPE_*` values.
-typedef uint32_t ub_rope_style;
 
 // How `ub_op_sample` picks a token from a row of logits.
 typedef struct ub_sampling {
@@ -405,6 +435,10 @@ typedef struct ub_handle_counts {
     size_t loaded_weights;
     // `ub_host_signal` handles.
     size_t host_signals;
+    // `ub_ggml_matrix` handles (since ABI 1.1).
+    size_t ggml_matrices;
+    // `ub_launch_batch` handles (since ABI 1.1; their recording queues count as `queues`).
+    size_t launch_batches;
 } ub_handle_counts;
 
 // A tensor of a weights file, as `ub_weights_tensor_info` describes it. Its pointers belong
@@ -448,6 +482,15 @@ typedef struct ub_load_report {
     // Wall time of the load.
     double seconds;
 } ub_load_report;
+
+// Q4_0: blocks of 32 weights, an f16 scale and 16 bytes of 4-bit codes offset by 8.
+#define UB_GGML_TYPE_Q4_0 2
+
+// Q4_1: blocks of 32 weights, an f16 scale, an f16 minimum and 16 bytes of 4-bit codes.
+#define UB_GGML_TYPE_Q4_1 3
+
+// Q8_0: blocks of 32 weights, an f16 scale and 32 signed bytes.
+#define UB_GGML_TYPE_Q8_0 8
 
 // Read only: waits for the device writes the bytes depend on.
 #define UB_MAP_READ 1
@@ -573,6 +616,71 @@ extern "C" {
 // The ABI version of the library loaded, `major << 16 | minor`: compare its major with
 // `UB_ABI_VERSION_MAJOR` of the header you compiled against.
 uint32_t ub_abi_version(void);
+
+// An empty launch batch of `dev`'s kernels; `label` names its submissions in the stats,
+// faults and traces (unless the queue submitting it has a label of its own).
+//
+// # Safety
+// `label` is a NUL-terminated string; `batch_out` is valid for a write.
+enum ub_status ub_launch_batch_new(struct ub_device *dev,
+                                   const char *label,
+                                   struct ub_launch_batch **batch_out);
+
+// Releases a launch batch handle. A recording queue of it keeps the batch alive (and can
+// still record into it) until that queue is released; a submission in flight completes. NULL
+// is a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`.
+enum ub_status ub_launch_batch_release(struct ub_launch_batch *batch);
+
+// A recording queue of `batch`, into `*queue_out`: every op (`ub_op_*`, fresh or `_into`)
+// given this queue appends its launches to the batch instead of submitting them. Each call is
+// checked as on a device queue and is all or nothing: an op that fails appends nothing. A
+// fresh op's output is allocated when it is recorded and written by every submission; the
+// fence an `_into` op returns through a recording queue is complete at once (nothing was
+// submitted; wait for the batch's submission instead).
+//
+// Ops that run through the backend's BLAS (`ub_op_matmul`, `ub_op_matmul_bt` and their
+// `_into` forms) are external work, which a batch cannot record: they are refused with
+// `UB_STATUS_UNSUPPORTED`. Every other function that takes a queue (transfers, waits,
+// interop, `ub_queue_launch_batch`, weights loads) refuses a recording queue with
+// `UB_STATUS_INVALID_ARGUMENT`. Release it with `ub_queue_release`; several may exist.
+//
+// # Safety
+// `queue_out` is valid for a write.
+enum ub_status ub_launch_batch_queue(struct ub_launch_batch *batch,
+                                     struct ub_queue **queue_out);
+
+// The number of launches recorded into `batch`, into `*len_out` (an op may record more than
+// one).
+//
+// # Safety
+// `len_out` is valid for a write.
+enum ub_status ub_launch_batch_len(struct ub_launch_batch *batch,
+                                   size_t *len_out);
+
+// The batch's label, as a string through `(buf, cap, len_out)` (see the README).
+//
+// # Safety
+// `buf` is NULL or valid for `cap` bytes of writes; `len_out` is valid for a write.
+enum ub_status ub_launch_batch_label(struct ub_launch_batch *batch,
+                                     char *buf,
+                                     size_t cap,
+                                     size_t *len_out);
+
+// Submits every launch of `batch`, in order, as one submission on `queue` (labelled with the
+// queue handle's label, else the batch's), and writes its fence to `*fence_out` if not NULL.
+// Returns once queued. The batch may be submitted any number of times; each submission waits
+// for earlier work on the memory it uses, and later work waits for it. On CUDA the first
+// submission instantiates a graph that later ones relaunch; recording more launches after it
+// makes the next submission prepare anew.
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for an empty batch or a recording queue;
+// `UB_STATUS_WRONG_DEVICE` for a queue of another device than the batch's.
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_queue_launch_batch(struct ub_queue *queue,
+                                     struct ub_launch_batch *batch,
+                                     struct ub_fence *fence_out);
 
 // Allocates a buffer of `dtype` x `shape` (`rank` dimensions) in `mode` (Shared, Private or
 // Auto; External and Foreign memory is wrapped, not allocated), labelled `label` (NULL: no
@@ -795,6 +903,261 @@ enum ub_status ub_device_is_complete(struct ub_device *dev,
                                      struct ub_fence fence,
                                      bool *complete_out);
 
+// A matrix of `rows` x `cols` weights in `ggml_type` over `bytes`: a `UB_DTYPE_U8` buffer of
+// shape `[rows, cols / 32 * block bytes]` (a view at any offset), the blocks of each row one
+// after the other as a GGUF file stores them.
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for a value that is no GGUF type code, or `rows` 0 or
+// `cols` not a non-zero multiple of 32; `UB_STATUS_UNSUPPORTED` for a format other than Q8_0,
+// Q4_0 and Q4_1; `UB_STATUS_DTYPE_MISMATCH` for bytes that are not `UB_DTYPE_U8`;
+// `UB_STATUS_SHAPE_MISMATCH` for bytes of another shape.
+//
+// # Safety
+// `matrix_out` is valid for a write.
+enum ub_status ub_ggml_matrix_new(struct ub_buffer *bytes,
+                                  ub_ggml_type ggml_type,
+                                  size_t rows,
+                                  size_t cols,
+                                  struct ub_ggml_matrix **matrix_out);
+
+// The matrix of the GGUF tensor `name` of `weights`, over `tensor`, the buffer a load of
+// that file gave for it (`ub_loaded_weights_get`, `ub_weights_get_tensor`): its format and
+// shape are the file's (the rows are its outer dimensions, flattened; the cols its innermost).
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for a name the file lacks; `UB_STATUS_UNSUPPORTED` for
+// a tensor in another format than Q8_0, Q4_0 or Q4_1 (a safetensors tensor too);
+// `UB_STATUS_SHAPE_MISMATCH` or `UB_STATUS_DTYPE_MISMATCH` for a buffer that is not that
+// tensor's bytes.
+//
+// # Safety
+// `name` is a NUL-terminated string; `matrix_out` is valid for a write.
+enum ub_status ub_ggml_matrix_from_tensor(struct ub_weights *weights,
+                                          const char *name,
+                                          struct ub_buffer *tensor,
+                                          struct ub_ggml_matrix **matrix_out);
+
+// Releases a matrix handle (its bytes' buffer, and work queued with it, stay valid). NULL is
+// a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`.
+enum ub_status ub_ggml_matrix_release(struct ub_ggml_matrix *matrix);
+
+// Describes `matrix` into `*info_out`.
+//
+// # Safety
+// `info_out` is valid for a write of `ub_ggml_matrix_info`.
+enum ub_status ub_ggml_matrix_get_info(struct ub_ggml_matrix *matrix,
+                                       struct ub_ggml_matrix_info *info_out);
+
+// The matrix's blocks as a new buffer handle (`UB_DTYPE_U8` `[rows, row_bytes]`, a view of
+// the same memory; release it with `ub_buffer_release`).
+//
+// # Safety
+// `buf_out` is valid for a write.
+enum ub_status ub_ggml_matrix_bytes(struct ub_ggml_matrix *matrix,
+                                    struct ub_buffer **buf_out);
+
+// `y = matrix x` for `x` (f32, f16 or bf16) of `[cols]` or `[batch, cols]` (batch up to
+// `UB_GGML_MAX_BATCH`), into a fresh f32 `[rows]` / `[batch, rows]` buffer. Each output is an
+// f32 sum of the products, the blocks decoded as they are read (nothing is dequantised ahead).
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for a non-float `x`; `UB_STATUS_SHAPE_MISMATCH` for an
+// `x` whose last dimension is not the matrix's cols, or a batch above 8;
+// `UB_STATUS_WRONG_DEVICE` for buffers of different devices.
+//
+// # Safety
+// `out` is valid for a write.
+enum ub_status ub_op_ggml_matvec(struct ub_queue *queue,
+                                 struct ub_ggml_matrix *matrix,
+                                 struct ub_buffer *x,
+                                 struct ub_buffer **out);
+
+// `ub_op_ggml_matvec` into `y` (f32 of the shape it returns).
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_matvec_into(struct ub_queue *queue,
+                                      struct ub_ggml_matrix *matrix,
+                                      struct ub_buffer *x,
+                                      struct ub_buffer *y,
+                                      struct ub_fence *fence_out);
+
+// The matrices at `matrices` (`n_matrices`, 1 to `UB_GGML_MAX_STACKED`, of equal cols; their
+// formats may differ) applied to the RMS-normalised `x` in one launch, their outputs stacked:
+// `y[b] = concat_i(W_i n[b])` with `n[b] = x[b] / sqrt(mean(x[b]^2) + eps) * norm_weight` (the
+// input norm of an attention block fused into its Q, K and V products, or the final norm into
+// the LM head). `x` is f32, f16 or bf16, `[cols]` or `[batch, cols]` (batch up to
+// `UB_GGML_MAX_BATCH`); `norm_weight` is `[cols]` of x's dtype; `eps` finite, at least 0. `n`
+// stays in f32. Into a fresh f32 `[sum of rows]` / `[batch, sum of rows]` buffer, the rows of
+// matrix 0 first.
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for no matrix or more than 3, a non-float `x` or a bad
+// `eps`; `UB_STATUS_SHAPE_MISMATCH` for matrices of different cols or a wrong shape of `x` or
+// `norm_weight`; `UB_STATUS_DTYPE_MISMATCH` for a `norm_weight` of another dtype than `x`;
+// `UB_STATUS_INVALID_HANDLE` naming `matrices[i]` for an entry that is no live matrix.
+//
+// # Safety
+// `matrices` points to `n_matrices` matrix handles (NULL allowed for 0; not read when
+// `n_matrices` is above the limit); `out` is valid for a write.
+enum ub_status ub_op_ggml_matvec_norm(struct ub_queue *queue,
+                                      struct ub_ggml_matrix *const *matrices,
+                                      size_t n_matrices,
+                                      struct ub_buffer *x,
+                                      struct ub_buffer *norm_weight,
+                                      float eps,
+                                      struct ub_buffer **out);
+
+// `ub_op_ggml_matvec_norm` into `out` (f32 of the shape it returns, overlapping no input).
+//
+// # Safety
+// As `ub_op_ggml_matvec_norm`, with `fence_out` NULL or valid for a write.
+enum ub_status ub_op_ggml_matvec_norm_into(struct ub_queue *queue,
+                                           struct ub_ggml_matrix *const *matrices,
+                                           size_t n_matrices,
+                                           struct ub_buffer *x,
+                                           struct ub_buffer *norm_weight,
+                                           float eps,
+                                           struct ub_buffer *out,
+                                           struct ub_fence *fence_out);
+
+// `y = residual + matrix x`: an output projection with the residual add after it. `x` as for
+// `ub_op_ggml_matvec`; `residual` is f32 of the output's shape (`[rows]` / `[batch, rows]`).
+// Into a fresh f32 buffer.
+//
+// Errors: as `ub_op_ggml_matvec`, and `UB_STATUS_SHAPE_MISMATCH` / `UB_STATUS_DTYPE_MISMATCH`
+// for a residual of another shape or a non-f32 one.
+//
+// # Safety
+// `out` is valid for a write.
+enum ub_status ub_op_ggml_matvec_add(struct ub_queue *queue,
+                                     struct ub_ggml_matrix *matrix,
+                                     struct ub_buffer *x,
+                                     struct ub_buffer *residual,
+                                     struct ub_buffer **out);
+
+// `ub_op_ggml_matvec_add` into `out` (f32 of the residual's shape). `out` must not overlap
+// the residual (nor any other input): `UB_STATUS_INVALID_ARGUMENT` if it does.
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_matvec_add_into(struct ub_queue *queue,
+                                          struct ub_ggml_matrix *matrix,
+                                          struct ub_buffer *x,
+                                          struct ub_buffer *residual,
+                                          struct ub_buffer *out,
+                                          struct ub_fence *fence_out);
+
+// The first half of a SwiGLU feed-forward block in one launch: `y = silu(gate n) * (up n)`,
+// `silu(g) = g / (1 + exp(-g))`, `n` the RMS-normalised `x` as in `ub_op_ggml_matvec_norm`.
+// `gate` and `up` have the same rows and cols (formats may differ); `x`, `norm_weight` and
+// `eps` as for `ub_op_ggml_matvec_norm`. Into a fresh f32 `[rows]` / `[batch, rows]` buffer.
+//
+// Errors: as `ub_op_ggml_matvec_norm`, and `UB_STATUS_SHAPE_MISMATCH` for an `up` of other
+// rows or cols than `gate`.
+//
+// # Safety
+// `out` is valid for a write.
+enum ub_status ub_op_ggml_swiglu_norm(struct ub_queue *queue,
+                                      struct ub_ggml_matrix *gate,
+                                      struct ub_ggml_matrix *up,
+                                      struct ub_buffer *x,
+                                      struct ub_buffer *norm_weight,
+                                      float eps,
+                                      struct ub_buffer **out);
+
+// `ub_op_ggml_swiglu_norm` into `out` (f32 of the shape it returns, overlapping no input).
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_swiglu_norm_into(struct ub_queue *queue,
+                                           struct ub_ggml_matrix *gate,
+                                           struct ub_ggml_matrix *up,
+                                           struct ub_buffer *x,
+                                           struct ub_buffer *norm_weight,
+                                           float eps,
+                                           struct ub_buffer *out,
+                                           struct ub_fence *fence_out);
+
+// The first launch of a Llama attention block: the input norm, the Q, K and V products, RoPE
+// on Q and K, and the append of K and V to the KV caches. For each row `t` of `x` (a token at
+// `p = positions[t]`), with `n` the RMS-normalised row as in `ub_op_ggml_matvec_norm`:
+// `q_out[t] = rope(wq n, p)`, `k_cache[p] = rope(wk n, p)`, `v_cache[p] = wv n`.
+//
+// `wq` is `heads * head_dim` x `cols`, `wk` and `wv` `kv_heads * head_dim` x `cols`. `x` is
+// f32, f16 or bf16, `[tokens, cols]` (1 to `UB_GGML_MAX_BATCH` tokens) or `[cols]`;
+// `norm_weight` `[cols]` of its dtype; `positions` `UB_DTYPE_U32` `[tokens]` (device data: a
+// recorded step serves every position); `q_out` f32 `[tokens, heads, head_dim]`; the caches
+// `[capacity, kv_heads, head_dim]` of one float dtype, which fix `head_dim` (even, at most
+// 256) and `kv_heads`; `heads` a multiple of `kv_heads`; `theta_base` finite and positive;
+// `style` pairs rows `(2i, 2i + 1)` of a head (`UB_ROPE_INTERLEAVED`, a GGUF Llama's Q and K)
+// or `(i, i + head_dim / 2)` (`UB_ROPE_NEOX`). A position at or past `capacity` leaves the
+// caches untouched for that token. Nothing written may overlap another argument.
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for a bad scalar, style, head_dim, an empty cache or
+// heads not a multiple of kv_heads; `UB_STATUS_SHAPE_MISMATCH` for matrices or buffers whose
+// shapes disagree as above; `UB_STATUS_DTYPE_MISMATCH` for a wrong dtype of `norm_weight`,
+// `v_cache`, `positions` or `q_out`; `UB_STATUS_WRONG_DEVICE` for a buffer of another device.
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_qkv_rope_append_into(struct ub_queue *queue,
+                                               struct ub_ggml_matrix *wq,
+                                               struct ub_ggml_matrix *wk,
+                                               struct ub_ggml_matrix *wv,
+                                               struct ub_buffer *x,
+                                               struct ub_buffer *norm_weight,
+                                               float eps,
+                                               struct ub_buffer *positions,
+                                               float theta_base,
+                                               ub_rope_style style,
+                                               struct ub_buffer *q_out,
+                                               struct ub_buffer *k_cache,
+                                               struct ub_buffer *v_cache,
+                                               struct ub_fence *fence_out);
+
+// The weights of `matrix` as a fresh dense row-major `[rows, cols]` buffer of `dtype` (f32,
+// f16 or bf16; each weight is exact in f32 and rounded once to `dtype`), for a GEMM over a
+// prefill chunk. The matrix stays in its block format.
+//
+// Errors: `UB_STATUS_INVALID_ARGUMENT` for a dtype other than f32, f16 or bf16.
+//
+// # Safety
+// `out` is valid for a write.
+enum ub_status ub_op_ggml_dequantize(struct ub_queue *queue,
+                                     struct ub_ggml_matrix *matrix,
+                                     ub_dtype dtype,
+                                     struct ub_buffer **out);
+
+// `ub_op_ggml_dequantize` into `out` (f32, f16 or bf16 `[rows, cols]`).
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_dequantize_into(struct ub_queue *queue,
+                                          struct ub_ggml_matrix *matrix,
+                                          struct ub_buffer *out,
+                                          struct ub_fence *fence_out);
+
+// The rows `ids` (`UB_DTYPE_U32` `[n]`) of the block-format embedding table `table` (its rows
+// are the vocabulary), dequantised as they are read, as a fresh `[n, cols]` buffer of `dtype`
+// (f32, f16 or bf16). An id past the vocabulary gives a row of NaN (the ids are device data
+// the kernel cannot refuse). For a table of f32, f16 or bf16 values, see `ub_op_embed_rows`.
+//
+// # Safety
+// `out` is valid for a write.
+enum ub_status ub_op_ggml_embed_rows(struct ub_queue *queue,
+                                     struct ub_ggml_matrix *table,
+                                     struct ub_buffer *ids,
+                                     ub_dtype dtype,
+                                     struct ub_buffer **out);
+
+// `ub_op_ggml_embed_rows` into `out` (`[n, cols]` of f32, f16 or bf16).
+//
+// # Safety
+// `fence_out` is NULL or valid for a write.
+enum ub_status ub_op_ggml_embed_rows_into(struct ub_queue *queue,
+                                          struct ub_ggml_matrix *table,
+                                          struct ub_buffer *ids,
+                                          struct ub_buffer *out,
+                                          struct ub_fence *fence_out);
+
 // Wraps caller host memory (`len` bytes at `data`) as an External buffer of `dtype` x
 // `shape`, without copying. The whole pages around the memory become addressable by the
 // device; the view starts at `data`, which must be aligned for `dtype`.
@@ -987,7 +1350,9 @@ enum ub_status ub_queue_external(struct ub_queue *queue,
 
 // `a @ b` (`[m, k] @ [k, n]`, or a 1-D `a` of `[k]`; f32, f16 or bf16 of one dtype, f32
 // accumulation) through the backend's BLAS (gemm on the CPU, cuBLAS, MPS) into a fresh
-// `[m, n]` buffer.
+// `[m, n]` buffer. The BLAS call is external work, which a launch batch cannot record: on a
+// recording queue this (and `ub_op_matmul_bt`, and their `_into` forms) is
+// `UB_STATUS_UNSUPPORTED`.
 //
 // # Safety
 // `out` is valid for a write.
@@ -1245,8 +1610,9 @@ enum ub_status ub_device_new_queue(struct ub_device *dev,
                                    const char *label,
                                    struct ub_queue **queue_out);
 
-// Releases a queue handle. NULL is a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`.
-// Work already submitted runs to completion.
+// Releases a queue handle (also a recording queue of a launch batch; the batch keeps what
+// was recorded). NULL is a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`. Work already
+// submitted runs to completion.
 enum ub_status ub_queue_release(struct ub_queue *queue);
 
 // Blocks until `fence` (of any queue of this queue's device) completes. Errors as

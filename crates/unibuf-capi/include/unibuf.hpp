@@ -1,6 +1,7 @@
 // unibuf.hpp: a header-only C++17 wrapper over the C ABI of unibuf (unibuf.h).
 //
-// RAII owners for every handle (move-only: copying would release a handle twice), and one
+// RAII owners for every handle (move-only: copying would release a handle twice), including
+// GGUF block matrices (GgmlMatrix) and launch batches (LaunchBatch), and one
 // exception type, unibuf::Error, carrying the status, the message and the retryable flag of the
 // failed call. Fences are values (unibuf::Fence), as in C.
 //
@@ -350,6 +351,51 @@ private:
     detail::Handle<ub_weights, ub_weights_release> h_;
 };
 
+/// A matrix in a GGUF block format (Q8_0, Q4_0, Q4_1) over a buffer of its blocks; keeps the
+/// blocks alive.
+class GgmlMatrix {
+public:
+    GgmlMatrix() = default;
+    /// Takes ownership of a C handle.
+    explicit GgmlMatrix(ub_ggml_matrix *h) noexcept : h_(h) {}
+
+    /// `rows` x `cols` weights of `type` over `bytes` (U8 `[rows, cols / 32 * block bytes]`).
+    static GgmlMatrix from_bytes(const Buffer &bytes, ub_ggml_type type, size_t rows,
+                                 size_t cols) {
+        ub_ggml_matrix *m = nullptr;
+        check(ub_ggml_matrix_new(bytes.get(), type, rows, cols, &m));
+        return GgmlMatrix(m);
+    }
+    /// The GGUF tensor `name` of `weights`, over `tensor`, the buffer its load gave.
+    static GgmlMatrix from_tensor(const Weights &weights, const std::string &name,
+                                  const Buffer &tensor) {
+        ub_ggml_matrix *m = nullptr;
+        check(ub_ggml_matrix_from_tensor(weights.get(), name.c_str(), tensor.get(), &m));
+        return GgmlMatrix(m);
+    }
+    ub_ggml_matrix *get() const noexcept { return h_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+
+    /// Format, rows, cols and bytes per row.
+    ub_ggml_matrix_info info() const {
+        ub_ggml_matrix_info i{};
+        check(ub_ggml_matrix_get_info(get(), &i));
+        return i;
+    }
+    size_t rows() const { return info().rows; }
+    size_t cols() const { return info().cols; }
+    ub_ggml_type type() const { return info().ggml_type; }
+    /// The blocks, U8 `[rows, row_bytes]` (a view of the same memory).
+    Buffer bytes() const {
+        ub_buffer *b = nullptr;
+        check(ub_ggml_matrix_bytes(get(), &b));
+        return Buffer(b);
+    }
+
+private:
+    detail::Handle<ub_ggml_matrix, ub_ggml_matrix_release> h_;
+};
+
 /// A device of one backend.
 class Device {
 public:
@@ -465,7 +511,58 @@ private:
     detail::Handle<ub_device, ub_device_release> h_;
 };
 
-/// The fused ops, returning fresh outputs (queued, not waited for).
+/// A fixed sequence of op launches on one device, recorded through recorder() and submitted
+/// as one submission (on CUDA one graph launch) with submit(), any number of times.
+///
+///   unibuf::LaunchBatch step(dev, "decode step");
+///   unibuf::Queue rec = step.recorder();
+///   unibuf::ops::ggml_matvec_into(rec, w, x, y);     // recorded, not run
+///   q.upload(token, ...);                              // new inputs, then
+///   q.wait(step.submit(q));                            // the whole step
+class LaunchBatch {
+public:
+    LaunchBatch() = default;
+    /// An empty batch of `dev`'s kernels; `label` names its submissions.
+    LaunchBatch(const Device &dev, const char *label) {
+        ub_launch_batch *b = nullptr;
+        check(ub_launch_batch_new(dev.get(), label, &b));
+        h_ = detail::Handle<ub_launch_batch, ub_launch_batch_release>(b);
+    }
+    ub_launch_batch *get() const noexcept { return h_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+
+    /// A recording queue: ops given it append their launches to this batch (matmul, external
+    /// work, refuses it; so do transfers and waits).
+    Queue recorder() const {
+        ub_queue *q = nullptr;
+        check(ub_launch_batch_queue(get(), &q));
+        return Queue(q);
+    }
+    /// Launches recorded.
+    size_t size() const {
+        size_t n = 0;
+        check(ub_launch_batch_len(get(), &n));
+        return n;
+    }
+    /// The label its submissions carry.
+    std::string label() const {
+        return detail::read_string([&](char *b, size_t c, size_t *l) {
+            return ub_launch_batch_label(get(), b, c, l);
+        });
+    }
+    /// Submits every launch, in order, on `q` (a queue of the batch's device); returns the fence.
+    Fence submit(const Queue &q) const {
+        Fence f;
+        check(ub_queue_launch_batch(q.get(), get(), &f.raw));
+        return f;
+    }
+
+private:
+    detail::Handle<ub_launch_batch, ub_launch_batch_release> h_;
+};
+
+/// The fused ops: fresh outputs, or `_into` a caller's buffer returning the fence (queued, not
+/// waited for; on a LaunchBatch's recorder they are recorded instead).
 namespace ops {
 
 inline Buffer matmul(Queue &q, const Buffer &a, const Buffer &b) {
@@ -498,6 +595,112 @@ inline Buffer argmax(Queue &q, const Buffer &logits) {
     ub_buffer *out = nullptr;
     check(ub_op_argmax(q.get(), logits.get(), &out));
     return Buffer(out);
+}
+
+inline Buffer ggml_matvec(Queue &q, const GgmlMatrix &m, const Buffer &x) {
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_matvec(q.get(), m.get(), x.get(), &out));
+    return Buffer(out);
+}
+inline Fence ggml_matvec_into(Queue &q, const GgmlMatrix &m, const Buffer &x, const Buffer &y) {
+    Fence f;
+    check(ub_op_ggml_matvec_into(q.get(), m.get(), x.get(), y.get(), &f.raw));
+    return f;
+}
+
+/// The C handles of the matrices (a count above UB_GGML_MAX_STACKED is for the library to
+/// refuse).
+inline std::vector<ub_ggml_matrix *> stacked(std::initializer_list<const GgmlMatrix *> ms) {
+    std::vector<ub_ggml_matrix *> h;
+    for (const GgmlMatrix *m : ms) h.push_back(m ? m->get() : nullptr);
+    return h;
+}
+
+/// The matrices (1 to UB_GGML_MAX_STACKED) applied to rms_norm(x) * norm_weight, stacked.
+inline Buffer ggml_matvec_norm(Queue &q, std::initializer_list<const GgmlMatrix *> matrices,
+                               const Buffer &x, const Buffer &norm_weight, float eps) {
+    std::vector<ub_ggml_matrix *> h = stacked(matrices);
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_matvec_norm(q.get(), h.data(), h.size(), x.get(), norm_weight.get(), eps,
+                                 &out));
+    return Buffer(out);
+}
+inline Fence ggml_matvec_norm_into(Queue &q, std::initializer_list<const GgmlMatrix *> matrices,
+                                   const Buffer &x, const Buffer &norm_weight, float eps,
+                                   const Buffer &out) {
+    std::vector<ub_ggml_matrix *> h = stacked(matrices);
+    Fence f;
+    check(ub_op_ggml_matvec_norm_into(q.get(), h.data(), h.size(), x.get(), norm_weight.get(),
+                                      eps, out.get(), &f.raw));
+    return f;
+}
+inline Buffer ggml_matvec_add(Queue &q, const GgmlMatrix &m, const Buffer &x,
+                              const Buffer &residual) {
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_matvec_add(q.get(), m.get(), x.get(), residual.get(), &out));
+    return Buffer(out);
+}
+inline Fence ggml_matvec_add_into(Queue &q, const GgmlMatrix &m, const Buffer &x,
+                                  const Buffer &residual, const Buffer &out) {
+    Fence f;
+    check(ub_op_ggml_matvec_add_into(q.get(), m.get(), x.get(), residual.get(), out.get(),
+                                     &f.raw));
+    return f;
+}
+inline Buffer ggml_swiglu_norm(Queue &q, const GgmlMatrix &gate, const GgmlMatrix &up,
+                               const Buffer &x, const Buffer &norm_weight, float eps) {
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_swiglu_norm(q.get(), gate.get(), up.get(), x.get(), norm_weight.get(), eps,
+                                 &out));
+    return Buffer(out);
+}
+inline Fence ggml_swiglu_norm_into(Queue &q, const GgmlMatrix &gate, const GgmlMatrix &up,
+                                   const Buffer &x, const Buffer &norm_weight, float eps,
+                                   const Buffer &out) {
+    Fence f;
+    check(ub_op_ggml_swiglu_norm_into(q.get(), gate.get(), up.get(), x.get(), norm_weight.get(),
+                                      eps, out.get(), &f.raw));
+    return f;
+}
+inline Fence ggml_qkv_rope_append_into(Queue &q, const GgmlMatrix &wq, const GgmlMatrix &wk,
+                                       const GgmlMatrix &wv, const Buffer &x,
+                                       const Buffer &norm_weight, float eps,
+                                       const Buffer &positions, float theta_base,
+                                       ub_rope_style style, const Buffer &q_out,
+                                       const Buffer &k_cache, const Buffer &v_cache) {
+    Fence f;
+    check(ub_op_ggml_qkv_rope_append_into(q.get(), wq.get(), wk.get(), wv.get(), x.get(),
+                                          norm_weight.get(), eps, positions.get(), theta_base,
+                                          style, q_out.get(), k_cache.get(), v_cache.get(),
+                                          &f.raw));
+    return f;
+}
+inline Buffer ggml_dequantize(Queue &q, const GgmlMatrix &m, ub_dtype dtype = UB_DTYPE_F32) {
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_dequantize(q.get(), m.get(), dtype, &out));
+    return Buffer(out);
+}
+inline Fence ggml_dequantize_into(Queue &q, const GgmlMatrix &m, const Buffer &out) {
+    Fence f;
+    check(ub_op_ggml_dequantize_into(q.get(), m.get(), out.get(), &f.raw));
+    return f;
+}
+inline Buffer ggml_embed_rows(Queue &q, const GgmlMatrix &table, const Buffer &ids,
+                              ub_dtype dtype = UB_DTYPE_F32) {
+    ub_buffer *out = nullptr;
+    check(ub_op_ggml_embed_rows(q.get(), table.get(), ids.get(), dtype, &out));
+    return Buffer(out);
+}
+inline Fence ggml_embed_rows_into(Queue &q, const GgmlMatrix &table, const Buffer &ids,
+                                  const Buffer &out) {
+    Fence f;
+    check(ub_op_ggml_embed_rows_into(q.get(), table.get(), ids.get(), out.get(), &f.raw));
+    return f;
+}
+inline Fence softmax_into(Queue &q, const Buffer &x, const Buffer &out) {
+    Fence f;
+    check(ub_op_softmax_into(q.get(), x.get(), out.get(), &f.raw));
+    return f;
 }
 
 }  // namespace ops

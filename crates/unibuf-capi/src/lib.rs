@@ -2,7 +2,9 @@
 //!
 //! The stable C ABI of [`unibuf`]: devices, queues, buffers and views, transfers with
 //! fences, host mappings and wrapped host memory, interop with foreign memory, streams and
-//! work, the fused inference ops, weights files, memory stats and the copy audit. The header
+//! work, the fused inference ops, GGUF block matrices and the ops over them, launch batches
+//! (a decode step recorded once and replayed as one submission), weights files, memory stats
+//! and the copy audit. The header
 //! `include/unibuf.h` is generated from this crate by cbindgen (and checked against it by the
 //! crate's tests); `include/unibuf.hpp` is a header-only C++17 wrapper over it with RAII types
 //! and exceptions. This layer is thin: every call is the Rust API's, never a second
@@ -30,8 +32,9 @@
 //! One concept per module: [`error`] (statuses, the last error), [`call`] (the boundary
 //! helper and pointer checks), [`handle`] (the registry), [`types`] (dtypes, storage modes),
 //! [`device`], [`queue`], [`fence`], [`buffer`] (allocation and views), [`host`] (wrapped host
-//! memory, host mappings), [`transfer`], [`interop`], [`ops`], [`weights`], [`stats`] (memory
-//! stats, the copy audit, live handle counts).
+//! memory, host mappings), [`transfer`], [`interop`], [`ops`], [`ggml`] (GGUF block matrices
+//! and their ops), [`batch`] (launch batches and their recording queues), [`weights`],
+//! [`stats`] (memory stats, the copy audit, live handle counts).
 
 #![allow(non_camel_case_types)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -39,11 +42,13 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(clippy::missing_safety_doc)]
 
+pub mod batch;
 pub mod buffer;
 pub mod call;
 pub mod device;
 pub mod error;
 pub mod fence;
+pub mod ggml;
 pub mod handle;
 pub mod host;
 pub mod interop;
@@ -54,10 +59,12 @@ pub mod transfer;
 pub mod types;
 pub mod weights;
 
+pub use batch::*;
 pub use buffer::*;
 pub use device::*;
 pub use error::{ub_last_error_message, ub_last_error_retryable, ub_last_error_status, ub_status};
 pub use fence::*;
+pub use ggml::*;
 pub use host::*;
 pub use interop::*;
 pub use ops::*;
@@ -70,7 +77,7 @@ pub use weights::*;
 /// The major version of the ABI: changes only with an incompatible change (none so far).
 pub const UB_ABI_VERSION_MAJOR: u32 = 1;
 /// The minor version of the ABI: grows when functions, statuses or fields are added.
-pub const UB_ABI_VERSION_MINOR: u32 = 0;
+pub const UB_ABI_VERSION_MINOR: u32 = 1;
 
 /// The ABI version of the library loaded, `major << 16 | minor`: compare its major with
 /// `UB_ABI_VERSION_MAJOR` of the header you compiled against.

@@ -9,31 +9,43 @@
 //! scalar is checked before anything is queued: a wrong dtype is `UB_STATUS_DTYPE_MISMATCH`
 //! (or `UB_STATUS_INVALID_ARGUMENT` for a non-float input), a wrong shape
 //! `UB_STATUS_SHAPE_MISMATCH`, a bad scalar `UB_STATUS_INVALID_ARGUMENT`.
+//!
+//! Given the recording queue of a launch batch (`ub_launch_batch_queue`), an op is checked the
+//! same way and its launches are appended to the batch instead of submitted (see
+//! [`crate::batch`]); the GGUF block-matrix ops are in [`crate::ggml`].
 
 use crate::buffer::{buffer, new_buffer_handle, ub_buffer};
 use crate::call::{call, Out};
 use crate::error::{CResult, Failure};
 use crate::fence::{ub_fence, write_fence};
-use crate::queue::{queue, ub_queue};
+use crate::queue::{op_target, ub_queue, OpTarget};
 use crate::types::{dtype_in, ub_dtype};
 use unibuf::ops::{self, EmbeddingTable, RopeStyle, Sampling};
 use unibuf::{Buffer, Fence, Queue};
 
 use crate::error::ub_status;
 
+/// Runs `op` on the queue `queue` names: submitted on a device queue, recorded into the batch
+/// of a recording queue.
+fn run<T>(queue: *mut ub_queue, op: impl FnOnce(&Queue) -> CResult<T>) -> CResult<T> {
+    match op_target(queue)? {
+        OpTarget::Submit(q) => op(&q),
+        OpTarget::Record(batch) => batch.record(op),
+    }
+}
+
 /// Runs an op that makes its output, and registers it in `*out`.
 ///
 /// # Safety
 /// `out` is valid for a write.
-unsafe fn fresh(
+pub(crate) unsafe fn fresh(
     out: *mut *mut ub_buffer,
     queue: *mut ub_queue,
     op: impl FnOnce(&Queue) -> CResult<Buffer>,
 ) -> CResult<()> {
     // SAFETY: forwarded contract.
     let out = unsafe { Out::handle("out", out) }?;
-    let q = self::queue(queue)?;
-    let b = op(&q)?;
+    let b = run(queue, op)?;
     // SAFETY: checked by `Out::handle`.
     unsafe { out.write(new_buffer_handle(b)?) };
     Ok(())
@@ -43,22 +55,39 @@ unsafe fn fresh(
 ///
 /// # Safety
 /// `fence_out` is NULL or valid for a write.
-unsafe fn into(
+pub(crate) unsafe fn into(
     fence_out: *mut ub_fence,
     queue: *mut ub_queue,
     op: impl FnOnce(&Queue) -> CResult<Fence>,
 ) -> CResult<()> {
     let fence = Out::optional("fence_out", fence_out)?;
-    let q = self::queue(queue)?;
-    let f = op(&q)?;
+    let f = run(queue, op)?;
     // SAFETY: checked by `Out::optional`; valid by the caller's contract.
     unsafe { write_fence(fence, f) };
     Ok(())
 }
 
+/// Refuses a recording queue for `op`, which runs as external work (the backend's BLAS) that a
+/// launch batch cannot record.
+fn not_recorded(op: &str, queue: *mut ub_queue) -> CResult<()> {
+    match op_target(queue)? {
+        OpTarget::Submit(_) => Ok(()),
+        OpTarget::Record(batch) => Err(Failure::new(
+            ub_status::UB_STATUS_UNSUPPORTED,
+            format!(
+                "{op} runs on the backend's BLAS as external work, which the launch batch '{}' \
+                 cannot record: submit it on a queue of the device",
+                batch.label()
+            ),
+        )),
+    }
+}
+
 /// `a @ b` (`[m, k] @ [k, n]`, or a 1-D `a` of `[k]`; f32, f16 or bf16 of one dtype, f32
 /// accumulation) through the backend's BLAS (gemm on the CPU, cuBLAS, MPS) into a fresh
-/// `[m, n]` buffer.
+/// `[m, n]` buffer. The BLAS call is external work, which a launch batch cannot record: on a
+/// recording queue this (and `ub_op_matmul_bt`, and their `_into` forms) is
+/// `UB_STATUS_UNSUPPORTED`.
 ///
 /// # Safety
 /// `out` is valid for a write.
@@ -70,6 +99,7 @@ pub unsafe extern "C" fn ub_op_matmul(
     out: *mut *mut ub_buffer,
 ) -> ub_status {
     call("ub_op_matmul", || {
+        not_recorded("matmul", queue)?;
         // SAFETY: forwarded contract.
         unsafe {
             fresh(out, queue, |q| {
@@ -92,6 +122,7 @@ pub unsafe extern "C" fn ub_op_matmul_into(
     fence_out: *mut ub_fence,
 ) -> ub_status {
     call("ub_op_matmul_into", || {
+        not_recorded("matmul", queue)?;
         // SAFETY: forwarded contract.
         unsafe {
             into(fence_out, queue, |q| {
@@ -119,6 +150,7 @@ pub unsafe extern "C" fn ub_op_matmul_bt(
     out: *mut *mut ub_buffer,
 ) -> ub_status {
     call("ub_op_matmul_bt", || {
+        not_recorded("matmul_bt", queue)?;
         // SAFETY: forwarded contract.
         unsafe {
             fresh(out, queue, |q| {
@@ -141,6 +173,7 @@ pub unsafe extern "C" fn ub_op_matmul_bt_into(
     fence_out: *mut ub_fence,
 ) -> ub_status {
     call("ub_op_matmul_bt_into", || {
+        not_recorded("matmul_bt", queue)?;
         // SAFETY: forwarded contract.
         unsafe {
             into(fence_out, queue, |q| {
@@ -347,7 +380,7 @@ pub const UB_ROPE_NEOX: ub_rope_style = 0;
 /// Interleaved: pair `i` is `(2i, 2i + 1)` (GPT-J).
 pub const UB_ROPE_INTERLEAVED: ub_rope_style = 1;
 
-fn rope_style(v: ub_rope_style) -> CResult<RopeStyle> {
+pub(crate) fn rope_style(v: ub_rope_style) -> CResult<RopeStyle> {
     match v {
         UB_ROPE_NEOX => Ok(RopeStyle::Neox),
         UB_ROPE_INTERLEAVED => Ok(RopeStyle::Interleaved),

@@ -1,8 +1,14 @@
 //! Queues: the default queue and new ones, waits, and the last fence.
+//!
+//! A `ub_queue` handle names either a queue of a device or a recording queue of a launch
+//! batch (`ub_launch_batch_queue`): ops given the latter append their launches to the batch
+//! instead of submitting them ([`op_target`]); every other function that takes a queue refuses
+//! it ([`queue`]).
 
+use crate::batch::Batch;
 use crate::call::{call, opt_str_in, str_in, Out};
 use crate::device::{device, ub_device};
-use crate::error::{ub_status, CResult};
+use crate::error::{ub_status, CResult, Failure};
 use crate::fence::{ub_fence, wait};
 use crate::handle::{from_ptr, to_ptr, Kind, Registry};
 use std::ffi::c_char;
@@ -16,11 +22,57 @@ pub struct ub_queue {
     _opaque: [u8; 0],
 }
 
-pub(crate) static QUEUES: Registry<Queue> = Registry::new(Kind::Queue);
+/// What a `ub_queue` handle names.
+pub(crate) enum QueueEntry {
+    /// A queue of a device: work given to it is submitted.
+    Device(Arc<Queue>),
+    /// The recording queue of a launch batch: ops given to it are appended to the batch.
+    Recording(Arc<Batch>),
+}
 
-/// The queue named by `q`.
+pub(crate) static QUEUES: Registry<QueueEntry> = Registry::new(Kind::Queue);
+
+/// Registers a device queue and returns its handle.
+fn new_queue_handle(q: Queue) -> CResult<*mut ub_queue> {
+    QUEUES.insert(QueueEntry::Device(Arc::new(q))).map(to_ptr)
+}
+
+/// Registers the recording queue of `batch` and returns its handle.
+pub(crate) fn new_recording_handle(batch: Arc<Batch>) -> CResult<*mut ub_queue> {
+    QUEUES.insert(QueueEntry::Recording(batch)).map(to_ptr)
+}
+
+/// The device queue named by `q`. A recording queue is refused: only ops record.
 pub(crate) fn queue(q: *mut ub_queue) -> CResult<Arc<Queue>> {
-    QUEUES.get("queue", from_ptr(q))
+    match &*QUEUES.get("queue", from_ptr(q))? {
+        QueueEntry::Device(queue) => Ok(queue.clone()),
+        QueueEntry::Recording(batch) => Err(Failure::invalid(
+            "queue",
+            format!(
+                "{:#x} is the recording queue of the launch batch '{}': only ops (ub_op_*) \
+                 take it, to record their launches; transfers, waits, interop and batch \
+                 submissions need a queue of the device",
+                from_ptr(q),
+                batch.label()
+            ),
+        )),
+    }
+}
+
+/// Where an op given the queue handle `q` goes.
+pub(crate) enum OpTarget {
+    /// Submitted on a device queue.
+    Submit(Arc<Queue>),
+    /// Recorded into a launch batch.
+    Record(Arc<Batch>),
+}
+
+/// The target of an op given `q`: a device queue or a launch batch's recording queue.
+pub(crate) fn op_target(q: *mut ub_queue) -> CResult<OpTarget> {
+    Ok(match &*QUEUES.get("queue", from_ptr(q))? {
+        QueueEntry::Device(queue) => OpTarget::Submit(queue.clone()),
+        QueueEntry::Recording(batch) => OpTarget::Record(batch.clone()),
+    })
 }
 
 /// A handle of the device's default queue. With a `label` (not NULL), the submissions made
@@ -47,7 +99,7 @@ pub unsafe extern "C" fn ub_device_queue(
             q.labelled(label)
         };
         // SAFETY: checked by `Out::handle`.
-        unsafe { out.write(to_ptr(QUEUES.insert(q)?)) };
+        unsafe { out.write(new_queue_handle(q)?) };
         Ok(())
     })
 }
@@ -70,13 +122,14 @@ pub unsafe extern "C" fn ub_device_new_queue(
         let label = unsafe { str_in("label", label) }?;
         let q = device(dev)?.new_queue(label)?;
         // SAFETY: checked by `Out::handle`.
-        unsafe { out.write(to_ptr(QUEUES.insert(q)?)) };
+        unsafe { out.write(new_queue_handle(q)?) };
         Ok(())
     })
 }
 
-/// Releases a queue handle. NULL is a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`.
-/// Work already submitted runs to completion.
+/// Releases a queue handle (also a recording queue of a launch batch; the batch keeps what
+/// was recorded). NULL is a no-op; releasing twice is `UB_STATUS_INVALID_HANDLE`. Work already
+/// submitted runs to completion.
 #[no_mangle]
 pub extern "C" fn ub_queue_release(queue: *mut ub_queue) -> ub_status {
     call("ub_queue_release", || QUEUES.release(from_ptr(queue)))

@@ -220,6 +220,10 @@ pub struct ub_handle_counts {
     pub loaded_weights: usize,
     /// `ub_host_signal` handles.
     pub host_signals: usize,
+    /// `ub_ggml_matrix` handles (since ABI 1.1).
+    pub ggml_matrices: usize,
+    /// `ub_launch_batch` handles (since ABI 1.1; their recording queues count as `queues`).
+    pub launch_batches: usize,
 }
 
 /// Counts the live handles of every kind into `*counts_out`: a leak check for programs and
@@ -240,6 +244,8 @@ pub unsafe extern "C" fn ub_live_handles(counts_out: *mut ub_handle_counts) -> u
             weights: crate::weights::live_weights(),
             loaded_weights: crate::weights::live_loaded(),
             host_signals: crate::interop::live_host_signals(),
+            ggml_matrices: crate::ggml::live_matrices(),
+            launch_batches: crate::batch::live_batches(),
         };
         // SAFETY: checked; valid by the caller's contract.
         unsafe { out.write(c) };

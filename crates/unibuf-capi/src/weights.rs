@@ -19,15 +19,16 @@ pub struct ub_weights {
 
 /// A file and the C strings of its tensors' names and file dtypes, made once at open so that
 /// `ub_tensor_info` can point at them.
-struct Weights {
-    file: WeightsFile,
+pub(crate) struct Weights {
+    pub(crate) file: WeightsFile,
     names: Vec<CString>,
     file_dtypes: Vec<CString>,
 }
 
 static WEIGHTS: Registry<Weights> = Registry::new(Kind::Weights);
 
-fn weights(w: *mut ub_weights) -> CResult<Arc<Weights>> {
+/// The open file `w` names.
+pub(crate) fn weights(w: *mut ub_weights) -> CResult<Arc<Weights>> {
     WEIGHTS.get("weights", from_ptr(w))
 }
 

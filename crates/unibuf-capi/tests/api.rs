@@ -391,3 +391,423 @@ fn handles_of_one_kind_are_not_taken_for_another() {
         "dev",
     );
 }
+
+/// The value of IEEE half-precision bits (normal, subnormal, zero; no infinities are made
+/// here).
+fn f16_value(bits: u16) -> f64 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let mant = f64::from(bits & 0x3ff);
+    sign * if exp == 0 {
+        mant * 2f64.powi(-24)
+    } else {
+        (1.0 + mant / 1024.0) * 2f64.powi(exp - 15)
+    }
+}
+
+/// Random f16 bits of a normal value of magnitude 2^-6 .. 2^1.
+fn f16_bits(rng: &mut Rng) -> u16 {
+    let sign = ((rng.next() & 1) as u16) << 15;
+    let exp = 9 + (rng.next() % 7) as u16;
+    sign | (exp << 10) | (rng.next() & 0x3ff) as u16
+}
+
+/// A block format under test: its C value and block bytes.
+#[derive(Clone, Copy, Debug)]
+enum Format {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl Format {
+    fn code(self) -> ub_ggml_type {
+        match self {
+            Format::Q8_0 => UB_GGML_TYPE_Q8_0,
+            Format::Q4_0 => UB_GGML_TYPE_Q4_0,
+            Format::Q4_1 => UB_GGML_TYPE_Q4_1,
+        }
+    }
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 34,
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+        }
+    }
+
+    /// Random blocks for `rows x cols` weights, with valid f16 scales (and minimums).
+    fn random(self, rng: &mut Rng, rows: usize, cols: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            out.extend(f16_bits(rng).to_le_bytes());
+            if let Format::Q4_1 = self {
+                out.extend(f16_bits(rng).to_le_bytes());
+            }
+            let codes = if let Format::Q8_0 = self { 32 } else { 16 };
+            out.extend(rng.bytes(codes));
+        }
+        out
+    }
+
+    /// The weights of `bytes`, decoded by the table in the ggml module's docs.
+    fn dequantize(self, bytes: &[u8]) -> Vec<f64> {
+        let mut w = Vec::new();
+        for b in bytes.chunks_exact(self.block_bytes()) {
+            let d = f16_value(u16::from_le_bytes([b[0], b[1]]));
+            match self {
+                Format::Q8_0 => w.extend(b[2..].iter().map(|&q| d * f64::from(q as i8))),
+                Format::Q4_0 => {
+                    w.extend(b[2..].iter().map(|&q| d * (f64::from(q & 15) - 8.0)));
+                    w.extend(b[2..].iter().map(|&q| d * (f64::from(q >> 4) - 8.0)));
+                }
+                Format::Q4_1 => {
+                    let m = f16_value(u16::from_le_bytes([b[2], b[3]]));
+                    w.extend(b[4..].iter().map(|&q| d * f64::from(q & 15) + m));
+                    w.extend(b[4..].iter().map(|&q| d * f64::from(q >> 4) + m));
+                }
+            }
+        }
+        w
+    }
+}
+
+impl Dev {
+    /// A matrix of random blocks, and its weights as the reference decodes them.
+    fn matrix(
+        &self,
+        rng: &mut Rng,
+        f: Format,
+        rows: usize,
+        cols: usize,
+    ) -> (*mut ub_ggml_matrix, *mut ub_buffer, Vec<f64>) {
+        let bytes = f.random(rng, rows, cols);
+        let b = self.alloc(
+            UB_DTYPE_U8,
+            &[rows, cols / 32 * f.block_bytes()],
+            UB_STORAGE_AUTO,
+        );
+        self.upload(b, &bytes);
+        let mut m = null_mut();
+        // SAFETY: valid out-pointer.
+        ok(unsafe { ub_ggml_matrix_new(b, f.code(), rows, cols, &mut m) });
+        (m, b, f.dequantize(&bytes))
+    }
+}
+
+/// `w x` per row of x in f64, and the sum of the products' magnitudes (for the tolerance).
+fn products(w: &[f64], rows: usize, cols: usize, x: &[f32]) -> Vec<(f64, f64)> {
+    x.chunks(cols)
+        .flat_map(|xr| {
+            (0..rows).map(move |r| {
+                let wr = &w[r * cols..(r + 1) * cols];
+                let p = wr.iter().zip(xr).map(|(w, x)| w * f64::from(*x));
+                p.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()))
+            })
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_products(got: &[f32], want: &[(f64, f64)]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, (w, mag))) in got.iter().zip(want).enumerate() {
+        assert!(
+            (f64::from(*g) - w).abs() <= 1e-5 * (1.0 + mag),
+            "[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+/// The RMS norm of each row of `x` times `weight`, in f64.
+fn rms_normed(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    x.chunks(weight.len())
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / row.len() as f64;
+            let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+            row.iter()
+                .zip(weight)
+                .map(move |(v, w)| (f64::from(*v) * inv * f64::from(*w)) as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn ggml_products_match_references_in_every_format() {
+    let d = Dev::open();
+    let mut rng = Rng(0x5eed_0006);
+    let (rows, cols, batch) = (7, 96, 3);
+    let x = rng.f32s(batch * cols);
+    let xb = d.alloc(UB_DTYPE_F32, &[batch, cols], UB_STORAGE_AUTO);
+    d.upload(xb, &x);
+    for f in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+        let (m, bytes, w) = d.matrix(&mut rng, f, rows, cols);
+        let mut info = ub_ggml_matrix_info::default();
+        // SAFETY: valid out-pointer.
+        ok(unsafe { ub_ggml_matrix_get_info(m, &mut info) });
+        let want_info = ub_ggml_matrix_info {
+            ggml_type: f.code(),
+            rows,
+            cols,
+            row_bytes: cols / 32 * f.block_bytes(),
+        };
+        assert_eq!(info, want_info, "{f:?}");
+        let mut y = null_mut();
+        // SAFETY: valid out-pointer.
+        ok(unsafe { ub_op_ggml_matvec(d.q, m, xb, &mut y) });
+        assert_products(
+            &d.download_f32(y, batch * rows),
+            &products(&w, rows, cols, &x),
+        );
+        // The dense weights, exact in f32.
+        let mut dense = null_mut();
+        // SAFETY: valid out-pointer.
+        ok(unsafe { ub_op_ggml_dequantize(d.q, m, UB_DTYPE_F32, &mut dense) });
+        let want: Vec<f32> = w.iter().map(|v| *v as f32).collect();
+        assert_eq!(d.download_f32(dense, rows * cols), want, "{f:?}");
+        for h in [y, dense, bytes] {
+            ok(ub_buffer_release(h));
+        }
+        ok(ub_ggml_matrix_release(m));
+        fails(
+            ub_ggml_matrix_release(m),
+            UB_STATUS_INVALID_HANDLE,
+            "already released",
+        );
+    }
+}
+
+#[test]
+fn ggml_matvec_norm_stacks_matrices_of_different_formats() {
+    let d = Dev::open();
+    let mut rng = Rng(0x5eed_0007);
+    let (cols, batch, eps) = (64, 2, 1e-5f32);
+    let x = rng.f32s(batch * cols);
+    let nw = rng.f32s(cols);
+    let xb = d.alloc(UB_DTYPE_F32, &[batch, cols], UB_STORAGE_AUTO);
+    let nb = d.alloc(UB_DTYPE_F32, &[cols], UB_STORAGE_AUTO);
+    d.upload(xb, &x);
+    d.upload(nb, &nw);
+    let shapes = [(Format::Q4_1, 5), (Format::Q8_0, 3), (Format::Q4_0, 1)];
+    let made: Vec<_> = shapes
+        .iter()
+        .map(|&(f, rows)| d.matrix(&mut rng, f, rows, cols))
+        .collect();
+    let handles: Vec<*mut ub_ggml_matrix> = made.iter().map(|m| m.0).collect();
+    let n = rms_normed(&x, &nw, eps);
+    let total: usize = shapes.iter().map(|s| s.1).sum();
+    let mut want = Vec::new();
+    for b in 0..batch {
+        for ((_, rows), (_, _, w)) in shapes.iter().zip(&made) {
+            want.extend(products(w, *rows, cols, &n[b * cols..(b + 1) * cols]));
+        }
+    }
+    let out = d.alloc(UB_DTYPE_F32, &[batch, total], UB_STORAGE_SHARED);
+    d.upload(out, &vec![f32::NAN; batch * total]);
+    let mut f = ub_fence::default();
+    // SAFETY: `handles` holds 3 handles; valid fence out-pointer.
+    ok(unsafe { ub_op_ggml_matvec_norm_into(d.q, handles.as_ptr(), 3, xb, nb, eps, out, &mut f) });
+    ok(ub_device_wait(d.dev, f));
+    let got = d.download_f32(out, batch * total);
+    for (i, (g, (w, mag))) in got.iter().zip(&want).enumerate() {
+        // The normalised x is f32 in the kernel: a few roundings more than the products.
+        assert!(
+            (f64::from(*g) - w).abs() <= 1e-4 * (1.0 + mag),
+            "[{i}]: {g} vs {w}"
+        );
+    }
+
+    // Bad inputs, each with its status and the value that was wrong.
+    let four = [handles[0], handles[1], handles[2], handles[0]];
+    let mut bad = null_mut();
+    // SAFETY: the count is refused before the array is read.
+    let s = unsafe { ub_op_ggml_matvec_norm(d.q, four.as_ptr(), 4, xb, nb, eps, &mut bad) };
+    fails(s, UB_STATUS_INVALID_ARGUMENT, "at most 3");
+    // SAFETY: a count of 0 reads nothing.
+    let s = unsafe { ub_op_ggml_matvec_norm(d.q, null(), 0, xb, nb, eps, &mut bad) };
+    fails(s, UB_STATUS_INVALID_ARGUMENT, "no matrix");
+    let (other, other_bytes, _) = d.matrix(&mut rng, Format::Q8_0, 2, 96);
+    let mixed = [handles[0], other];
+    // SAFETY: `mixed` holds 2 handles.
+    let s = unsafe { ub_op_ggml_matvec_norm(d.q, mixed.as_ptr(), 2, xb, nb, eps, &mut bad) };
+    fails(s, UB_STATUS_SHAPE_MISMATCH, "cols");
+    let not_a_matrix = [handles[0], xb.cast::<ub_ggml_matrix>()];
+    // SAFETY: `not_a_matrix` holds 2 values; the second is looked up, never dereferenced.
+    let s = unsafe { ub_op_ggml_matvec_norm(d.q, not_a_matrix.as_ptr(), 2, xb, nb, eps, &mut bad) };
+    fails(s, UB_STATUS_INVALID_HANDLE, "matrices[1] (");
+    assert!(message().contains("is a ub_buffer handle, not a ub_ggml_matrix handle"));
+    // SAFETY: valid out-pointer.
+    let s = unsafe { ub_op_ggml_matvec(d.q, other, xb, &mut bad) };
+    fails(s, UB_STATUS_SHAPE_MISMATCH, "[96]");
+    // SAFETY: as above.
+    let s = unsafe { ub_op_ggml_matvec_norm(d.q, handles.as_ptr(), 1, xb, nb, -1.0, &mut bad) };
+    fails(s, UB_STATUS_INVALID_ARGUMENT, "eps");
+    assert!(bad.is_null());
+    for (m, b, _) in made {
+        ok(ub_ggml_matrix_release(m));
+        ok(ub_buffer_release(b));
+    }
+    ok(ub_ggml_matrix_release(other));
+    for h in [other_bytes, xb, nb, out] {
+        ok(ub_buffer_release(h));
+    }
+}
+
+#[test]
+fn ggml_matrices_refuse_bad_geometry_and_formats() {
+    let d = Dev::open();
+    let b = d.alloc(UB_DTYPE_U8, &[2, 34], UB_STORAGE_AUTO);
+    let f = d.alloc(UB_DTYPE_F32, &[2, 34], UB_STORAGE_AUTO);
+    let mut m = null_mut();
+    // SAFETY: valid out-pointers in every call below.
+    unsafe {
+        ok(ub_ggml_matrix_new(b, UB_GGML_TYPE_Q8_0, 2, 32, &mut m));
+        ok(ub_ggml_matrix_release(m));
+        let s = ub_ggml_matrix_new(b, UB_GGML_TYPE_Q8_0, 2, 33, &mut m);
+        fails(s, UB_STATUS_INVALID_ARGUMENT, "multiple of 32");
+        assert!(m.is_null());
+        let s = ub_ggml_matrix_new(b, UB_GGML_TYPE_Q8_0, 3, 32, &mut m);
+        fails(s, UB_STATUS_SHAPE_MISMATCH, "[3, 34]");
+        let s = ub_ggml_matrix_new(b, UB_GGML_TYPE_Q4_0, 2, 32, &mut m);
+        fails(s, UB_STATUS_SHAPE_MISMATCH, "[2, 18]");
+        let s = ub_ggml_matrix_new(f, UB_GGML_TYPE_Q8_0, 2, 32, &mut m);
+        fails(s, UB_STATUS_DTYPE_MISMATCH, "F32");
+        // Q6_K (14) is a GGUF format without kernels of its own; 1000 is no format.
+        let s = ub_ggml_matrix_new(b, 14, 2, 32, &mut m);
+        fails(s, UB_STATUS_UNSUPPORTED, "Q6_K");
+        let s = ub_ggml_matrix_new(b, 1000, 2, 32, &mut m);
+        fails(
+            s,
+            UB_STATUS_INVALID_ARGUMENT,
+            "1000 is not a GGUF type code",
+        );
+        let s = ub_ggml_matrix_new(b, UB_GGML_TYPE_Q8_0, 2, 32, null_mut());
+        fails(s, UB_STATUS_NULL_POINTER, "matrix_out");
+    }
+    ok(ub_buffer_release(b));
+    ok(ub_buffer_release(f));
+}
+
+#[test]
+fn a_launch_batch_replays_its_ops_on_new_inputs() {
+    let d = Dev::open();
+    let mut rng = Rng(0x5eed_0008);
+    let (rows, cols, eps) = (9, 64, 1e-6f32);
+    let (m, bytes, w) = d.matrix(&mut rng, Format::Q4_1, rows, cols);
+    let x = d.alloc(UB_DTYPE_F32, &[1, cols], UB_STORAGE_AUTO);
+    let nw = rng.f32s(cols);
+    let nb = d.alloc(UB_DTYPE_F32, &[cols], UB_STORAGE_AUTO);
+    d.upload(nb, &nw);
+    let y = d.alloc(UB_DTYPE_F32, &[1, rows], UB_STORAGE_AUTO);
+    let p = d.alloc(UB_DTYPE_F32, &[1, rows], UB_STORAGE_AUTO);
+    let mut batch = null_mut();
+    let mut rq = null_mut();
+    // SAFETY: a NUL-terminated label and valid out-pointers.
+    unsafe {
+        ok(ub_launch_batch_new(
+            d.dev,
+            c"decode step".as_ptr(),
+            &mut batch,
+        ));
+        ok(ub_launch_batch_queue(batch, &mut rq));
+    }
+    // An empty batch is not submitted.
+    // SAFETY: NULL fence out-pointer.
+    let s = unsafe { ub_queue_launch_batch(d.q, batch, null_mut()) };
+    fails(s, UB_STATUS_INVALID_ARGUMENT, "has no launch");
+    let handles = [m];
+    let mut f = ub_fence::default();
+    // SAFETY: `handles` holds one handle; valid out-pointers.
+    unsafe {
+        ok(ub_op_ggml_matvec_norm_into(
+            rq,
+            handles.as_ptr(),
+            1,
+            x,
+            nb,
+            eps,
+            y,
+            &mut f,
+        ));
+        ok(ub_op_softmax_into(rq, y, p, null_mut()));
+    }
+    let mut done = false;
+    // SAFETY: valid out-pointer.
+    ok(unsafe { ub_device_is_complete(d.dev, f, &mut done) });
+    assert!(
+        done,
+        "a recorded op's fence is complete: nothing was submitted"
+    );
+    let mut len = 0;
+    // SAFETY: valid out-pointer.
+    ok(unsafe { ub_launch_batch_len(batch, &mut len) });
+    assert_eq!(len, 2);
+    // A refused op appends nothing; matmul cannot be recorded; transfers refuse the queue.
+    // SAFETY: valid out-pointers; the bad calls fail before anything is read.
+    unsafe {
+        let s = ub_op_softmax_into(rq, y, x, null_mut());
+        fails(s, UB_STATUS_SHAPE_MISMATCH, "");
+        let s = ub_op_matmul_into(rq, y, y, p, null_mut());
+        fails(s, UB_STATUS_UNSUPPORTED, "cannot record");
+        let s = ub_queue_upload(rq, x, nw.as_ptr().cast(), cols * 4);
+        fails(
+            s,
+            UB_STATUS_INVALID_ARGUMENT,
+            "recording queue of the launch batch 'decode step'",
+        );
+        let s = ub_queue_launch_batch(rq, batch, null_mut());
+        fails(s, UB_STATUS_INVALID_ARGUMENT, "recording queue");
+        ok(ub_launch_batch_len(batch, &mut len));
+    }
+    assert_eq!(len, 2, "nothing appended by the refused calls");
+    fails(
+        ub_queue_drain(rq),
+        UB_STATUS_INVALID_ARGUMENT,
+        "recording queue",
+    );
+    for step in 0..2 {
+        let xv = rng.f32s(cols);
+        d.upload(x, &xv);
+        d.upload(y, &vec![f32::NAN; rows]);
+        d.upload(p, &vec![f32::NAN; rows]);
+        let mut f = ub_fence::default();
+        // SAFETY: valid out-pointer.
+        ok(unsafe { ub_queue_launch_batch(d.q, batch, &mut f) });
+        ok(ub_device_wait(d.dev, f));
+        let want = products(&w, rows, cols, &rms_normed(&xv, &nw, eps));
+        let got = d.download_f32(y, rows);
+        for (i, (g, (v, mag))) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(*g) - v).abs() <= 1e-4 * (1.0 + mag),
+                "step {step} y[{i}]"
+            );
+        }
+        let mx = got.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = got.iter().map(|v| f64::from(v - mx).exp()).sum();
+        for (i, (pv, g)) in d.download_f32(p, rows).iter().zip(&got).enumerate() {
+            let want = (f64::from(g - mx).exp() / z) as f32;
+            assert!(
+                (pv - want).abs() <= 1e-6,
+                "step {step} p[{i}]: {pv} vs {want}"
+            );
+        }
+    }
+    let mut label = [0 as std::ffi::c_char; 16];
+    // SAFETY: `label` has 16 bytes.
+    ok(unsafe { ub_launch_batch_label(batch, label.as_mut_ptr(), 16, &mut len) });
+    // SAFETY: NUL-terminated by the library.
+    let label = unsafe { CStr::from_ptr(label.as_ptr()) };
+    assert_eq!(label.to_str().unwrap(), "decode step");
+    ok(ub_queue_release(rq));
+    ok(ub_launch_batch_release(batch));
+    fails(
+        ub_launch_batch_release(batch),
+        UB_STATUS_INVALID_HANDLE,
+        "ub_launch_batch",
+    );
+    ok(ub_ggml_matrix_release(m));
+    for h in [bytes, x, nb, y, p] {
+        ok(ub_buffer_release(h));
+    }
+}

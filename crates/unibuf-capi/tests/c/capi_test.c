@@ -997,6 +997,574 @@ static void test_ops(ub_device *dev, ub_queue *q) {
     free(nan);
 }
 
+/* ---- GGUF block matrices: blocks made here from random bytes, decoded here by hand -------- */
+
+/* Random f16 bits of a normal value of magnitude 2^-6 .. 2^1. */
+static uint16_t f16_random(void) {
+    uint16_t sign = (uint16_t)((next_u64() >> 63) << 15);
+    uint16_t exp = (uint16_t)(9 + next_u64() % 7);
+    return (uint16_t)(sign | (exp << 10) | (next_u64() & 0x3FF));
+}
+
+/* The value of little-endian f16 bits at p (normal or zero/subnormal). */
+static double f16_at(const unsigned char *p) {
+    unsigned h = (unsigned)p[0] | ((unsigned)p[1] << 8);
+    int exp = (int)((h >> 10) & 0x1F);
+    double mant = (double)(h & 0x3FF);
+    double v = exp == 0 ? ldexp(mant, -24) : ldexp(1.0 + mant / 1024.0, exp - 15);
+    return (h & 0x8000) ? -v : v;
+}
+
+static size_t block_bytes(ub_ggml_type t) {
+    return t == UB_GGML_TYPE_Q8_0 ? 34 : t == UB_GGML_TYPE_Q4_0 ? 18 : 20;
+}
+
+static const char *format_name(ub_ggml_type t) {
+    return t == UB_GGML_TYPE_Q8_0 ? "Q8_0" : t == UB_GGML_TYPE_Q4_0 ? "Q4_0" : "Q4_1";
+}
+
+/* Random blocks: random codes, valid f16 scales (and Q4_1 minimums). */
+static void random_blocks(ub_ggml_type t, unsigned char *p, size_t nblocks) {
+    size_t bb = block_bytes(t);
+    fill_random(p, nblocks * bb);
+    for (size_t k = 0; k < nblocks; k++) {
+        unsigned char *b = p + k * bb;
+        uint16_t d = f16_random();
+        memcpy(b, &d, 2);
+        if (t == UB_GGML_TYPE_Q4_1) {
+            uint16_t m = f16_random();
+            memcpy(b + 2, &m, 2);
+        }
+    }
+}
+
+/* The 32 weights of each block, in f64. */
+static void dequantize_blocks(ub_ggml_type t, const unsigned char *p, size_t nblocks, double *w) {
+    size_t bb = block_bytes(t);
+    for (size_t k = 0; k < nblocks; k++, w += 32) {
+        const unsigned char *b = p + k * bb;
+        double d = f16_at(b);
+        if (t == UB_GGML_TYPE_Q8_0) {
+            for (int j = 0; j < 32; j++) w[j] = d * (double)(int8_t)b[2 + j];
+        } else if (t == UB_GGML_TYPE_Q4_0) {
+            /* d * (code - 8): a code of 8 is a zero with d's sign, as the format defines it. */
+            for (int j = 0; j < 16; j++) {
+                w[j] = d * (double)((int)(b[2 + j] & 15) - 8);
+                w[j + 16] = d * (double)((int)(b[2 + j] >> 4) - 8);
+            }
+        } else {
+            double m = f16_at(b + 2);
+            for (int j = 0; j < 16; j++) {
+                w[j] = d * (double)(b[4 + j] & 15) + m;
+                w[j + 16] = d * (double)(b[4 + j] >> 4) + m;
+            }
+        }
+    }
+}
+
+/* A matrix of random blocks, its bytes' buffer and its weights (row-major, f64). */
+typedef struct {
+    ub_ggml_matrix *m;
+    ub_buffer *bytes;
+    double *w;
+    size_t rows, cols;
+} matrix_t;
+
+static matrix_t make_matrix(ub_device *dev, ub_queue *q, ub_ggml_type t, size_t rows,
+                            size_t cols) {
+    matrix_t mt = {NULL, NULL, NULL, rows, cols};
+    size_t nblocks = rows * cols / 32, n = nblocks * block_bytes(t);
+    unsigned char *raw = xmalloc(n);
+    random_blocks(t, raw, nblocks);
+    mt.w = xmalloc(rows * cols * sizeof(double));
+    dequantize_blocks(t, raw, nblocks, mt.w);
+    size_t shape[2] = {rows, cols / 32 * block_bytes(t)};
+    mt.bytes = alloc_buf(dev, UB_DTYPE_U8, shape, 2, UB_STORAGE_AUTO, format_name(t));
+    OK(ub_queue_upload(q, mt.bytes, raw, n));
+    OK(ub_ggml_matrix_new(mt.bytes, t, rows, cols, &mt.m));
+    free(raw);
+    return mt;
+}
+
+static void free_matrix(matrix_t *mt) {
+    OK(ub_ggml_matrix_release(mt->m));
+    OK(ub_buffer_release(mt->bytes));
+    free(mt->w);
+}
+
+/* y[b * rows + r] = sum_c w[r, c] x[b, c] in f64, with mag the sum of the magnitudes. */
+static void products(const matrix_t *mt, const float *x, size_t batch, double *y, double *mag) {
+    for (size_t b = 0; b < batch; b++)
+        for (size_t r = 0; r < mt->rows; r++) {
+            double s = 0, a = 0;
+            for (size_t c = 0; c < mt->cols; c++) {
+                double p = mt->w[r * mt->cols + c] * (double)x[b * mt->cols + c];
+                s += p;
+                a += fabs(p);
+            }
+            y[b * mt->rows + r] = s;
+            mag[b * mt->rows + r] = a;
+        }
+}
+
+/* Whether got[i] is want[i] within tol of (1 + mag[i]): an f32 sum's error bound. */
+static int sums_close(const float *got, const double *want, const double *mag, size_t n,
+                      double tol, const char *what) {
+    for (size_t i = 0; i < n; i++) {
+        if (!(fabs((double)got[i] - want[i]) <= tol * (1.0 + mag[i]))) {
+            fprintf(stderr, "  %s[%zu]: got %.9g, want %.9g (magnitude %.3g)\n", what, i,
+                    (double)got[i], want[i], mag[i]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The RMS norm of each row of x (batch x cols) times weight, rounded to f32. */
+static void rms_rows(const float *x, const float *weight, size_t batch, size_t cols, float eps,
+                     float *out) {
+    for (size_t b = 0; b < batch; b++) {
+        double ss = 0;
+        for (size_t c = 0; c < cols; c++) ss += (double)x[b * cols + c] * x[b * cols + c];
+        double inv = 1.0 / sqrt(ss / (double)cols + eps);
+        for (size_t c = 0; c < cols; c++)
+            out[b * cols + c] = (float)((double)x[b * cols + c] * inv * weight[c]);
+    }
+}
+
+static void test_ggml(ub_device *dev, ub_queue *q) {
+    const ub_ggml_type formats[3] = {UB_GGML_TYPE_Q8_0, UB_GGML_TYPE_Q4_0, UB_GGML_TYPE_Q4_1};
+    ub_buffer *bad = NULL;
+    ub_fence f;
+
+    /* Products, dense weights and embedding rows in each format: 5 rows of 160 (5 blocks),
+     * a batch of 3. */
+    const size_t rows = 5, cols = 160, batch = 3;
+    float x[480];
+    fill_f32(x, batch * cols);
+    size_t sx[2] = {batch, cols}, sd[2] = {rows, cols};
+    ub_buffer *X = upload_f32(dev, q, x, sx, 2, "x");
+    for (int fi = 0; fi < 3; fi++) {
+        ub_ggml_type t = formats[fi];
+        matrix_t mt = make_matrix(dev, q, t, rows, cols);
+        ub_ggml_matrix_info info;
+        memset(&info, 0xEE, sizeof info);
+        OK(ub_ggml_matrix_get_info(mt.m, &info));
+        CHECK(info.ggml_type == t && info.rows == rows && info.cols == cols &&
+                  info.row_bytes == cols / 32 * block_bytes(t),
+              "%s info: type %u, %zu x %zu, %zu bytes a row", format_name(t), info.ggml_type,
+              info.rows, info.cols, info.row_bytes);
+        ub_buffer *view = NULL;
+        OK(ub_ggml_matrix_bytes(mt.m, &view));
+        ub_buffer_info bi;
+        OK(ub_buffer_get_info(view, &bi));
+        CHECK(bi.dtype == UB_DTYPE_U8 && bi.byte_len == rows * info.row_bytes, "bytes view");
+        OK(ub_buffer_release(view));
+
+        double want[15], mag[15];
+        products(&mt, x, batch, want, mag);
+        ub_buffer *Y = NULL;
+        OK(ub_op_ggml_matvec(q, mt.m, X, &Y));
+        float *got = download_f32(q, Y, batch * rows);
+        CHECK(sums_close(got, want, mag, batch * rows, 1e-5, format_name(t)), "matvec %s",
+              format_name(t));
+        free(got);
+        /* Into a poisoned buffer, one row of x ([cols]: a [rows] output). */
+        ub_buffer *X1 = NULL, *Y1 = alloc_buf(dev, UB_DTYPE_F32, &rows, 1, UB_STORAGE_PRIVATE, "y1");
+        float nan[5];
+        poison(nan, sizeof nan);
+        OK(ub_queue_upload(q, Y1, nan, sizeof nan));
+        OK(ub_buffer_rows(X, 2, 3, &X1));
+        ub_buffer *X1flat = NULL;
+        OK(ub_buffer_reshape(X1, &cols, 1, &X1flat));
+        OK(ub_op_ggml_matvec_into(q, mt.m, X1flat, Y1, &f));
+        OK(ub_device_wait(dev, f));
+        got = download_f32(q, Y1, rows);
+        CHECK(sums_close(got, want + 2 * rows, mag + 2 * rows, rows, 1e-5, "matvec_into"),
+              "matvec_into %s", format_name(t));
+        free(got);
+
+        /* Dense weights: exact in f32. */
+        float *dense_want = xmalloc(rows * cols * 4);
+        for (size_t i = 0; i < rows * cols; i++) dense_want[i] = (float)mt.w[i];
+        ub_buffer *D = NULL;
+        OK(ub_op_ggml_dequantize(q, mt.m, UB_DTYPE_F32, &D));
+        got = download_f32(q, D, rows * cols);
+        CHECK(memcmp(got, dense_want, rows * cols * 4) == 0, "dequantize %s", format_name(t));
+        free(got);
+        ub_buffer *D2 = alloc_buf(dev, UB_DTYPE_F32, sd, 2, UB_STORAGE_SHARED, "dense");
+        OK(ub_op_ggml_dequantize_into(q, mt.m, D2, NULL));
+        got = download_f32(q, D2, rows * cols);
+        CHECK(memcmp(got, dense_want, rows * cols * 4) == 0, "dequantize_into %s",
+              format_name(t));
+        free(got);
+
+        /* Embedding rows of the matrix as a table. */
+        uint32_t ids[4];
+        for (int i = 0; i < 4; i++) ids[i] = (uint32_t)(next_u64() % rows);
+        size_t si = 4, se[2] = {4, cols};
+        ub_buffer *ID = alloc_buf(dev, UB_DTYPE_U32, &si, 1, UB_STORAGE_AUTO, "ids");
+        OK(ub_queue_upload(q, ID, ids, sizeof ids));
+        ub_buffer *E = NULL;
+        OK(ub_op_ggml_embed_rows(q, mt.m, ID, UB_DTYPE_F32, &E));
+        got = download_f32(q, E, 4 * cols);
+        int same = 1;
+        for (int i = 0; i < 4; i++)
+            same &= memcmp(got + i * cols, dense_want + ids[i] * cols, cols * 4) == 0;
+        CHECK(same, "embed_rows %s", format_name(t));
+        free(got);
+        ub_buffer *E2 = alloc_buf(dev, UB_DTYPE_F32, se, 2, UB_STORAGE_PRIVATE, "embedded");
+        OK(ub_op_ggml_embed_rows_into(q, mt.m, ID, E2, &f));
+        got = download_f32(q, E2, 4 * cols);
+        CHECK(memcmp(got + 3 * cols, dense_want + ids[3] * cols, cols * 4) == 0,
+              "embed_rows_into %s", format_name(t));
+        free(got);
+        FAILS(ub_op_ggml_embed_rows(q, mt.m, X, UB_DTYPE_F32, &bad), UB_STATUS_DTYPE_MISMATCH,
+              NULL);
+        FAILS(ub_op_ggml_dequantize(q, mt.m, UB_DTYPE_U32, &bad), UB_STATUS_INVALID_ARGUMENT,
+              NULL);
+        FAILS(ub_op_ggml_dequantize_into(q, mt.m, Y, NULL), UB_STATUS_SHAPE_MISMATCH, NULL);
+
+        ub_buffer *all[] = {Y, X1, X1flat, Y1, D, D2, ID, E, E2};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) OK(ub_buffer_release(all[i]));
+        free(dense_want);
+        free_matrix(&mt);
+        FAILS(ub_ggml_matrix_release(mt.m), UB_STATUS_INVALID_HANDLE, "already released");
+    }
+
+    /* matvec_norm: three matrices of three formats stacked, 96 cols, a batch of 2. */
+    const size_t nc = 96, nbatch = 2, total = 3 + 5 + 2;
+    const float eps = 1e-5f;
+    matrix_t st[3] = {make_matrix(dev, q, UB_GGML_TYPE_Q8_0, 3, nc),
+                      make_matrix(dev, q, UB_GGML_TYPE_Q4_1, 5, nc),
+                      make_matrix(dev, q, UB_GGML_TYPE_Q4_0, 2, nc)};
+    float xn[192], nw[96], normed[192];
+    fill_f32(xn, nbatch * nc);
+    fill_f32(nw, nc);
+    rms_rows(xn, nw, nbatch, nc, eps, normed);
+    double want[20], mag[20];
+    for (size_t b = 0; b < nbatch; b++) {
+        size_t at = b * total;
+        for (int i = 0; i < 3; i++) {
+            products(&st[i], normed + b * nc, 1, want + at, mag + at);
+            at += st[i].rows;
+        }
+    }
+    size_t sxn[2] = {nbatch, nc}, sout[2] = {nbatch, total};
+    ub_buffer *XN = upload_f32(dev, q, xn, sxn, 2, "xn"), *NW = upload_f32(dev, q, nw, &nc, 1, "nw");
+    ub_ggml_matrix *three[3] = {st[0].m, st[1].m, st[2].m};
+    ub_buffer *YN = NULL;
+    OK(ub_op_ggml_matvec_norm(q, three, 3, XN, NW, eps, &YN));
+    float *got = download_f32(q, YN, nbatch * total);
+    CHECK(sums_close(got, want, mag, nbatch * total, 1e-4, "matvec_norm"), "matvec_norm");
+    free(got);
+    ub_buffer *YN2 = alloc_buf(dev, UB_DTYPE_F32, sout, 2, UB_STORAGE_SHARED, "yn2");
+    float poisoned[20];
+    poison(poisoned, sizeof poisoned);
+    OK(ub_queue_upload(q, YN2, poisoned, sizeof poisoned));
+    OK(ub_op_ggml_matvec_norm_into(q, three, 3, XN, NW, eps, YN2, &f));
+    OK(ub_device_wait(dev, f));
+    got = download_f32(q, YN2, nbatch * total);
+    CHECK(sums_close(got, want, mag, nbatch * total, 1e-4, "matvec_norm_into"),
+          "matvec_norm_into");
+    free(got);
+    /* Bad inputs of the stacked product. */
+    ub_ggml_matrix *four[4] = {st[0].m, st[1].m, st[2].m, st[0].m};
+    FAILS(ub_op_ggml_matvec_norm(q, four, 4, XN, NW, eps, &bad), UB_STATUS_INVALID_ARGUMENT,
+          "at most 3");
+    FAILS(ub_op_ggml_matvec_norm(q, NULL, 0, XN, NW, eps, &bad), UB_STATUS_INVALID_ARGUMENT,
+          "no matrix");
+    FAILS(ub_op_ggml_matvec_norm(q, NULL, 2, XN, NW, eps, &bad), UB_STATUS_NULL_POINTER,
+          "matrices");
+    ub_ggml_matrix *wrong[2] = {st[0].m, (ub_ggml_matrix *)XN};
+    FAILS(ub_op_ggml_matvec_norm(q, wrong, 2, XN, NW, eps, &bad), UB_STATUS_INVALID_HANDLE,
+          "matrices[1]");
+    FAILS(ub_op_ggml_matvec_norm(q, three, 3, XN, XN, eps, &bad), UB_STATUS_SHAPE_MISMATCH,
+          NULL);
+    FAILS(ub_op_ggml_matvec_norm(q, three, 3, XN, NW, NAN, &bad), UB_STATUS_INVALID_ARGUMENT,
+          "eps");
+    FAILS(ub_op_ggml_matvec_norm_into(q, three, 2, XN, NW, eps, YN2, NULL),
+          UB_STATUS_SHAPE_MISMATCH, NULL);
+    matrix_t wide = make_matrix(dev, q, UB_GGML_TYPE_Q8_0, 3, 128);
+    ub_ggml_matrix *mixed[2] = {st[0].m, wide.m};
+    FAILS(ub_op_ggml_matvec_norm(q, mixed, 2, XN, NW, eps, &bad), UB_STATUS_SHAPE_MISMATCH,
+          "cols");
+    FAILS(ub_op_ggml_matvec(q, wide.m, XN, &bad), UB_STATUS_SHAPE_MISMATCH, "[128]");
+    FAILS(ub_op_ggml_matvec(q, (ub_ggml_matrix *)q, XN, &bad), UB_STATUS_INVALID_HANDLE,
+          "ub_queue handle, not a ub_ggml_matrix");
+    CHECK(bad == NULL, "no output on failure");
+
+    /* matvec_add: y = residual + W x, into a poisoned buffer; the residual may not be y. */
+    float res[10];
+    fill_f32(res, 10);
+    double pw[10], pm[10];
+    products(&st[1], xn, nbatch, pw, pm);
+    for (int i = 0; i < 10; i++) pw[i] += res[i], pm[i] += fabs(res[i]);
+    size_t sres[2] = {nbatch, 5};
+    ub_buffer *RES = upload_f32(dev, q, res, sres, 2, "residual");
+    ub_buffer *YA = alloc_buf(dev, UB_DTYPE_F32, sres, 2, UB_STORAGE_PRIVATE, "ya");
+    OK(ub_queue_upload(q, YA, poisoned, 40));
+    OK(ub_op_ggml_matvec_add_into(q, st[1].m, XN, RES, YA, &f));
+    got = download_f32(q, YA, 10);
+    CHECK(sums_close(got, pw, pm, 10, 1e-5, "matvec_add_into"), "matvec_add_into");
+    free(got);
+    ub_buffer *YA2 = NULL;
+    OK(ub_op_ggml_matvec_add(q, st[1].m, XN, RES, &YA2));
+    got = download_f32(q, YA2, 10);
+    CHECK(sums_close(got, pw, pm, 10, 1e-5, "matvec_add"), "matvec_add");
+    free(got);
+    FAILS(ub_op_ggml_matvec_add_into(q, st[1].m, XN, RES, RES, NULL), UB_STATUS_INVALID_ARGUMENT,
+          "overlaps");
+    FAILS(ub_op_ggml_matvec_add(q, st[1].m, XN, YN2, &bad), UB_STATUS_SHAPE_MISMATCH, NULL);
+    FAILS(ub_op_ggml_matvec_add(q, st[1].m, X, RES, &bad), UB_STATUS_SHAPE_MISMATCH, NULL);
+
+    /* swiglu_norm: gate Q4_0 and up Q8_0 of 7 rows of 96. */
+    matrix_t gate = make_matrix(dev, q, UB_GGML_TYPE_Q4_0, 7, nc);
+    matrix_t up = make_matrix(dev, q, UB_GGML_TYPE_Q8_0, 7, nc);
+    double g[14], gm[14], u[14], um[14], sw[14], swm[14];
+    products(&gate, normed, nbatch, g, gm);
+    for (size_t b = 0; b < nbatch; b++) products(&up, normed + b * nc, 1, u + b * 7, um + b * 7);
+    for (int i = 0; i < 14; i++) {
+        double s = g[i] / (1.0 + exp(-g[i]));
+        sw[i] = s * u[i];
+        /* The error of each product, carried through silu (slope at most 1.1) and the
+         * multiplication. */
+        swm[i] = 1.1 * gm[i] * fabs(u[i]) + fabs(s) * um[i];
+    }
+    size_t ssw[2] = {nbatch, 7};
+    ub_buffer *SW = alloc_buf(dev, UB_DTYPE_F32, ssw, 2, UB_STORAGE_SHARED, "swiglu");
+    OK(ub_queue_upload(q, SW, poisoned, 56));
+    OK(ub_op_ggml_swiglu_norm_into(q, gate.m, up.m, XN, NW, eps, SW, NULL));
+    got = download_f32(q, SW, 14);
+    CHECK(sums_close(got, sw, swm, 14, 1e-4, "swiglu_norm_into"), "swiglu_norm_into");
+    free(got);
+    ub_buffer *SW2 = NULL;
+    OK(ub_op_ggml_swiglu_norm(q, gate.m, up.m, XN, NW, eps, &SW2));
+    got = download_f32(q, SW2, 14);
+    CHECK(sums_close(got, sw, swm, 14, 1e-4, "swiglu_norm"), "swiglu_norm");
+    free(got);
+    FAILS(ub_op_ggml_swiglu_norm(q, gate.m, st[1].m, XN, NW, eps, &bad), UB_STATUS_SHAPE_MISMATCH,
+          "as the gate");
+    FAILS(ub_op_ggml_swiglu_norm(q, gate.m, up.m, XN, NW, -1.0f, &bad), UB_STATUS_INVALID_ARGUMENT,
+          "eps");
+
+    /* qkv_rope_append: 2 tokens at positions 1 and 4 of a cache of 6; 2 query heads over 1 kv
+     * head of head_dim 8 (Neox pairs); caches poisoned, so untouched rows stay NaN. */
+    const size_t HD = 8, H = 2, KVH = 1, CAP = 6, TOK = 2;
+    const float theta = 10000.0f;
+    matrix_t wq = make_matrix(dev, q, UB_GGML_TYPE_Q4_1, H * HD, nc);
+    matrix_t wk = make_matrix(dev, q, UB_GGML_TYPE_Q8_0, KVH * HD, nc);
+    matrix_t wv = make_matrix(dev, q, UB_GGML_TYPE_Q4_0, KVH * HD, nc);
+    uint32_t qpos[2] = {1, 4};
+    double qp[32], qm[32], kp[16], km[16], vp[16], vm[16];
+    for (size_t t = 0; t < TOK; t++) {
+        products(&wq, normed + t * nc, 1, qp + t * 16, qm + t * 16);
+        products(&wk, normed + t * nc, 1, kp + t * 8, km + t * 8);
+        products(&wv, normed + t * nc, 1, vp + t * 8, vm + t * 8);
+    }
+    /* RoPE (Neox) in place on heads of HD, with the magnitudes of both halves. */
+    double qr[32], qrm[32], kr[16], krm[16];
+    for (int which = 0; which < 2; which++) {
+        const double *src = which ? kp : qp, *srcm = which ? km : qm;
+        double *dst = which ? kr : qr, *dstm = which ? krm : qrm;
+        size_t heads = which ? KVH : H;
+        for (size_t t = 0; t < TOK; t++)
+            for (size_t h = 0; h < heads; h++)
+                for (size_t i = 0; i < HD / 2; i++) {
+                    size_t a = (t * heads + h) * HD + i, b = a + HD / 2;
+                    double ang = (double)qpos[t] * pow((double)theta, -2.0 * (double)i / (double)HD);
+                    double c = cos(ang), sn = sin(ang);
+                    dst[a] = src[a] * c - src[b] * sn;
+                    dst[b] = src[a] * sn + src[b] * c;
+                    dstm[a] = dstm[b] = srcm[a] + srcm[b];
+                }
+    }
+    size_t sqo[3] = {TOK, H, HD}, scache[3] = {CAP, KVH, HD}, spos = TOK;
+    ub_buffer *QO = alloc_buf(dev, UB_DTYPE_F32, sqo, 3, UB_STORAGE_SHARED, "q_out");
+    ub_buffer *KC = alloc_buf(dev, UB_DTYPE_F32, scache, 3, UB_STORAGE_PRIVATE, "k cache");
+    ub_buffer *VC = alloc_buf(dev, UB_DTYPE_F32, scache, 3, UB_STORAGE_PRIVATE, "v cache");
+    ub_buffer *QP = alloc_buf(dev, UB_DTYPE_U32, &spos, 1, UB_STORAGE_AUTO, "positions");
+    float cpoison[48];
+    poison(cpoison, sizeof cpoison);
+    OK(ub_queue_upload(q, QO, cpoison, 32 * 4));
+    OK(ub_queue_upload(q, KC, cpoison, sizeof cpoison));
+    OK(ub_queue_upload(q, VC, cpoison, sizeof cpoison));
+    OK(ub_queue_upload(q, QP, qpos, sizeof qpos));
+    OK(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wv.m, XN, NW, eps, QP, theta, UB_ROPE_NEOX,
+                                       QO, KC, VC, &f));
+    OK(ub_device_wait(dev, f));
+    got = download_f32(q, QO, 32);
+    CHECK(sums_close(got, qr, qrm, 32, 1e-4, "q_out"), "qkv q_out");
+    free(got);
+    float *kcg = download_f32(q, KC, 48), *vcg = download_f32(q, VC, 48);
+    for (size_t t = 0; t < TOK; t++) {
+        CHECK(sums_close(kcg + qpos[t] * HD, kr + t * HD, krm + t * HD, HD, 1e-4, "k cache"),
+              "k cache row %u", qpos[t]);
+        CHECK(sums_close(vcg + qpos[t] * HD, vp + t * HD, vm + t * HD, HD, 1e-4, "v cache"),
+              "v cache row %u", qpos[t]);
+    }
+    int untouched = 1;
+    for (size_t row = 0; row < CAP; row++)
+        if (row != qpos[0] && row != qpos[1])
+            untouched &= memcmp(kcg + row * HD, cpoison, HD * 4) == 0 &&
+                         memcmp(vcg + row * HD, cpoison, HD * 4) == 0;
+    CHECK(untouched, "the other cache rows are untouched");
+    free(kcg);
+    free(vcg);
+    FAILS(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wq.m, XN, NW, eps, QP, theta,
+                                          UB_ROPE_NEOX, QO, KC, VC, NULL),
+          UB_STATUS_SHAPE_MISMATCH, "as wk");
+    FAILS(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wv.m, XN, NW, eps, QP, theta, 9, QO, KC,
+                                          VC, NULL),
+          UB_STATUS_INVALID_ARGUMENT, "ub_rope_style");
+    FAILS(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wv.m, XN, NW, eps, QP, -theta,
+                                          UB_ROPE_NEOX, QO, KC, VC, NULL),
+          UB_STATUS_INVALID_ARGUMENT, "theta_base");
+    FAILS(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wv.m, XN, NW, eps, XN, theta,
+                                          UB_ROPE_NEOX, QO, KC, VC, NULL),
+          UB_STATUS_DTYPE_MISMATCH, NULL);
+    FAILS(ub_op_ggml_qkv_rope_append_into(q, wq.m, wk.m, wv.m, XN, NW, eps, QP, theta,
+                                          UB_ROPE_NEOX, QO, KC, QO, NULL),
+          UB_STATUS_SHAPE_MISMATCH, NULL);
+
+    /* Matrices refused at creation. */
+    size_t sb[2] = {2, 34};
+    ub_buffer *B = alloc_buf(dev, UB_DTYPE_U8, sb, 2, UB_STORAGE_AUTO, "blocks");
+    ub_ggml_matrix *m = NULL;
+    FAILS(ub_ggml_matrix_new(B, UB_GGML_TYPE_Q8_0, 2, 48, &m), UB_STATUS_INVALID_ARGUMENT,
+          "multiple of 32");
+    FAILS(ub_ggml_matrix_new(B, UB_GGML_TYPE_Q4_1, 2, 32, &m), UB_STATUS_SHAPE_MISMATCH,
+          "[2, 20]");
+    FAILS(ub_ggml_matrix_new(B, 14, 2, 32, &m), UB_STATUS_UNSUPPORTED, "Q6_K");
+    FAILS(ub_ggml_matrix_new(B, 77, 2, 32, &m), UB_STATUS_INVALID_ARGUMENT, "GGUF type code");
+    FAILS(ub_ggml_matrix_new(XN, UB_GGML_TYPE_Q8_0, 2, 32, &m), UB_STATUS_DTYPE_MISMATCH, NULL);
+    FAILS(ub_ggml_matrix_new(NULL, UB_GGML_TYPE_Q8_0, 2, 32, &m), UB_STATUS_NULL_POINTER, "bytes");
+    CHECK(m == NULL, "no matrix on failure");
+    ub_ggml_matrix_info info;
+    FAILS(ub_ggml_matrix_get_info(wq.m, NULL), UB_STATUS_NULL_POINTER, "info_out");
+    FAILS(ub_ggml_matrix_get_info((ub_ggml_matrix *)B, &info), UB_STATUS_INVALID_HANDLE,
+          "ub_buffer handle");
+    OK(ub_ggml_matrix_release(NULL));
+
+    ub_buffer *all[] = {X, XN, NW, YN, YN2, RES, YA, YA2, SW, SW2, QO, KC, VC, QP, B};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) OK(ub_buffer_release(all[i]));
+    matrix_t *ms[] = {&st[0], &st[1], &st[2], &wide, &gate, &up, &wq, &wk, &wv};
+    for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++) free_matrix(ms[i]);
+}
+
+/* ---- launch batches: a step recorded once, replayed on new inputs ------------------------- */
+
+static void test_batch(ub_device *dev, ub_queue *q) {
+    /* The step: the embedding row of a token id (a Q8_0 table of 11 x 64), its product with a
+     * Q4_1 matrix of 5 x 64 (into y), and the softmax of y into a fresh buffer. */
+    const size_t vocab = 11, cols = 64, rows = 5;
+    matrix_t table = make_matrix(dev, q, UB_GGML_TYPE_Q8_0, vocab, cols);
+    matrix_t w = make_matrix(dev, q, UB_GGML_TYPE_Q4_1, rows, cols);
+    size_t one = 1, sx[2] = {1, cols}, sy[2] = {1, rows};
+    ub_buffer *ID = alloc_buf(dev, UB_DTYPE_U32, &one, 1, UB_STORAGE_AUTO, "token");
+    ub_buffer *X = alloc_buf(dev, UB_DTYPE_F32, sx, 2, UB_STORAGE_PRIVATE, "x");
+    ub_buffer *Y = alloc_buf(dev, UB_DTYPE_F32, sy, 2, UB_STORAGE_PRIVATE, "y");
+
+    ub_launch_batch *batch = NULL;
+    ub_queue *rq = NULL;
+    OK(ub_launch_batch_new(dev, "decode step", &batch));
+    OK(ub_launch_batch_queue(batch, &rq));
+    size_t len = 99;
+    OK(ub_launch_batch_len(batch, &len));
+    CHECK(len == 0, "a new batch is empty (%zu)", len);
+    FAILS(ub_queue_launch_batch(q, batch, NULL), UB_STATUS_INVALID_ARGUMENT, "no launch");
+
+    ub_fence f;
+    memset(&f, 0xEE, sizeof f);
+    OK(ub_op_ggml_embed_rows_into(rq, table.m, ID, X, &f));
+    bool done = false;
+    OK(ub_device_is_complete(dev, f, &done));
+    CHECK(done, "a recorded op's fence is complete at once");
+    OK(ub_op_ggml_matvec_into(rq, w.m, X, Y, NULL));
+    ub_buffer *P = NULL;
+    OK(ub_op_softmax(rq, Y, &P));
+    CHECK(P != NULL, "a fresh op recorded gives its output");
+    OK(ub_launch_batch_len(batch, &len));
+    CHECK(len == 3, "three launches recorded (%zu)", len);
+
+    /* What a recording queue refuses; a refused op appends nothing. */
+    ub_buffer *bad = NULL;
+    FAILS(ub_op_ggml_matvec_into(rq, w.m, Y, X, NULL), UB_STATUS_SHAPE_MISMATCH, NULL);
+    FAILS(ub_op_matmul(rq, X, X, &bad), UB_STATUS_UNSUPPORTED, "cannot record");
+    FAILS(ub_op_matmul_bt_into(rq, X, X, Y, NULL), UB_STATUS_UNSUPPORTED, "cannot record");
+    uint32_t id = 0;
+    FAILS(ub_queue_upload(rq, ID, &id, 4), UB_STATUS_INVALID_ARGUMENT,
+          "recording queue of the launch batch 'decode step'");
+    FAILS(ub_queue_drain(rq), UB_STATUS_INVALID_ARGUMENT, "recording queue");
+    FAILS(ub_queue_launch_batch(rq, batch, NULL), UB_STATUS_INVALID_ARGUMENT, "recording queue");
+    OK(ub_launch_batch_len(batch, &len));
+    CHECK(len == 3, "nothing appended by refused calls (%zu)", len);
+    FAILS(ub_launch_batch_len(batch, NULL), UB_STATUS_NULL_POINTER, "len_out");
+    FAILS(ub_launch_batch_len((ub_launch_batch *)rq, &len), UB_STATUS_INVALID_HANDLE,
+          "ub_queue handle, not a ub_launch_batch");
+    ub_launch_batch *unlabelled = NULL;
+    FAILS(ub_launch_batch_new(dev, NULL, &unlabelled), UB_STATUS_NULL_POINTER, "label");
+    CHECK(unlabelled == NULL, "no batch on failure");
+
+    /* Two submissions, each on a new token: the three outputs against the references. */
+    for (int step = 0; step < 2; step++) {
+        id = (uint32_t)(next_u64() % vocab);
+        OK(ub_queue_upload(q, ID, &id, 4));
+        float nan[64];
+        poison(nan, sizeof nan);
+        OK(ub_queue_upload(q, X, nan, cols * 4));
+        OK(ub_queue_upload(q, Y, nan, rows * 4));
+        OK(ub_queue_upload(q, P, nan, rows * 4));
+        OK(ub_queue_launch_batch(q, batch, &f));
+        OK(ub_device_wait(dev, f));
+        float xw[64];
+        for (size_t c = 0; c < cols; c++) xw[c] = (float)table.w[id * cols + c];
+        float *got = download_f32(q, X, cols);
+        CHECK(memcmp(got, xw, cols * 4) == 0, "step %d: the embedding row of %u", step, id);
+        free(got);
+        double yw[5], ym[5];
+        products(&w, xw, 1, yw, ym);
+        float *y = download_f32(q, Y, rows);
+        CHECK(sums_close(y, yw, ym, rows, 1e-5, "y"), "step %d: the product", step);
+        /* The softmax of what the product wrote. */
+        float mx = -INFINITY, pw[5];
+        for (size_t r = 0; r < rows; r++) mx = fmaxf(mx, y[r]);
+        double z = 0;
+        for (size_t r = 0; r < rows; r++) z += exp((double)y[r] - mx);
+        for (size_t r = 0; r < rows; r++) pw[r] = (float)(exp((double)y[r] - mx) / z);
+        got = download_f32(q, P, rows);
+        CHECK(all_close(got, pw, rows, 1e-5f, "softmax"), "step %d: the softmax", step);
+        free(got);
+        free(y);
+    }
+    size_t n = 0;
+    OK(ub_launch_batch_label(batch, NULL, 0, &n));
+    char label[32];
+    OK(ub_launch_batch_label(batch, label, sizeof label, &n));
+    CHECK(n == 11 && strcmp(label, "decode step") == 0, "label %s", label);
+
+    /* A batch of another device is refused by this device's queue. */
+    ub_device *other = NULL;
+    ub_queue *oq = NULL;
+    OK(ub_device_open("cpu", &other));
+    OK(ub_device_queue(other, NULL, &oq));
+    FAILS(ub_queue_launch_batch(oq, batch, NULL), UB_STATUS_WRONG_DEVICE, NULL);
+    OK(ub_queue_release(oq));
+    OK(ub_device_release(other));
+
+    /* The recording queue keeps the batch alive after its handle is released. */
+    OK(ub_launch_batch_release(batch));
+    FAILS(ub_launch_batch_release(batch), UB_STATUS_INVALID_HANDLE, "already released");
+    OK(ub_op_softmax_into(rq, Y, P, NULL));
+    OK(ub_queue_release(rq));
+    OK(ub_launch_batch_release(NULL));
+
+    ub_buffer *all[] = {ID, X, Y, P};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) OK(ub_buffer_release(all[i]));
+    free_matrix(&table);
+    free_matrix(&w);
+}
+
 /* ---- weights: files written here, field by field ----------------------------------------- */
 
 static void put_u32(FILE *f, uint32_t v) { fwrite(&v, 4, 1, f); }
@@ -1142,6 +1710,7 @@ static void test_weights(ub_device *dev, ub_queue *q, const char *dir) {
     }
     unsigned char gdata[96 + 204];
     fill_random(gdata, sizeof gdata);
+    random_blocks(UB_GGML_TYPE_Q8_0, gdata + 96, 6); /* valid f16 scales */
     fwrite(gdata, 1, sizeof gdata, f);
     fclose(f);
     OK(ub_weights_open(path, &wf));
@@ -1161,6 +1730,38 @@ static void test_weights(ub_device *dev, ub_queue *q, const char *dir) {
     poison(gw, sizeof gw);
     OK(ub_queue_download(q, single, gw, sizeof gw));
     CHECK(memcmp(gw, gdata + 96, 204) == 0, "the Q8_0 blocks, byte for byte");
+    /* The tensor as a block matrix: format and shape from the file, its product against a
+     * reference over the blocks written. */
+    ub_ggml_matrix *gm = NULL;
+    OK(ub_ggml_matrix_from_tensor(wf, "w", single, &gm));
+    ub_ggml_matrix_info gi;
+    OK(ub_ggml_matrix_get_info(gm, &gi));
+    CHECK(gi.ggml_type == UB_GGML_TYPE_Q8_0 && gi.rows == 3 && gi.cols == 64 && gi.row_bytes == 68,
+          "the GGUF matrix: type %u, %zu x %zu", gi.ggml_type, gi.rows, gi.cols);
+    matrix_t ref = {gm, single, xmalloc(3 * 64 * sizeof(double)), 3, 64};
+    dequantize_blocks(UB_GGML_TYPE_Q8_0, gdata + 96, 6, ref.w);
+    float gx[64];
+    fill_f32(gx, 64);
+    size_t sgx = 64;
+    ub_buffer *GX = upload_f32(dev, q, gx, &sgx, 1, "gx"), *GY = NULL;
+    OK(ub_op_ggml_matvec(q, gm, GX, &GY));
+    double gwant[3], gmag[3];
+    products(&ref, gx, 1, gwant, gmag);
+    got = download_f32(q, GY, 3);
+    CHECK(sums_close(got, gwant, gmag, 3, 1e-5, "gguf matvec"), "the GGUF matrix's product");
+    free(got);
+    free(ref.w);
+    ub_ggml_matrix *gbad = NULL;
+    FAILS(ub_ggml_matrix_from_tensor(wf, "nope", single, &gbad), UB_STATUS_INVALID_ARGUMENT,
+          "no tensor 'nope'");
+    FAILS(ub_ggml_matrix_from_tensor(wf, "norm", single, &gbad), UB_STATUS_UNSUPPORTED, "F32");
+    FAILS(ub_ggml_matrix_from_tensor(wf, "w", GX, &gbad), UB_STATUS_SHAPE_MISMATCH, NULL);
+    FAILS(ub_ggml_matrix_from_tensor(NULL, "w", single, &gbad), UB_STATUS_NULL_POINTER,
+          "weights");
+    CHECK(gbad == NULL, "no matrix on failure");
+    OK(ub_ggml_matrix_release(gm));
+    OK(ub_buffer_release(GX));
+    OK(ub_buffer_release(GY));
     OK(ub_buffer_release(single));
     OK(ub_weights_get_tensor(wf, dev, "norm", &single));
     got = download_f32(q, single, 17);
@@ -1242,6 +1843,8 @@ int main(void) {
     test_queues_and_fences(dev, q);
     test_interop(dev, q);
     test_ops(dev, q);
+    test_ggml(dev, q);
+    test_batch(dev, q);
     test_weights(dev, q, dir);
     test_stats(dev, q);
 
@@ -1252,11 +1855,11 @@ int main(void) {
     OK(ub_live_handles(&live));
     CHECK(live.devices == 0 && live.queues == 0 && live.buffers == 0 && live.mappings == 0 &&
               live.downloads == 0 && live.weights == 0 && live.loaded_weights == 0 &&
-              live.host_signals == 0,
+              live.host_signals == 0 && live.ggml_matrices == 0 && live.launch_batches == 0,
           "every handle released: %zu devices, %zu queues, %zu buffers, %zu mappings, %zu "
-          "downloads, %zu weights, %zu loaded, %zu signals",
+          "downloads, %zu weights, %zu loaded, %zu signals, %zu matrices, %zu batches",
           live.devices, live.queues, live.buffers, live.mappings, live.downloads, live.weights,
-          live.loaded_weights, live.host_signals);
+          live.loaded_weights, live.host_signals, live.ggml_matrices, live.launch_batches);
 
     printf("capi_test: %d checks, %d failed\n", checks, failures);
     printf("%d passed, %d failed\n", checks - failures, failures);
