@@ -24,8 +24,9 @@ use crate::error::{ub_status, CResult, Failure};
 use crate::fence::{ub_fence, write_fence};
 use crate::handle::{from_ptr, to_ptr, Kind, Registry};
 use crate::queue::{new_recording_handle, queue, ub_queue};
+use parking_lot::{Mutex, MutexGuard};
 use std::ffi::c_char;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use unibuf::{LaunchBatch, Queue};
 
 /// A fixed sequence of op launches on one device, recorded through its recording queue
@@ -50,7 +51,7 @@ impl Batch {
     fn lock(&self) -> MutexGuard<'_, LaunchBatch> {
         // A panic while recording leaves the batch as it was: `push_with` appends only after
         // the op returned.
-        self.batch.lock().unwrap_or_else(|e| e.into_inner())
+        self.batch.lock()
     }
 
     /// Runs `op` on a queue that records its launches into this batch, and returns what the

@@ -29,7 +29,8 @@
 //! The encoding assumes 64-bit pointers (checked at compile time below).
 
 use crate::error::{ub_status, CResult, Failure};
-use std::sync::{Arc, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::Arc;
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("unibuf-capi encodes handles in 64-bit pointers: 32-bit targets are not supported");
@@ -154,9 +155,9 @@ impl<T> Registry<T> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table<T>> {
-        // Nothing panics while the lock is held (only Vec pushes, which abort on OOM), but a
-        // poisoned table is still consistent: every update is a single assignment.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        // parking_lot's lock does not poison: nothing panics while it is held (only Vec
+        // pushes, which abort on OOM), and every update is a single assignment.
+        self.table.lock()
     }
 
     /// Registers `value` and returns its handle.

@@ -10,8 +10,8 @@ use crate::error::{ub_status, CResult, Failure};
 use crate::fence::{ub_fence, write_fence};
 use crate::handle::{from_ptr, to_ptr, Kind, Registry};
 use crate::queue::{queue, ub_queue};
+use parking_lot::Mutex;
 use std::ffi::c_void;
-use std::sync::Mutex;
 use unibuf::{Buffer, FillPattern, PendingDownload};
 
 /// Checks that `len` host bytes match `b`'s byte length.
@@ -184,21 +184,16 @@ pub unsafe extern "C" fn ub_download_wait(
             }
             .into());
         }
-        let pending = d
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                Failure::invalid(
-                    "download",
-                    format!(
-                        "the download of '{}' was already waited for: it hands its bytes over \
+        let pending = d.pending.lock().take().ok_or_else(|| {
+            Failure::invalid(
+                "download",
+                format!(
+                    "the download of '{}' was already waited for: it hands its bytes over \
                          once",
-                        d.label
-                    ),
-                )
-            })?;
+                    d.label
+                ),
+            )
+        })?;
         let bytes = pending.wait()?;
         out.copy_from_slice(&bytes);
         Ok(())

@@ -10,8 +10,9 @@ use crate::backend::{RawAlloc, RawRange};
 use crate::device::DeviceInner;
 use crate::epoch::UseState;
 use crate::storage::StorageMode;
+use parking_lot::{Mutex, MutexGuard};
 use std::any::Any;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// The owner of wrapped caller memory, kept alive as long as the allocation (and its work).
 pub(crate) type Owner = Box<dyn Any + Send + Sync>;
@@ -88,7 +89,7 @@ impl Allocation {
     }
 
     pub fn uses(&self) -> MutexGuard<'_, UseState> {
-        self.uses.lock().unwrap_or_else(|e| e.into_inner())
+        self.uses.lock()
     }
 
     pub fn same(&self, other: &Allocation) -> bool {
@@ -101,7 +102,7 @@ impl Drop for Allocation {
         let Some(mut block) = self.block.take() else {
             return;
         };
-        let uses = self.uses.get_mut().unwrap_or_else(|e| e.into_inner());
+        let uses = self.uses.get_mut();
         block.fences = uses.all_fences();
         self.device
             .disown(&self.label, owned_bytes(&block.raw, self.owner.as_ref()));

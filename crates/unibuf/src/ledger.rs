@@ -14,12 +14,13 @@
 use crate::backend::Backend;
 use crate::epoch::Fence;
 use crate::storage::StorageMode;
+use parking_lot::{Mutex, MutexGuard};
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::panic::Location;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 /// Where in the caller's code a transfer was asked for: a file and a line.
@@ -57,10 +58,7 @@ impl CallSite {
     /// program has few of them, and each is kept once for the life of the process.
     pub fn new(file: &str, line: u32) -> CallSite {
         static FILES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-        let mut files = FILES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut files = FILES.get_or_init(Default::default).lock();
         let file = match files.get(file) {
             Some(f) => *f,
             None => {
@@ -237,7 +235,7 @@ impl Ledger {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     pub(crate) fn now_ns(&self) -> u64 {

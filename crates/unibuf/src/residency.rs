@@ -11,9 +11,9 @@ use crate::backend::{Backend, ResidencyHooks};
 use crate::epoch::Fence;
 use crate::epoch::FenceSet;
 use crate::error::{Error, Result};
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 #[derive(Default)]
 struct State {
@@ -56,7 +56,7 @@ pub struct ResidencyStats {
 
 impl Residency {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Records, under the lock `s`, whether anything is left to commit or apply and whether

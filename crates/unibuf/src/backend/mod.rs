@@ -353,10 +353,10 @@ pub trait ResidencyHooks: Send + Sync {
 
 /// The queue `id` of a backend's queue list, or an error naming the queues there are.
 pub(crate) fn queue_by_id<Q>(
-    queues: &std::sync::RwLock<Vec<std::sync::Arc<Q>>>,
+    queues: &parking_lot::RwLock<Vec<std::sync::Arc<Q>>>,
     id: QueueId,
 ) -> Result<std::sync::Arc<Q>> {
-    let queues = queues.read().unwrap_or_else(|e| e.into_inner());
+    let queues = queues.read();
     queues.get(id.0 as usize).cloned().ok_or_else(|| {
         crate::Error::invalid(
             "queue",

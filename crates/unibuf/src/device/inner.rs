@@ -15,8 +15,9 @@ use crate::queue::StatsCollector;
 use crate::residency::Residency;
 use crate::storage::StorageMode;
 use crate::transfer::staging::{StagingConfig, StagingPool};
+use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -77,10 +78,6 @@ pub(crate) struct DeviceInner {
     pub default_queue: QueueId,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A wait at least this long blocked on running work (for the submission stats).
 const BLOCKING_WAIT_NS: u64 = 1_000;
 
@@ -120,7 +117,7 @@ impl DeviceInner {
         if !self.faulted.load(Ordering::Acquire) {
             return Ok(());
         }
-        match &*lock(&self.fault) {
+        match &*self.fault.lock() {
             Some(e) => Err(e.clone()),
             None => Ok(()),
         }
@@ -139,7 +136,7 @@ impl DeviceInner {
     /// Passes an error through, keeping device faults as the sticky state.
     pub fn note<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e @ Error::DeviceFault { .. }) = &r {
-            let mut fault = lock(&self.fault);
+            let mut fault = self.fault.lock();
             fault.get_or_insert_with(|| {
                 tracing::error!(
                     device = self.id,
@@ -156,7 +153,7 @@ impl DeviceInner {
 
     pub fn reset(&self) -> Result<()> {
         self.backend.reset()?;
-        let mut fault = lock(&self.fault);
+        let mut fault = self.fault.lock();
         *fault = None;
         self.faulted.store(false, Ordering::Release);
         drop(fault);
@@ -165,7 +162,7 @@ impl DeviceInner {
 
     pub fn create_queue(&self, label: &str) -> Result<QueueId> {
         self.check_fault()?;
-        let mut queues = lock(&self.queues);
+        let mut queues = self.queues.lock();
         let id = self.backend.create_queue()?;
         debug_assert_eq!(id.0 as usize, queues.len());
         queues.push((label.to_owned(), 0));
@@ -173,13 +170,14 @@ impl DeviceInner {
     }
 
     pub fn queue_label(&self, q: QueueId) -> String {
-        lock(&self.queues)
+        self.queues
+            .lock()
             .get(q.0 as usize)
             .map_or_else(|| q.to_string(), |(l, _)| l.clone())
     }
 
     pub fn queue_count(&self) -> usize {
-        lock(&self.queues).len()
+        self.queues.lock().len()
     }
 
     // ---- memory -------------------------------------------------------------------------
@@ -200,7 +198,7 @@ impl DeviceInner {
             ));
         }
         let block = {
-            let mut a = lock(&self.alloc);
+            let mut a = self.alloc.lock();
             let block = a.allocate(&*self.backend, mode.memory_kind(), bytes)?;
             if let Some(r) = a.recorder() {
                 r.alloc(block.raw.addr, bytes);
@@ -239,7 +237,7 @@ impl DeviceInner {
             Ok(raw) => raw,
             Err(e) => return Err((e, owner)),
         };
-        let mut a = lock(&self.alloc);
+        let mut a = self.alloc.lock();
         let s = a.stats_mut();
         s.external_bytes += raw.bytes;
         s.external_count += 1;
@@ -272,7 +270,7 @@ impl DeviceInner {
     ) -> Allocation {
         debug_assert_eq!(raw.kind, crate::storage::MemoryKind::Foreign);
         {
-            let mut a = lock(&self.alloc);
+            let mut a = self.alloc.lock();
             let s = a.stats_mut();
             s.foreign_bytes += raw.bytes;
             s.foreign_count += 1;
@@ -295,27 +293,27 @@ impl DeviceInner {
 
     /// Counts an allocation's bytes for its label.
     pub fn own(&self, label: &str, bytes: usize) {
-        lock(&self.owners).own(label, bytes);
+        self.owners.lock().own(label, bytes);
     }
 
     /// Adds bytes to a label's count (a growable buffer that grew).
     pub fn own_bytes(&self, label: &str, bytes: usize) {
-        lock(&self.owners).add_bytes(label, bytes);
+        self.owners.lock().add_bytes(label, bytes);
     }
 
     /// Stops counting an allocation's bytes for its label.
     pub fn disown(&self, label: &str, bytes: usize) {
-        lock(&self.owners).disown(label, bytes);
+        self.owners.lock().disown(label, bytes);
     }
 
     /// Live bytes and allocations per label, most bytes first.
     pub fn owners(&self) -> Vec<(String, usize, usize)> {
-        lock(&self.owners).live()
+        self.owners.lock().live()
     }
 
     pub fn free_block(&self, block: Block, requested: usize) {
         self.residency.forget(block.raw.handle, &block.fences);
-        let mut a = lock(&self.alloc);
+        let mut a = self.alloc.lock();
         if let Some(r) = a.recorder() {
             r.free(block.raw.addr);
         }
@@ -326,7 +324,7 @@ impl DeviceInner {
     pub fn record_alloc_trace(&self, path: &std::path::Path) -> Result<()> {
         // Under the lock: a second start must be refused before it truncates any file (the
         // running recording's own, say).
-        let mut a = lock(&self.alloc);
+        let mut a = self.alloc.lock();
         if let Some(running) = a.recorder() {
             return Err(Error::invalid(
                 "allocation trace",
@@ -343,7 +341,7 @@ impl DeviceInner {
 
     /// Stops the recording and finishes its file.
     pub fn finish_alloc_trace(&self) -> Result<crate::alloc::TraceSummary> {
-        let recorder = lock(&self.alloc).stop_recording().ok_or_else(|| {
+        let recorder = self.alloc.lock().stop_recording().ok_or_else(|| {
             Error::invalid(
                 "allocation trace",
                 "no recording is running (start one with Device::record_alloc_trace)",
@@ -354,7 +352,7 @@ impl DeviceInner {
 
     pub fn release_external(&self, block: Block, owner: Owner) {
         self.residency.forget(block.raw.handle, &block.fences);
-        let mut deferred = lock(&self.deferred);
+        let mut deferred = self.deferred.lock();
         deferred.push(DeferredRelease {
             raw: block.raw,
             owner,
@@ -373,7 +371,7 @@ impl DeviceInner {
     /// whose work has completed.
     pub fn poll_deferred(&self) {
         let ready: Vec<DeferredRelease> = if self.has_deferred.load(Ordering::Acquire) {
-            let mut d = lock(&self.deferred);
+            let mut d = self.deferred.lock();
             let (ready, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut *d)
                 .into_iter()
                 .partition(|r| self.fences_complete(&r.fences));
@@ -430,7 +428,7 @@ impl DeviceInner {
             }
         }
         {
-            let mut a = lock(&self.alloc);
+            let mut a = self.alloc.lock();
             let s = a.stats_mut();
             s.growable_bytes += mapped;
             s.growable_count += 1;
@@ -483,7 +481,7 @@ impl DeviceInner {
         region
             .mapped
             .store(need, std::sync::atomic::Ordering::Release);
-        lock(&self.alloc).stats_mut().growable_bytes += need - have;
+        self.alloc.lock().stats_mut().growable_bytes += need - have;
         self.own_bytes(label, need - have);
         Ok(())
     }
@@ -491,7 +489,7 @@ impl DeviceInner {
     /// Refuses `more` bytes past the memory budget (allocator reservations plus growable
     /// buffers count against it).
     fn check_budget(&self, more: usize) -> Result<()> {
-        let a = lock(&self.alloc);
+        let a = self.alloc.lock();
         if let Some(budget) = a.budget().memory_limit {
             let s = a.stats();
             let in_use = s.reserved_bytes + s.growable_bytes;
@@ -520,13 +518,13 @@ impl DeviceInner {
                     vm.unreserve(region.kind, region.base, region.reserved);
                 }
             }
-            let mut a = lock(&self.alloc);
+            let mut a = self.alloc.lock();
             let s = a.stats_mut();
             s.growable_bytes -= mapped;
             s.growable_count -= 1;
             return;
         }
-        let mut a = lock(&self.alloc);
+        let mut a = self.alloc.lock();
         let s = a.stats_mut();
         if r.raw.kind == crate::storage::MemoryKind::Foreign {
             s.foreign_bytes -= r.raw.bytes;
@@ -543,29 +541,32 @@ impl DeviceInner {
     }
 
     pub fn memory_stats(&self) -> MemoryStats {
-        let mut s = lock(&self.alloc).stats();
+        let mut s = self.alloc.lock().stats();
         s.staging_bytes = self.staging.bytes();
         s
     }
 
     pub fn budget(&self) -> Budget {
-        lock(&self.alloc).budget()
+        self.alloc.lock().budget()
     }
 
     pub fn set_budget(&self, budget: Budget) {
-        lock(&self.alloc).set_budget(budget);
+        self.alloc.lock().set_budget(budget);
     }
 
     /// The allocator's segments and cached blocks, after deferred releases are applied.
     pub fn memory_snapshot(&self) -> crate::alloc::MemorySnapshot {
         self.poll_deferred();
-        lock(&self.alloc).snapshot()
+        self.alloc.lock().snapshot()
     }
 
     /// Releases every cached block and idle staging chunk back to the backend.
     pub fn trim(&self) -> usize {
         self.poll_deferred();
-        let released = lock(&self.alloc).release_cached(&*self.backend, usize::MAX, true);
+        let released = self
+            .alloc
+            .lock()
+            .release_cached(&*self.backend, usize::MAX, true);
         released + self.staging.trim(&*self.backend)
     }
 
@@ -583,7 +584,7 @@ impl DeviceInner {
     ) -> Result<Fence> {
         self.check_fault()?;
         let started = self.ledger.now_ns();
-        let _serial = lock(&self.submit_lock);
+        let _serial = self.submit_lock.lock();
         let mut waits = FenceSet::new();
         for u in uses {
             if !u.alloc.device.same_device(self) {
@@ -656,7 +657,7 @@ impl DeviceInner {
         for u in uses {
             u.alloc.uses().record(fence, u.access);
         }
-        if let Some(q) = lock(&self.queues).get_mut(queue.0 as usize) {
+        if let Some(q) = self.queues.lock().get_mut(queue.0 as usize) {
             q.1 = epoch;
         }
         let encode_ns = self.ledger.now_ns() - started;
@@ -734,7 +735,7 @@ impl DeviceInner {
 
     /// Waits for everything submitted on every queue.
     pub fn drain(&self) -> Result<()> {
-        let last: Vec<Epoch> = lock(&self.queues).iter().map(|(_, e)| *e).collect();
+        let last: Vec<Epoch> = self.queues.lock().iter().map(|(_, e)| *e).collect();
         for (i, e) in last.into_iter().enumerate() {
             self.wait(Fence {
                 device: self.id,
@@ -747,7 +748,7 @@ impl DeviceInner {
     }
 
     pub fn last_submitted(&self, queue: QueueId) -> Epoch {
-        lock(&self.queues).get(queue.0 as usize).map_or(0, |q| q.1)
+        self.queues.lock().get(queue.0 as usize).map_or(0, |q| q.1)
     }
 
     // ---- host access --------------------------------------------------------------------
@@ -779,7 +780,7 @@ impl DeviceInner {
         // its fence under the same lock, so a borrow either sees that fence (and waits for it)
         // or the submission sees the borrow (and is refused). Without it, a borrow taken between
         // a submission's check and its record would not wait for work writing these bytes.
-        let serial = lock(&self.submit_lock);
+        let serial = self.submit_lock.lock();
         let (id, fences) = {
             let mut state = alloc.uses();
             if let Some((s, e, held_write)) = state.borrow_conflict(start, end, write) {
@@ -828,7 +829,7 @@ impl Drop for DeviceInner {
         let _ = self.drain();
         // A BLAS handle goes with its context alive (the backend is dropped after this).
         drop(self.blas.take());
-        for r in std::mem::take(&mut *lock(&self.deferred)) {
+        for r in std::mem::take(&mut *self.deferred.lock()) {
             for f in r.fences.iter() {
                 let _ = self.backend.wait(f.queue, f.epoch);
             }
@@ -836,7 +837,7 @@ impl Drop for DeviceInner {
         }
         self.residency.apply_removals(&*self.backend, |_| true);
         self.staging.trim(&*self.backend);
-        let mut alloc = lock(&self.alloc);
+        let mut alloc = self.alloc.lock();
         alloc.release_cached(&*self.backend, usize::MAX, true);
         alloc.shutdown(&*self.backend);
     }

@@ -495,20 +495,12 @@ impl Device {
 
     /// Registers a kernel by name; it compiles on first use (or in [`Device::warm_all`]).
     pub fn register_kernel(&self, source: KernelSource) -> Result<()> {
-        self.inner
-            .kernels
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .register(source)
+        self.inner.kernels.write().register(source)
     }
 
     /// Names of the registered kernels, sorted.
     pub fn kernel_names(&self) -> Vec<&'static str> {
-        self.inner
-            .kernels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .names()
+        self.inner.kernels.read().names()
     }
 
     /// The registered kernel `name` without constants, compiled (and cached) on first use.
@@ -535,18 +527,8 @@ impl Device {
                 ));
             }
         }
-        let source = self
-            .inner
-            .kernels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .source(name)?;
-        let cached = self
-            .inner
-            .kernels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .pipeline(source.name, constants);
+        let source = self.inner.kernels.read().source(name)?;
+        let cached = self.inner.kernels.read().pipeline(source.name, constants);
         let pipeline = match cached {
             Some(p) => p,
             None => {
@@ -554,7 +536,6 @@ impl Device {
                 self.inner
                     .kernels
                     .write()
-                    .unwrap_or_else(|e| e.into_inner())
                     .insert_pipeline(source.name, constants.clone(), p);
                 p
             }
@@ -570,12 +551,7 @@ impl Device {
     /// How many kernels were compiled, loaded from the disk cache, or found in memory.
     pub fn kernel_cache_stats(&self) -> KernelCacheStats {
         let mut s = self.inner.backend.kernel_cache_stats();
-        s.memory_hits = self
-            .inner
-            .kernels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .memory_hits();
+        s.memory_hits = self.inner.kernels.read().memory_hits();
         s
     }
 
@@ -587,12 +563,7 @@ impl Device {
             self.kernel(name)?;
         }
         crate::ops::warm_variants(self)?;
-        Ok(self
-            .inner
-            .kernels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .pipeline_count())
+        Ok(self.inner.kernels.read().pipeline_count())
     }
 
     /// Marks a buffer's allocation resident: it joins the device's working set with the next

@@ -13,8 +13,9 @@ use crate::epoch::{Access, Fence};
 use crate::error::{Error, Result};
 use crate::interop::NativeEncoder;
 use crate::queue::Queue;
+use parking_lot::Mutex;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The error a closure of [`Queue::external`] returns: any error type of the foreign library.
 pub type ExternalError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,7 +42,7 @@ impl ExternalWork {
     /// Runs the closure with `encoder`, catching a panic. `label` names the submission in the
     /// error. A second run (a command cloned and encoded twice) is refused.
     pub fn run(&self, encoder: NativeEncoder, label: &str) -> Result<()> {
-        let work = self.work.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let work = self.work.lock().take();
         let Some(work) = work else {
             return Err(Error::External {
                 label: label.to_owned(),
@@ -71,7 +72,7 @@ impl ExternalWork {
 
 impl fmt::Debug for ExternalWork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pending = self.work.lock().map(|w| w.is_some()).unwrap_or_default();
+        let pending = self.work.lock().is_some();
         f.debug_struct("ExternalWork")
             .field("pending", &pending)
             .finish()

@@ -6,7 +6,8 @@ use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::interop::NativeHandle;
 use crate::queue::Queue;
-use std::sync::{Arc, Condvar, Mutex};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 
 /// A one-shot signal set by host code: the CPU backend's counterpart of a CUDA event on a
 /// stream unibuf does not own. A queue told to wait for it ([`Queue::wait_host_signal`]) runs
@@ -55,19 +56,19 @@ impl HostSignal {
 
     /// Sets the signal: whatever waits for it goes on.
     pub fn set(&self) {
-        *self.inner.set.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self.inner.set.lock() = true;
         self.inner.changed.notify_all();
     }
 
     /// Whether it is set.
     pub fn is_set(&self) -> bool {
-        *self.inner.set.lock().unwrap_or_else(|e| e.into_inner())
+        *self.inner.set.lock()
     }
 
     /// Blocks until the signal is set; `false` if every other clone was dropped unset first, so
     /// that it can never be set.
     pub(crate) fn wait(&self) -> bool {
-        let mut set = self.inner.set.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.inner.set.lock();
         loop {
             if *set {
                 return true;
@@ -77,12 +78,9 @@ impl HostSignal {
             }
             // Drops of other clones notify (see Drop); the timeout covers a drop that raced
             // with the count check above.
-            set = self
-                .inner
+            self.inner
                 .changed
-                .wait_timeout(set, std::time::Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+                .wait_for(&mut set, std::time::Duration::from_millis(50));
         }
     }
 }

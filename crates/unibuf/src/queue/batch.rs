@@ -11,8 +11,9 @@ use crate::device::{Completion, Device, DeviceInner, Use};
 use crate::epoch::{Access, Fence};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, KernelArg};
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -127,7 +128,7 @@ impl LaunchBatch {
         let outcome = record(&q);
         drop(q);
         outcome?;
-        let mut new = std::mem::take(&mut *recorder.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut new = std::mem::take(&mut *recorder.lock());
         self.recorded.launches.append(&mut new.launches);
         self.recorded.buffers.append(&mut new.buffers);
         self.invalidate();

@@ -27,7 +27,7 @@ pub struct Queue {
     label: Option<Arc<str>>,
     /// Set on the queue [`LaunchBatch::push_with`] hands to its closure: launches are recorded
     /// into the batch instead of submitted.
-    recorder: Option<Arc<std::sync::Mutex<batch::Recorded>>>,
+    recorder: Option<Arc<parking_lot::Mutex<batch::Recorded>>>,
 }
 
 impl Queue {
@@ -229,13 +229,7 @@ impl Queue {
     ) -> Result<Fence> {
         let (launch_args, uses) = self.check_launch(kernel, dims, args)?;
         if let Some(recorder) = &self.recorder {
-            recorder.lock().unwrap_or_else(|e| e.into_inner()).add(
-                kernel,
-                dims,
-                launch_args,
-                args,
-                &uses,
-            );
+            recorder.lock().add(kernel, dims, launch_args, args, &uses);
             return Ok(self.done_fence());
         }
         let label = self.submission_label(kernel.name());

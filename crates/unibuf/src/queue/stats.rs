@@ -9,9 +9,9 @@
 
 use crate::backend::Backend;
 use crate::epoch::{Epoch, Fence, QueueId};
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::Mutex;
 
 /// Submissions kept for their device time and for attributing waits. When this many are held,
 /// the completed ones are harvested; if the oldest has not completed, it loses its device
@@ -213,8 +213,8 @@ pub(crate) struct StatsCollector {
 }
 
 impl StatsCollector {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Collector> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Collector> {
+        self.inner.lock()
     }
 
     /// Counts a submission and its encode time.

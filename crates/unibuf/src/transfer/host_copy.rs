@@ -12,8 +12,9 @@
 //! Written by hand because the job is one fork-join over raw ranges plus a streaming copy,
 //! which neither std nor a general thread pool provides.
 
+use parking_lot::{Condvar, Mutex};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Below this, one thread copies alone: waking helpers costs more than it saves.
@@ -43,16 +44,16 @@ struct Latch {
 
 impl Latch {
     fn done(&self) {
-        let mut r = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.remaining.lock();
         *r -= 1;
         if *r == 0 {
             self.zero.notify_all();
         }
     }
     fn wait(&self) {
-        let mut r = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.remaining.lock();
         while *r > 0 {
-            r = self.zero.wait(r).unwrap_or_else(|e| e.into_inner());
+            self.zero.wait(&mut r);
         }
     }
 }
@@ -133,7 +134,7 @@ impl HostCopyPool {
                 break;
             }
             let n = piece.min(len - at);
-            *latch.remaining.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            *latch.remaining.lock() += 1;
             let p = Piece {
                 src: src as usize + at,
                 dst: dst as usize + at,
@@ -141,12 +142,7 @@ impl HostCopyPool {
                 stores,
                 latch: latch.clone(),
             };
-            if tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(p)
-                .is_err()
-            {
+            if tx.lock().send(p).is_err() {
                 // A helper is gone: copy its piece here.
                 // SAFETY: the caller's contract covers every sub-range.
                 unsafe { copy_piece(dst.add(at), src.add(at), n, stores) };

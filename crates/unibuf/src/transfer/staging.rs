@@ -9,7 +9,8 @@ use crate::backend::{fence_retired, Backend, RawAlloc, RawRange};
 use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::sync::OnceLock;
 
 /// Sizes of the staging ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +175,7 @@ impl StagingPool {
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
-        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+        self.chunks.lock()
     }
 
     pub fn bytes(&self) -> usize {
@@ -222,7 +223,7 @@ impl StagingPool {
                 if !block {
                     return Ok(None);
                 }
-                g = self.returned.wait(g).unwrap_or_else(|e| e.into_inner());
+                self.returned.wait(&mut g);
                 continue;
             };
             match pick {

@@ -17,8 +17,8 @@ use crate::error::{check_range, Error, Result};
 use crate::ledger::CallSite;
 use crate::ledger::Direction;
 use crate::queue::Queue;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 /// One piece of a stream: `len` bytes (at most a staging chunk) for `dst` at byte `offset` of
 /// the view.
@@ -77,10 +77,7 @@ impl Queue {
         let last: Mutex<Fence> = Mutex::new(self.done_fence());
         let fail = |e: Error| {
             stop.store(true, Ordering::Relaxed);
-            first_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(e);
+            first_error.lock().get_or_insert(e);
         };
         let worker = || {
             while !stop.load(Ordering::Relaxed) {
@@ -88,7 +85,7 @@ impl Queue {
                 let Some(p) = pieces.get(i) else { break };
                 match self.stream_piece(i, p, location, fill) {
                     Ok(fence) => {
-                        let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut l = last.lock();
                         if fence.epoch > l.epoch {
                             *l = fence;
                         }
@@ -105,10 +102,10 @@ impl Queue {
             }
             worker();
         });
-        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(e) = first_error.into_inner() {
             return Err(e);
         }
-        Ok(last.into_inner().unwrap_or_else(|p| p.into_inner()))
+        Ok(last.into_inner())
     }
 
     /// One piece: a chunk, its fill, its copy, its ledger record.

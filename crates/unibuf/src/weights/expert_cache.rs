@@ -28,9 +28,10 @@ use crate::epoch::Fence;
 use crate::error::{Error, Result};
 use crate::queue::Queue;
 use crate::storage::StorageMode;
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -297,10 +298,6 @@ pub struct ExpertCache {
     worker: Option<JoinHandle<()>>,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl ExpertCache {
     /// A cache over `file`'s experts as `layout` names them, holding at most
     /// `budget_per_layer` experts of each layer on `dev`. Creates its copy queue and a prefetch
@@ -378,7 +375,7 @@ impl ExpertCache {
 
     /// The counters.
     pub fn stats(&self) -> ExpertStats {
-        let st = lock(&self.shared.state);
+        let st = self.shared.state.lock();
         let mut s = st.stats;
         s.resident = st.layers.iter().map(HashMap::len).sum();
         s
@@ -386,7 +383,7 @@ impl ExpertCache {
 
     /// The experts of `layer` on the device (or being read), by index.
     pub fn resident(&self, layer: usize) -> Vec<usize> {
-        let st = lock(&self.shared.state);
+        let st = self.shared.state.lock();
         let mut v: Vec<usize> = st
             .layers
             .get(layer)
@@ -426,7 +423,7 @@ impl ExpertCache {
         let sh = &self.shared;
         let started = Instant::now();
         let mut blocked = false;
-        let mut st = lock(&sh.state);
+        let mut st = sh.state.lock();
         loop {
             st.clock += 1;
             let clock = st.clock;
@@ -448,7 +445,7 @@ impl ExpertCache {
                     }
                     Status::Loading => {
                         blocked = true;
-                        st = sh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                        sh.changed.wait(&mut st);
                         continue;
                     }
                     Status::Failed(err) => {
@@ -466,7 +463,7 @@ impl ExpertCache {
                     // which the expert may have arrived: look again).
                     if st.layers[layer].len() >= sh.budget && !evict_lru(&mut st, layer, &[]) {
                         blocked = true;
-                        st = sh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                        sh.changed.wait(&mut st);
                         continue;
                     }
                     break;
@@ -495,7 +492,7 @@ impl ExpertCache {
         let r = sh.read(&handle, 0);
         let fence = r.as_ref().ok().copied();
         sh.finish(layer, expert, r);
-        let mut st = lock(&sh.state);
+        let mut st = sh.state.lock();
         st.stats.stall += started.elapsed();
         match fence {
             Some(fence) => {
@@ -525,7 +522,7 @@ impl ExpertCache {
             self.check(layer, e)?;
         }
         let sh = &self.shared;
-        let mut st = lock(&sh.state);
+        let mut st = sh.state.lock();
         for &e in experts {
             if st.layers[layer].contains_key(&e) {
                 continue;
@@ -568,14 +565,14 @@ impl ExpertCache {
     /// Waits until no prefetch is reading: every expert resident is ready (or failed).
     pub fn wait_prefetches(&self) {
         let sh = &self.shared;
-        let mut st = lock(&sh.state);
+        let mut st = sh.state.lock();
         while st
             .layers
             .iter()
             .flat_map(|m| m.values())
             .any(|e| matches!(e.status, Status::Loading))
         {
-            st = sh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            sh.changed.wait(&mut st);
         }
     }
 }
@@ -638,12 +635,8 @@ impl Shared {
         }
         let n = self.reads.len();
         let slot = (0..n)
-            .find_map(|i| self.reads[(first + i) % n].try_lock().ok())
-            .unwrap_or_else(|| {
-                self.reads[first % n]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-            });
+            .find_map(|i| self.reads[(first + i) % n].try_lock())
+            .unwrap_or_else(|| self.reads[first % n].lock());
         {
             // Waits for the copy out of this buffer from its last use.
             let mut host = slot.write::<u8>()?;
@@ -656,14 +649,14 @@ impl Shared {
         let dst = handle.whole.slice(0..used)?;
         let fence = self.queue.copy_async(&src, &dst)?;
         drop(slot);
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock();
         st.stats.bytes_read += ts.iter().map(|(_, t)| t.byte_len()).sum::<u64>();
         Ok(fence)
     }
 
     /// Records the end of a read: ready with its fence, or failed with its error.
     fn finish(&self, layer: usize, expert: usize, r: Result<Fence>) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock();
         if let Some(e) = st.layers[layer].get_mut(&expert) {
             match r {
                 Ok(fence) => {

@@ -22,10 +22,11 @@ use crate::interop::{
 };
 use crate::kernel::{Constants, KernelSource};
 use crate::storage::MemoryKind;
+use parking_lot::RwLock;
 use queue::CpuQueue;
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Alignment of every CPU allocation: enough for any dtype and for 256-bit vector loads of a
@@ -42,7 +43,7 @@ pub(crate) struct Pipelines(RwLock<Vec<(CpuKernelFn, Constants, &'static str)>>)
 
 impl Pipelines {
     fn get(&self, id: PipelineId) -> Option<(CpuKernelFn, Constants)> {
-        let v = self.0.read().ok()?;
+        let v = self.0.read();
         v.get(id.0 as usize).map(|(f, c, _)| (*f, c.clone()))
     }
 }
@@ -97,7 +98,7 @@ impl CpuBackend {
 
 impl Drop for CpuBackend {
     fn drop(&mut self) {
-        let queues = std::mem::take(&mut *self.queues.write().unwrap_or_else(|e| e.into_inner()));
+        let queues = std::mem::take(&mut *self.queues.write());
         for q in queues {
             q.shutdown();
         }
@@ -199,7 +200,7 @@ impl Backend for CpuBackend {
     }
 
     fn create_queue(&self) -> Result<QueueId> {
-        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.write();
         let id = QueueId(queues.len() as u32);
         let q = CpuQueue::spawn(
             id,
@@ -247,18 +248,13 @@ impl Backend for CpuBackend {
             kernel: kernel.name.to_owned(),
             log: "no CPU implementation was given".to_owned(),
         })?;
-        let mut v = self.pipelines.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.pipelines.0.write();
         v.push((f, constants.clone(), kernel.name));
         Ok(PipelineId(v.len() as u64 - 1))
     }
 
     fn kernel_cache_stats(&self) -> KernelCacheStats {
-        let compiled = self
-            .pipelines
-            .0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u64;
+        let compiled = self.pipelines.0.read().len() as u64;
         KernelCacheStats {
             compiled,
             ..KernelCacheStats::default()
@@ -266,7 +262,7 @@ impl Backend for CpuBackend {
     }
 
     fn reset(&self) -> Result<()> {
-        for q in self.queues.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for q in self.queues.read().iter() {
             q.shared.reset();
         }
         Ok(())

@@ -4,10 +4,11 @@ use super::Pipelines;
 use crate::backend::{Command, FillPattern, GpuSpan, RawRange};
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, FaultKind, Result};
+use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -41,7 +42,7 @@ pub(super) struct QueueShared {
 
 impl QueueShared {
     pub fn completed(&self) -> Result<Epoch> {
-        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.progress.lock();
         match &p.fault {
             Some(f) => Err(f.clone()),
             None => Ok(p.completed),
@@ -49,7 +50,7 @@ impl QueueShared {
     }
 
     pub fn wait(&self, epoch: Epoch) -> Result<()> {
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.progress.lock();
         if epoch > p.submitted {
             return Err(Error::invalid(
                 "epoch",
@@ -66,19 +67,19 @@ impl QueueShared {
             if p.completed >= epoch {
                 return Ok(());
             }
-            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            self.changed.wait(&mut p);
         }
     }
 
     pub fn span(&self, epoch: Epoch) -> Option<GpuSpan> {
-        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.progress.lock();
         let first = p.spans.front()?.0;
         let i = usize::try_from(epoch.checked_sub(first)?).ok()?;
         p.spans.get(i).filter(|(e, _)| *e == epoch).map(|(_, s)| *s)
     }
 
     pub fn reset(&self) {
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.progress.lock();
         p.fault = None;
         p.generation += 1;
         self.changed.notify_all();
@@ -129,12 +130,8 @@ impl CpuQueue {
 
     /// Assigns the next epoch and hands the job to the worker.
     pub fn submit(&self, label: &str, commands: Vec<Command>) -> Result<Epoch> {
-        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        let mut p = self
-            .shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let sender = self.sender.lock();
+        let mut p = self.shared.progress.lock();
         if let Some(f) = &p.fault {
             return Err(f.clone());
         }
@@ -160,8 +157,8 @@ impl CpuQueue {
 
     /// Closes the channel and joins the worker after it ran everything submitted.
     pub fn shutdown(&self) {
-        drop(self.sender.lock().unwrap_or_else(|e| e.into_inner()).take());
-        if let Some(h) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        drop(self.sender.lock().take());
+        if let Some(h) = self.worker.lock().take() {
             let _ = h.join();
         }
     }
@@ -177,11 +174,7 @@ struct Worker {
 impl Worker {
     fn run(&self, job: Job) {
         let faulted = {
-            let p = self
-                .shared
-                .progress
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let p = self.shared.progress.lock();
             p.fault.is_some() || p.generation != job.generation
         };
         let start = self.clock.elapsed().as_nanos() as u64;
@@ -202,11 +195,7 @@ impl Worker {
                 })
         };
         let end = self.clock.elapsed().as_nanos() as u64;
-        let mut p = self
-            .shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut p = self.shared.progress.lock();
         if let Err((kind, detail)) = outcome {
             p.fault.get_or_insert(Error::DeviceFault {
                 kind,
@@ -295,7 +284,7 @@ impl Worker {
                     let other = self
                         .queues
                         .upgrade()
-                        .and_then(|qs| qs.read().ok()?.get(fence.queue.0 as usize).cloned());
+                        .and_then(|qs| qs.read().get(fence.queue.0 as usize).cloned());
                     let Some(other) = other else {
                         return Err((
                             FaultKind::InvalidResource,

@@ -7,8 +7,8 @@ use super::stream::new_stream;
 use crate::backend::BatchedLaunch;
 use crate::error::Result;
 use cudarc::driver::sys;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// An instantiated graph.
 struct Exec(sys::CUgraphExec);
@@ -39,7 +39,7 @@ impl Graphs {
         launches: &[BatchedLaunch],
         launch: impl Fn(sys::CUstream, &BatchedLaunch) -> Result<()>,
     ) -> Result<sys::CUgraphExec> {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.0.lock();
         if let Some(e) = st.execs.get(&id) {
             return Ok(e.0);
         }
@@ -96,12 +96,7 @@ impl Graphs {
     /// Destroys batch `id`'s graph. Launches of it still in flight complete first (the driver
     /// frees an executable graph that is running once it finishes).
     pub fn forget(&self, id: u64) -> Result<(), CuError> {
-        let removed = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .execs
-            .remove(&id);
+        let removed = self.0.lock().execs.remove(&id);
         if let Some(e) = removed {
             // SAFETY: instantiated by `exec`, destroyed once (it left the map).
             check(
@@ -115,7 +110,7 @@ impl Graphs {
 
 impl Drop for Graphs {
     fn drop(&mut self) {
-        let st = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let st = std::mem::take(self.0.get_mut());
         for (_, e) in st.execs {
             // SAFETY: instantiated by `exec`; the backend synchronised its streams.
             unsafe { sys::cuGraphExecDestroy(e.0) };

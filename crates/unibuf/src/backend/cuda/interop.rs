@@ -141,10 +141,7 @@ impl CudaBackend {
         let handle = self
             .next_wrap
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.foreign
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, ForeignRegion { host });
+        self.foreign.lock().insert(handle, ForeignRegion { host });
         Ok(RawAlloc {
             addr,
             handle,

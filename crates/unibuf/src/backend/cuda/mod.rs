@@ -37,11 +37,12 @@ use compile::CompileCounters;
 use cudarc::driver::sys::{self, CUdevice_attribute};
 use driver::{check, Context, CuError};
 use memory::Registrations;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use stream::{CudaQueue, Event};
 
 /// A compiled kernel: its module (kept loaded) and entry point.
@@ -303,7 +304,7 @@ impl CudaBackend {
     }
 
     fn take_event(&self) -> Result<Event, CuError> {
-        if let Some(e) = self.events.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        if let Some(e) = self.events.lock().pop() {
             return Ok(e);
         }
         let mut ev: sys::CUevent = std::ptr::null_mut();
@@ -319,10 +320,7 @@ impl CudaBackend {
 
     fn recycle(&self, events: Vec<Event>) {
         if !events.is_empty() {
-            self.events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(events);
+            self.events.lock().extend(events);
         }
     }
 
@@ -569,7 +567,7 @@ impl CudaBackend {
         args: &[LaunchArg],
     ) -> Result<()> {
         let function = {
-            let p = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+            let p = self.pipelines.read();
             p.get(pipeline.0 as usize)
                 .map(|p| p.function)
                 .ok_or_else(|| {
@@ -646,17 +644,17 @@ impl Drop for CudaBackend {
         if self.ctx.bind().is_err() {
             return;
         }
-        let queues = std::mem::take(&mut *self.queues.write().unwrap_or_else(|e| e.into_inner()));
+        let queues = std::mem::take(&mut *self.queues.write());
         for q in &queues {
             // SAFETY: a live stream; waiting before its destruction.
             unsafe { sys::cuStreamSynchronize(q.stream) };
         }
         drop(queues);
-        for e in std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner())) {
+        for e in std::mem::take(&mut *self.events.lock()) {
             // SAFETY: pooled events, no longer used by any stream (all synchronised).
             unsafe { sys::cuEventDestroy_v2(e.0) };
         }
-        for p in std::mem::take(&mut *self.pipelines.write().unwrap_or_else(|e| e.into_inner())) {
+        for p in std::mem::take(&mut *self.pipelines.write()) {
             // SAFETY: loaded by `compile`; no work is pending.
             unsafe { sys::cuModuleUnload(p.module) };
         }
@@ -717,19 +715,12 @@ impl Backend for CudaBackend {
             MemoryKind::HostShared => unsafe { memory::free_mapped_host(raw.handle as *mut u8) },
             MemoryKind::Foreign => {
                 // Foreign memory is its owner's to free: only the record goes.
-                self.foreign
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&raw.handle);
+                self.foreign.lock().remove(&raw.handle);
             }
             MemoryKind::HostRegistered => {
-                let w = self
-                    .wrapped
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&raw.handle);
+                let w = self.wrapped.lock().remove(&raw.handle);
                 if let Some(w) = w {
-                    let mut regs = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut regs = self.registrations.lock();
                     // SAFETY: as above.
                     unsafe { regs.release(&w.registrations) };
                 }
@@ -740,31 +731,24 @@ impl Backend for CudaBackend {
     unsafe fn wrap_host(&self, ptr: NonNull<u8>, bytes: usize, writable: bool) -> Result<RawAlloc> {
         self.bind()?;
         let host = ptr.as_ptr() as usize;
-        let registrations = self
-            .registrations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .register(host, bytes, writable)?;
+        let registrations = self.registrations.lock().register(host, bytes, writable)?;
         let addr = match Registrations::device_pointer(host) {
             Ok(a) => a,
             Err(e) => {
-                let mut regs = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+                let mut regs = self.registrations.lock();
                 // SAFETY: registered just above and never used by any work.
                 unsafe { regs.release(&registrations) };
                 return Err(e.into_error("mapping registered host memory"));
             }
         };
         let handle = self.next_wrap.fetch_add(1, Ordering::Relaxed);
-        self.wrapped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                handle,
-                Wrapped {
-                    host,
-                    registrations,
-                },
-            );
+        self.wrapped.lock().insert(
+            handle,
+            Wrapped {
+                host,
+                registrations,
+            },
+        );
         Ok(RawAlloc {
             addr,
             handle,
@@ -778,12 +762,12 @@ impl Backend for CudaBackend {
             MemoryKind::Device => None,
             MemoryKind::HostShared => NonNull::new(raw.handle as *mut u8),
             MemoryKind::HostRegistered => {
-                let w = self.wrapped.lock().unwrap_or_else(|e| e.into_inner());
+                let w = self.wrapped.lock();
                 w.get(&raw.handle)
                     .and_then(|w| NonNull::new(w.host as *mut u8))
             }
             MemoryKind::Foreign => {
-                let f = self.foreign.lock().unwrap_or_else(|e| e.into_inner());
+                let f = self.foreign.lock();
                 f.get(&raw.handle)
                     .and_then(|f| f.host)
                     .and_then(|h| NonNull::new(h as *mut u8))
@@ -793,7 +777,7 @@ impl Backend for CudaBackend {
 
     fn create_queue(&self) -> Result<QueueId> {
         self.bind()?;
-        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.write();
         let id = QueueId(queues.len() as u32);
         let q = CudaQueue::create(id).map_err(|e| e.into_error("creating a stream"))?;
         if !queues.is_empty() && !self.multi_queue.swap(true, Ordering::SeqCst) {
@@ -1018,7 +1002,7 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        let mut p = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pipelines.write();
         p.push(Pipeline { module, function });
         Ok(PipelineId(p.len() as u64 - 1))
     }

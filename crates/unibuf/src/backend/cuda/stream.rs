@@ -12,8 +12,9 @@ use super::driver::{check, fault_kind, CuError};
 use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, FaultKind, Result};
 use cudarc::driver::sys::{self, CUresult};
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// A raw event handle from the backend's pool.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -99,7 +100,7 @@ impl CudaQueue {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// The fault to report for a failed query: the first incomplete submission is named.

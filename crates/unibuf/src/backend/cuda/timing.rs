@@ -19,8 +19,8 @@ use super::stream::Event;
 use crate::backend::GpuSpan;
 use crate::epoch::{Epoch, QueueId};
 use cudarc::driver::sys::{self, CUresult};
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 /// How many recent submissions of each queue keep their timing events.
 pub(crate) const KEEP: usize = 4096;
@@ -84,7 +84,7 @@ impl Timer {
 
     /// Records a timing event on `stream` (before or after a submission's commands).
     pub fn mark(&self, stream: sys::CUstream) -> Result<Event, CuError> {
-        let ev = match self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        let ev = match self.pool.lock().pop() {
             Some(ev) => ev,
             None => create_timing_event()?,
         };
@@ -101,7 +101,7 @@ impl Timer {
 
     /// Keeps the events of submission `epoch` of `queue` until its span is asked for.
     pub fn keep(&self, queue: QueueId, epoch: Epoch, start: Event, end: Event) {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = self.recent.lock();
         let q = queue.0 as usize;
         if recent.len() <= q {
             recent.resize_with(q + 1, VecDeque::new);
@@ -121,15 +121,12 @@ impl Timer {
 
     /// Returns events that were marked but whose submission failed to be recorded.
     pub fn recycle(&self, events: impl IntoIterator<Item = Event>) {
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(events);
+        self.pool.lock().extend(events);
     }
 
     /// The device-side span of a submission, once its end event completed.
     pub fn span(&self, queue: QueueId, epoch: Epoch) -> Option<GpuSpan> {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = self.recent.lock();
         let list = recent.get_mut(queue.0 as usize)?;
         // Epochs of one queue are kept in order: a binary search.
         let i = list.partition_point(|t| t.epoch < epoch);
@@ -152,8 +149,8 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        let recent = std::mem::take(self.recent.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let recent = std::mem::take(self.recent.get_mut());
+        let pool = std::mem::take(self.pool.get_mut());
         let events = recent
             .into_iter()
             .flatten()

@@ -8,8 +8,8 @@ use crate::backend::{Backend, VirtualMemory};
 use crate::error::{Error, Result};
 use crate::storage::MemoryKind;
 use cudarc::driver::sys::{self, CUresult};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// Physical allocations: the one behind each mapped granule, by address, and those unmapped by
 /// `unmap_for_reuse` and kept for the next `map`.
@@ -35,12 +35,12 @@ impl Mappings {
             .any(|r| r.start <= addr && end <= r.end)
     }
 
-    fn physical(&self) -> std::sync::MutexGuard<'_, Physical> {
-        self.physical.lock().unwrap_or_else(|e| e.into_inner())
+    fn physical(&self) -> parking_lot::MutexGuard<'_, Physical> {
+        self.physical.lock()
     }
 
-    fn ranges(&self) -> std::sync::MutexGuard<'_, Vec<std::ops::Range<u64>>> {
-        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+    fn ranges(&self) -> parking_lot::MutexGuard<'_, Vec<std::ops::Range<u64>>> {
+        self.reserved.lock()
     }
 }
 

@@ -27,11 +27,11 @@ use objc2_metal::{
     MTLCompileOptions, MTLComputePipelineState, MTLDataType, MTLDevice, MTLFunction,
     MTLFunctionConstantValues, MTLLibrary,
 };
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
 
 /// A compiled kernel.
 pub(super) struct Pipeline {
@@ -169,12 +169,7 @@ impl Compiler {
             )
         })?;
         let key = (kernel.name, source, constants.clone());
-        if let Some(id) = self
-            .by_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(id) = self.by_key.lock().get(&key) {
             if count {
                 self.memory_hits.fetch_add(1, Ordering::Relaxed);
             }
@@ -196,7 +191,7 @@ impl Compiler {
             .newComputePipelineStateWithFunction_error(&function)
             .map_err(|e| fail(kernel.name, e.localizedDescription().to_string()))?;
         let max_threads = state.maxTotalThreadsPerThreadgroup();
-        let mut pipelines = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        let mut pipelines = self.pipelines.write();
         pipelines.push(Pipeline {
             state,
             name: kernel.name,
@@ -207,10 +202,7 @@ impl Compiler {
         if count {
             self.compiled.fetch_add(1, Ordering::Relaxed);
         }
-        self.by_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, id);
+        self.by_key.lock().insert(key, id);
         Ok(id)
     }
 
@@ -220,7 +212,7 @@ impl Compiler {
         name: &'static str,
         source: &'static str,
     ) -> Result<Library> {
-        let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut libraries = self.libraries.lock();
         if let Some(l) = libraries.get(&(name, source)) {
             return Ok(l.clone());
         }
@@ -240,7 +232,7 @@ impl Compiler {
 
     /// Runs `f` on pipeline `id`, or fails naming it.
     pub fn with<R>(&self, id: PipelineId, f: impl FnOnce(&Pipeline) -> R) -> Result<R> {
-        let pipelines = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+        let pipelines = self.pipelines.read();
         let p = pipelines.get(id.0 as usize).ok_or_else(|| {
             Error::invalid(
                 "pipeline",

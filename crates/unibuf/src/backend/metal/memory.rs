@@ -35,11 +35,12 @@ use crate::storage::MemoryKind;
 use objc2::rc::Retained;
 use objc2::runtime::ProtocolObject;
 use objc2_metal::{MTLBuffer, MTLDevice, MTLResourceOptions};
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// One MTLBuffer of an allocation, covering `start..start + len` of it, from byte `base` of the
 /// buffer on (0 but for foreign memory, which may begin inside its buffer).
@@ -183,34 +184,23 @@ impl Buffers {
     fn insert(&self, alloc: MetalAlloc) -> (u64, Arc<MetalAlloc>) {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let alloc = Arc::new(alloc);
-        self.live
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, alloc.clone());
+        self.live.write().insert(handle, alloc.clone());
         (handle, alloc)
     }
 
     /// The allocation behind `handle`, or an error naming it.
     pub fn get(&self, handle: u64) -> Result<Arc<MetalAlloc>> {
-        self.live
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&handle)
-            .cloned()
-            .ok_or_else(|| {
-                Error::invalid(
-                    "range",
-                    format!("allocation handle {handle} is not live memory of this Metal device"),
-                )
-            })
+        self.live.read().get(&handle).cloned().ok_or_else(|| {
+            Error::invalid(
+                "range",
+                format!("allocation handle {handle} is not live memory of this Metal device"),
+            )
+        })
     }
 
     /// Forgets `handle`, returning its allocation (dropped by the caller when it is unused).
     pub fn remove(&self, handle: u64) -> Option<Arc<MetalAlloc>> {
-        self.live
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&handle)
+        self.live.write().remove(&handle)
     }
 
     /// Allocates `bytes` of Shared or Private memory (zero-filled: Metal initialises new

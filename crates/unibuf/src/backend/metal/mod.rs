@@ -58,11 +58,12 @@ use objc2_metal::{
     MTLComputeCommandEncoder, MTLComputePipelineState, MTLCreateSystemDefaultDevice, MTLDevice,
     MTLSharedEvent, MTLSize,
 };
+use parking_lot::RwLock;
 use queue::MetalQueue;
 use residency::Residency;
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::{Arc, Once, OnceLock, RwLock};
+use std::sync::{Arc, Once, OnceLock};
 
 // `MTLCreateSystemDefaultDevice` returns a device on macOS only if the program links Core
 // Graphics, as Apple's documentation of the function says; objc2-metal links Metal alone.
@@ -652,7 +653,7 @@ impl Drop for MetalBackend {
     fn drop(&mut self) {
         // Command buffers in flight hold completion handlers that touch the queues' records:
         // let them all run before anything goes away.
-        for q in self.queues.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for q in self.queues.read().iter() {
             q.drain();
         }
     }
@@ -718,7 +719,7 @@ impl Backend for MetalBackend {
     }
 
     fn create_queue(&self) -> Result<QueueId> {
-        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.write();
         let id = QueueId(queues.len() as u32);
         let q = autoreleasepool(|_| MetalQueue::create(&self.device, id, self.origin))?;
         if let Some(r) = &self.residency {
@@ -739,7 +740,7 @@ impl Backend for MetalBackend {
                 // SAFETY: this call's contract is the one `resolve` needs.
                 unsafe { self.resolve(queue, cmd, &mut ops) }?;
             }
-            let _order = q.encoding.lock().unwrap_or_else(|e| e.into_inner());
+            let _order = q.encoding.lock();
             let epoch = q.next_epoch();
             self.encode(&q, ops, submission.label, epoch)?;
             Ok(epoch)
@@ -773,7 +774,7 @@ impl Backend for MetalBackend {
         // A failed command buffer leaves the device and its queues usable (unlike a CUDA
         // context), so clearing the record is the whole recovery; memory the failed work wrote
         // is undefined, as the trait says.
-        for q in self.queues.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for q in self.queues.read().iter() {
             q.reset();
         }
         Ok(())

@@ -27,9 +27,10 @@ use objc2_metal::{
     MTLCommandBuffer, MTLCommandBufferError, MTLCommandBufferErrorDomain, MTLCommandBufferStatus,
     MTLCommandQueue, MTLDevice, MTLEvent, MTLSharedEvent,
 };
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeSet, VecDeque};
 use std::ptr::NonNull;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// GPU spans kept per queue: enough for the stats of every submission in flight and then some;
 /// older ones are dropped (`gpu_span` answers `None` for them).
@@ -89,7 +90,7 @@ struct State {
 
 impl Completion {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Records that the command buffer of `epoch` finished, successfully or not.
@@ -232,11 +233,7 @@ impl MetalQueue {
             if st.handled >= epoch {
                 return Ok(());
             }
-            st = self
-                .completion
-                .done
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            self.completion.done.wait(&mut st);
         }
     }
 
@@ -244,11 +241,7 @@ impl MetalQueue {
     pub fn drain(&self) {
         let mut st = self.completion.lock();
         while st.handled < st.submitted {
-            st = self
-                .completion
-                .done
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            self.completion.done.wait(&mut st);
         }
     }
 

@@ -19,8 +19,9 @@ use objc2_foundation::{NSObjectProtocol, NSString};
 use objc2_metal::{
     MTLAllocation, MTLCommandQueue, MTLDevice, MTLResidencySet, MTLResidencySetDescriptor,
 };
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// The most bytes one residency set holds (an allocation larger than this gets a set alone).
 const SET_BYTES: usize = 4 << 30;
@@ -82,7 +83,7 @@ impl Residency {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Attaches every set to a new queue.

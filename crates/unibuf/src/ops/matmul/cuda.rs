@@ -38,8 +38,9 @@ use crate::queue::Queue;
 use crate::DType;
 use cudarc::cublas::sys as cublas;
 use cudarc::driver::sys as cu;
+use parking_lot::Mutex;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 
 /// Whether the cuBLAS library loads (probed once).
 fn library_present() -> bool {
@@ -169,10 +170,6 @@ struct Slot {
     handle: Mutex<Option<Handle>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The slot of `q`'s device, made on first use.
 fn slot(q: &Queue) -> Result<Arc<Slot>> {
     let NativeDevice::Cuda { device, .. } = q.device().native() else {
@@ -218,7 +215,7 @@ pub(super) fn submit(q: &Queue, a: &Buffer, b: &Buffer, out: &Buffer, g: Gemm) -
         let NativeEncoder::Cuda { stream, context } = encoder else {
             return Err(format!("ops::matmul on CUDA was handed {encoder:?}").into());
         };
-        let mut handle = lock(&slot.handle);
+        let mut handle = slot.handle.lock();
         let h = match &mut *handle {
             Some(h) => h,
             empty => empty.insert(Handle::create(slot.device, context)?),
