@@ -28,6 +28,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+// docs.rs (nightly rustdoc with `--cfg docsrs`) marks items that need a feature or a target.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod alloc;
 mod allocation;
