@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
 # The GPU suite and the benchmarks of docs/BENCHMARKS.md in one run on a CUDA machine.
 #
-# Run from the repository root on the GPU machine, with the binaries bundled by
-# ../shared/devkit/gpu-bundle into .gpu/ (and, for the allocator replay, the shared trace copied
-# to .gpu/traces/). Parts run in order; PARTS picks some, e.g. `PARTS="tests kernels"`:
+# Run from the repository root on a machine with an NVIDIA GPU, its driver and CUDA's libnvrtc
+# (for the PyTorch peers, Python 3 with PyTorch). The binaries come from one of:
 #
-#   tests     every test binary with UNIBUF_BACKEND=cuda (.gpu/run.sh)
+# - cargo (the default): `cargo build --release -p unibuf-cli --features cuda` first, then
+#   target/release/unibuf (under CARGO_TARGET_DIR when set); the tests through `cargo test`;
+# - a bundle in .gpu/, when .gpu/run.sh exists (binaries built on another machine and copied
+#   here, for a GPU machine without Rust): .gpu/bin/unibuf, the test executables in
+#   .gpu/tests/, .gpu/run.sh running them all, the Python wheel and its dependencies' wheels in
+#   .gpu/python/ and .gpu/python/deps/. GPU_BUNDLE=0 or 1 overrides the choice.
+#
+# UNIBUF_BIN names another unibuf binary (then nothing is built). Parts run in order; PARTS picks
+# some, e.g. `PARTS="tests kernels"`:
+#
+#   tests     every test with UNIBUF_BACKEND=cuda: `cargo test --workspace --release --features
+#             cuda`, or every bundled test binary (.gpu/run.sh)
 #   memcheck  the conformance suite under compute-sanitizer memcheck (faults skipped: they fault
 #             the GPU on purpose; MEMCHECK_FILTERS narrows it, e.g. "ops_ kernels::")
 #   kernels   unibuf bench kernels, then bench/peers/torch_kernels.py
 #   launch    unibuf bench launch, then bench/peers/torch_launch.py
 #   transfers unibuf bench transfers at 16 MiB, 256 MiB and 1 GiB, then bench/peers/torch_transfers.py
-#   alloc     unibuf replay of the trace (virtual memory, simulated), unibuf bench alloc
+#   alloc     unibuf replay of the traces in data/alloc-traces/ (virtual memory, simulated),
+#             unibuf bench alloc
 #   matmul    unibuf bench matmul (cuBLAS through Queue::external), then bench/peers/matmul_torch.py
 #   load      a 6 GB safetensors file: unibuf bench load, then bench/peers/torch_safetensors.py
 #   generate  SmolLM2-135M-Instruct (the GGUF file named by SMOLLM2_GGUF) on CUDA: the reference
 #             check (tests/reference/, f16 and f32 KV caches), memcheck over a short run, decode
 #             tokens/s over 256 tokens and prefill tokens/s of a 512-token prompt, then the PyTorch
 #             peers in the same run (bench/peers/smollm2_torch_peers.py: transformers eager, a
-#             hand-written CUDA-graph decoder, the memory-bound limit); `gguf` from
-#             .gpu/python/deps where the machine lacks it
-#   python    the Python package on CUDA: its wheel (.gpu/python/unibuf-*.whl, built here with
-#             `maturin build --release -o ../../.gpu/python` in bindings/python) installed beside the
-#             machine's PyTorch (PYTHONPATH); pytest with UNIBUF_BACKEND=cuda; the Hugging Face
+#             hand-written CUDA-graph decoder, the memory-bound limit); the `gguf` package
+#             installed where the machine lacks it
+#   python    the Python package on CUDA, installed beside the machine's PyTorch (PYTHONPATH): built
+#             from bindings/python by pip (maturin), or the bundle's wheel
+#             (.gpu/python/unibuf-*.whl, from `maturin build --release -o ../../.gpu/python` in
+#             bindings/python); pytest with UNIBUF_BACKEND=cuda; the Hugging Face
 #             Llama client (bench/peers/hf_llama_unibuf.py: real SmolLM2 weights where
 #             SMOLLM2_GGUF names the file, and the same shape from its config); op-call overhead
 #             beside PyTorch eager (bench/peers/python_op_overhead.py)
@@ -35,20 +47,62 @@ export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-lin
 export UNIBUF_BACKEND=cuda
 export UNIBUF_CACHE_DIR=${UNIBUF_CACHE_DIR:-/tmp/unibuf-kernel-cache}
 parts=${PARTS:-"tests memcheck kernels launch transfers alloc matmul load generate python"}
-unibuf=.gpu/bin/unibuf
 status=0
 has() { [[ " $parts " == *" $1 "* ]]; }
 stage() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
 
+# Python packages into a folder on PYTHONPATH: from the bundle's wheels where they were carried
+# (a GPU machine without network), else from the package index.
+pip_into() {
+    local dir=$1
+    shift
+    if [ -d .gpu/python/deps ]; then
+        python3 -m pip install --quiet --no-deps --no-index --target "$dir" \
+            --find-links .gpu/python/deps "$@"
+    else
+        python3 -m pip install --quiet --no-deps --target "$dir" "$@"
+    fi
+}
+
+if [ -z "${GPU_BUNDLE:-}" ]; then
+    if [ -x .gpu/run.sh ]; then GPU_BUNDLE=1; else GPU_BUNDLE=0; fi
+fi
+if [ "$GPU_BUNDLE" = 1 ]; then
+    unibuf=${UNIBUF_BIN:-.gpu/bin/unibuf}
+else
+    unibuf=${UNIBUF_BIN:-${CARGO_TARGET_DIR:-target}/release/unibuf}
+    if [ -z "${UNIBUF_BIN:-}" ]; then
+        stage "build: cargo build --release -p unibuf-cli --features cuda"
+        cargo build --release -p unibuf-cli --features cuda || exit 1
+    fi
+fi
+echo "unibuf: $unibuf"
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 if has tests; then
-    stage "tests: every binary with UNIBUF_BACKEND=cuda"
-    OUT="$OUT" bash .gpu/run.sh || status=1
+    stage "tests: every test with UNIBUF_BACKEND=cuda"
+    if [ "$GPU_BUNDLE" = 1 ]; then
+        OUT="$OUT" bash .gpu/run.sh || status=1
+    else
+        cargo test --workspace --release --features cuda >"$OUT/tests.log" 2>&1 || status=1
+        grep -E "^test result|FAILED|panicked" "$OUT/tests.log"
+    fi
 fi
 if has memcheck; then
     stage "memcheck: the conformance suite, faults skipped"
-    conformance=$(ls .gpu/tests/conformance-* | head -1)
+    if [ "$GPU_BUNDLE" = 1 ]; then
+        conformance=$(ls .gpu/tests/conformance-* | head -1)
+    else
+        # The test executable cargo builds (its path from cargo's JSON messages).
+        conformance=$(cargo test --release -p unibuf-conformance --features cuda --test conformance \
+            --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line) if line.startswith("{") else {}
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])' | tail -1)
+    fi
     # MEMCHECK_FILTERS: test name filters (default: the whole suite).
     # shellcheck disable=SC2086
     compute-sanitizer --tool memcheck --print-limit 20 "$conformance" ${MEMCHECK_FILTERS:-} --skip faults \
@@ -72,7 +126,7 @@ if has transfers; then
 fi
 if has alloc; then
     stage "allocator"
-    for t in .gpu/traces/*; do
+    for t in ${ALLOC_TRACES:-data/alloc-traces/*.csv.gz}; do
         [ -e "$t" ] || continue
         $unibuf replay "$t" || status=1
         $unibuf replay --simulate "$t" || status=1
@@ -117,25 +171,29 @@ print(f"unibuf generate: decode {d['decode_tokens_per_s']:.0f} tokens/s over {le
       f"({p['prefill_ms']:.1f} ms)")
 PY
     pylib="$OUT/pylib-generate"
-    python3 -c "import gguf" 2>/dev/null ||
-        python3 -m pip install --quiet --no-deps --no-index --target "$pylib" \
-            --find-links .gpu/python/deps gguf || status=1
+    python3 -c "import gguf" 2>/dev/null || pip_into "$pylib" gguf || status=1
     PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}" python3 bench/peers/smollm2_torch_peers.py \
         --model "$model" --dtype bf16 --dtype f32 --json "$OUT/peers.json" || status=1
 fi
 if has python; then
     stage "python: the package on CUDA, the Llama client, op-call overhead"
     # Installed beside the machine's PyTorch (a virtual environment would not see it where
-    # PyTorch lives in another interpreter's site-packages): into a folder on PYTHONPATH. No
-    # network on the GPU machine: the wheel comes carried, with pure-Python wheels of what the
-    # machine may lack (pytest; gguf and accelerate for GGUF weights) in .gpu/python/deps.
+    # PyTorch lives in another interpreter's site-packages): into a folder on PYTHONPATH, with
+    # what the machine may lack (pytest; gguf and accelerate for GGUF weights). A bundle
+    # carries the wheel and those dependencies' wheels, for a machine without network.
     pylib="$OUT/pylib"
     rm -rf "$pylib"
-    python3 -m pip install --quiet --no-deps --no-index --target "$pylib" .gpu/python/unibuf-*.whl || status=1
+    if [ "$GPU_BUNDLE" = 1 ]; then
+        python3 -m pip install --quiet --no-deps --no-index --target "$pylib" .gpu/python/unibuf-*.whl || status=1
+    else
+        python3 -m pip install --quiet --no-deps --target "$pylib" ./bindings/python || status=1
+    fi
     for dep in pytest accelerate gguf; do
-        python3 -c "import $dep" 2>/dev/null ||
-            python3 -m pip install --quiet --no-deps --no-index --target "$pylib" \
-                --find-links .gpu/python/deps "$dep" || status=1
+        python3 -c "import $dep" 2>/dev/null && continue
+        # From the index, pytest's own pure-Python dependencies come with it.
+        [ "$dep" = pytest ] && [ ! -d .gpu/python/deps ] && dep="pytest pluggy iniconfig packaging"
+        # shellcheck disable=SC2086
+        pip_into "$pylib" $dep || status=1
     done
     export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
     python3 -m pytest bindings/python/tests -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1 \
