@@ -33,8 +33,9 @@
 #             installed where the machine lacks it
 #   python    the Python package on CUDA, installed beside the machine's PyTorch (PYTHONPATH): built
 #             from bindings/python by pip (maturin), or the bundle's wheel
-#             (.gpu/python/unibuf-*.whl, from `maturin build --release -o ../../.gpu/python` in
-#             bindings/python); pytest with UNIBUF_BACKEND=cuda; the Hugging Face
+#             (.gpu/python/unibuf-*.whl, from
+#             `maturin build --release -m bindings/python/Cargo.toml -o .gpu/python`); pytest
+#             with UNIBUF_BACKEND=cuda; the Hugging Face
 #             Llama client (bench/peers/hf_llama_unibuf.py: real SmolLM2 weights where
 #             SMOLLM2_GGUF names the file, and the same shape from its config); op-call overhead
 #             beside PyTorch eager (bench/peers/python_op_overhead.py)
