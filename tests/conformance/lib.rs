@@ -4,8 +4,9 @@
 //!
 //! Inputs are random and fresh on every run; the seed is printed and `UNIBUF_SEED` replays it.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use unibuf::{Buffer, DType, Device, DeviceBuilder, Element, FillPattern, StorageMode};
+use unibuf::{Buffer, DType, Device, DeviceBuilder, Element, Error, FillPattern, StorageMode};
 
 /// The backend under test.
 pub fn backend_name() -> String {
@@ -165,6 +166,46 @@ impl Rng {
     }
 }
 
+/// A file in the temp directory, removed on drop (also when the test fails). Its name carries
+/// the process id and a random draw, so that tests running side by side never share one.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    /// The path `unibuf-{tag}-{pid}-{draw}.{extension}`; nothing is created until the test
+    /// writes it.
+    pub fn new(rng: &mut Rng, tag: &str, extension: &str) -> TempFile {
+        TempFile(std::env::temp_dir().join(format!(
+            "unibuf-{tag}-{}-{:x}.{extension}",
+            std::process::id(),
+            rng.next_u64()
+        )))
+    }
+
+    /// A file holding `bytes`.
+    pub fn with_bytes(rng: &mut Rng, tag: &str, extension: &str, bytes: &[u8]) -> TempFile {
+        let file = TempFile::new(rng, tag, extension);
+        std::fs::write(file.path(), bytes).expect("write temp file");
+        file
+    }
+
+    /// Where the file is (or will be).
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The file, opened for reading.
+    pub fn open(&self) -> std::fs::File {
+        std::fs::File::open(&self.0).expect("open temp file")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // The file may never have been written (a test that failed before writing it).
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn bytemuck_vec<A: Element, B: Element>(v: Vec<A>) -> Vec<B> {
     bytemuck::cast_slice(&v).to_vec()
 }
@@ -242,5 +283,66 @@ pub fn subnormal_floor(dtype: DType) -> f64 {
         1.0 / (1u64 << 25) as f64
     } else {
         0.0
+    }
+}
+
+/// Every element of `got` within `err[i]` (the bound of the f32 computation) plus one rounding
+/// to `dtype` of the reference `want`; NaN fails.
+pub fn assert_within(what: &str, dtype: DType, got: &[f64], want: &[f64], err: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let u = unit_roundoff(dtype);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = err[i] * 1.01 + u * (w.abs() + err[i]) + subnormal_floor(dtype);
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: element {i} of {}: got {g}, want {w} (tolerance {tol:e})",
+            got.len()
+        );
+    }
+}
+
+/// `n` distinct positions below `capacity`, in random order.
+pub fn distinct_positions(rng: &mut Rng, n: usize, capacity: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..capacity as u32).collect();
+    for i in 0..n {
+        let j = rng.range(i, capacity);
+        all.swap(i, j);
+    }
+    all.truncate(n);
+    all
+}
+
+/// An unlabelled buffer of Auto storage.
+pub fn alloc(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
+    dev.alloc(dtype, shape, StorageMode::Auto).expect("alloc")
+}
+
+/// Asserts that an op was refused with a dtype mismatch.
+#[track_caller]
+pub fn assert_dtype_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
+    match r {
+        Err(Error::DTypeMismatch { .. }) => {}
+        other => panic!("expected a dtype mismatch, got {other:?}"),
+    }
+}
+
+/// Asserts that an op was refused with a shape mismatch.
+#[track_caller]
+pub fn assert_shape_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
+    match r {
+        Err(Error::ShapeMismatch { .. }) => {}
+        other => panic!("expected a shape mismatch, got {other:?}"),
+    }
+}
+
+/// Asserts that an op was refused as an invalid argument whose message mentions `mentions`.
+#[track_caller]
+pub fn assert_invalid<T: std::fmt::Debug>(r: unibuf::Result<T>, mentions: &str) {
+    match r {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(
+            e.to_string().contains(mentions),
+            "'{e}' should mention '{mentions}'"
+        ),
+        other => panic!("expected an invalid argument mentioning '{mentions}', got {other:?}"),
     }
 }

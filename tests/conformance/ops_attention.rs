@@ -24,8 +24,9 @@ use half::{bf16, f16};
 use unibuf::ops::{self, RopeStyle};
 use unibuf::{Buffer, DType, Device, Error, LaunchBatch, Queue, StorageMode};
 use unibuf_conformance::{
-    device, download_f64, poison_nan, poisoned, subnormal_floor, unit_roundoff, upload_f64, Rng,
-    F32_ROUNDOFF, NAN_POISON,
+    alloc, assert_dtype_mismatch, assert_invalid, assert_shape_mismatch, assert_within, device,
+    distinct_positions, download_f64, poison_nan, poisoned, upload_f64, Rng, F32_ROUNDOFF,
+    NAN_POISON,
 };
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -51,17 +52,6 @@ fn values(rng: &mut Rng, n: usize, scale: f64, dtype: DType) -> Vec<f64> {
     (0..n)
         .map(|_| stored(f64::from(rng.f32()) * scale, dtype))
         .collect()
-}
-
-/// `n` distinct positions below `capacity`, in random order.
-fn distinct_positions(rng: &mut Rng, n: usize, capacity: usize) -> Vec<u32> {
-    let mut all: Vec<u32> = (0..capacity as u32).collect();
-    for i in 0..n {
-        let j = rng.range(i, capacity);
-        all.swap(i, j);
-    }
-    all.truncate(n);
-    all
 }
 
 /// The bytes of a buffer.
@@ -120,21 +110,6 @@ fn rope_ref(
         }
     }
     (y, err)
-}
-
-/// Every element of `got` within `err[i]` (the f32 computation's bound) plus one rounding to
-/// `dtype` of the reference; NaN fails.
-fn assert_within(what: &str, dtype: DType, got: &[f64], want: &[f64], err: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let u = unit_roundoff(dtype);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = err[i] * 1.01 + u * (w.abs() + err[i]) + subnormal_floor(dtype);
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}: element {i} of {}: got {g}, want {w} (tolerance {tol:e})",
-            got.len()
-        );
-    }
 }
 
 /// One geometry of the RoPE + append tests.
@@ -926,37 +901,6 @@ fn two_layers_split_attentions_in_one_launch_batch() {
             let what = format!("replay {} at position {p}: layer {layer}", replay + 1);
             assert_rows(&what, DType::F32, got, (&want, &err), &[p], h, d);
         }
-    }
-}
-
-fn alloc(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
-    dev.alloc(dtype, shape, StorageMode::Auto).expect("alloc")
-}
-
-#[track_caller]
-fn assert_dtype_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
-    match r {
-        Err(Error::DTypeMismatch { .. }) => {}
-        other => panic!("expected a dtype mismatch, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_shape_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
-    match r {
-        Err(Error::ShapeMismatch { .. }) => {}
-        other => panic!("expected a shape mismatch, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_invalid<T: std::fmt::Debug>(r: unibuf::Result<T>, mentions: &str) {
-    match r {
-        Err(e @ Error::InvalidArgument { .. }) => assert!(
-            e.to_string().contains(mentions),
-            "'{e}' should mention '{mentions}'"
-        ),
-        other => panic!("expected an invalid argument mentioning '{mentions}', got {other:?}"),
     }
 }
 

@@ -27,8 +27,8 @@ use unibuf::ops::{self, GgmlMatrix, RopeStyle, GGML_MAX_BATCH, GGML_MAX_STACKED}
 use unibuf::weights::gguf::GgmlType;
 use unibuf::{Buffer, DType, Device, Error, LaunchBatch, Queue, StorageMode};
 use unibuf_conformance::{
-    device, download_f64, poison_nan, poisoned, subnormal_floor, unit_roundoff, upload_f64, Rng,
-    F32_ROUNDOFF, NAN_POISON,
+    assert_within, device, distinct_positions, download_f64, poison_nan, poisoned, subnormal_floor,
+    unit_roundoff, upload_f64, Rng, F32_ROUNDOFF, NAN_POISON,
 };
 
 const FORMATS: [GgmlType; 3] = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
@@ -806,17 +806,6 @@ fn ggml_fused_ops_refuse_bad_input() {
 // ---------------------------------------------------------------------------------------------
 // ggml_qkv_rope_append_into
 
-/// `n` distinct positions below `capacity`, in random order.
-fn distinct_positions(rng: &mut Rng, n: usize, capacity: usize) -> Vec<u32> {
-    let mut all: Vec<u32> = (0..capacity as u32).collect();
-    for i in 0..n {
-        let j = rng.range(i, capacity);
-        all.swap(i, j);
-    }
-    all.truncate(n);
-    all
-}
-
 /// The bytes of a buffer.
 fn bytes_of(q: &Queue, b: &Buffer) -> Vec<u8> {
     q.download::<u8>(&b.cast(DType::U8).unwrap()).unwrap()
@@ -918,20 +907,6 @@ fn rope_ref(e: &Expected, pos: &[u32], head_dim: usize, theta: f64, style: RopeS
         }
     }
     out
-}
-
-/// Every element of `got` within `err[i]` plus one rounding to `dtype` of `want`; NaN fails.
-fn assert_within(what: &str, dtype: DType, got: &[f64], want: &[f64], err: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let u = unit_roundoff(dtype);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = err[i] * 1.01 + u * (w.abs() + err[i]) + subnormal_floor(dtype);
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}: element {i} of {}: got {g}, want {w} (tolerance {tol:e})",
-            got.len()
-        );
-    }
 }
 
 /// `got` against the two-op sequence's `seq`: within `err[i]` plus one ulp of `dtype`.

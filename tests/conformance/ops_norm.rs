@@ -6,8 +6,11 @@
 
 use half::{bf16, f16};
 use unibuf::ops::{self, RopeStyle};
-use unibuf::{Buffer, DType, Device, Error, Queue, StorageMode};
-use unibuf_conformance::{device, download_f64, poisoned, upload_f64, Rng, NAN_POISON};
+use unibuf::{Buffer, DType, Queue};
+use unibuf_conformance::{
+    alloc, assert_dtype_mismatch, assert_invalid, assert_shape_mismatch, device, download_f64,
+    poisoned, upload_f64, Rng, NAN_POISON,
+};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -416,39 +419,6 @@ fn row_ops_on_views_at_aligned_and_unaligned_offsets() {
             });
             assert_untouched(&q, &out, rows, range.clone());
         }
-    }
-}
-
-fn alloc(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
-    dev.alloc(dtype, shape, StorageMode::Auto).expect("alloc")
-}
-
-#[track_caller]
-fn assert_dtype_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
-    match r {
-        Err(Error::DTypeMismatch { .. }) => {}
-        other => panic!("expected a dtype mismatch, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_shape_mismatch<T: std::fmt::Debug>(r: unibuf::Result<T>) {
-    match r {
-        Err(Error::ShapeMismatch { .. }) => {}
-        other => panic!("expected a shape mismatch, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_invalid<T: std::fmt::Debug>(r: unibuf::Result<T>, mentions: &str) {
-    match r {
-        Err(e @ Error::InvalidArgument { .. }) => {
-            assert!(
-                e.to_string().contains(mentions),
-                "'{e}' should mention '{mentions}'"
-            )
-        }
-        other => panic!("expected an invalid argument, got {other:?}"),
     }
 }
 

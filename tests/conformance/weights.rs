@@ -9,29 +9,7 @@ use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 use unibuf::weights::{ExpertCache, ExpertLayout, LoadOptions, Route, Selection, WeightsFile};
 use unibuf::{Buffer, DType, Device, Error, StorageMode};
-use unibuf_conformance::{builder, device, Rng};
-
-/// A temporary file removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(rng: &mut Rng, tag: &str) -> TempFile {
-        TempFile(std::env::temp_dir().join(format!(
-            "unibuf-weights-{tag}-{}-{:x}.safetensors",
-            std::process::id(),
-            rng.next_u64()
-        )))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use unibuf_conformance::{builder, device, Rng, TempFile};
 
 /// A tensor to write: name, file dtype, shape, bytes.
 struct Source {
@@ -154,7 +132,7 @@ fn check_loaded(weights: &unibuf::weights::LoadedWeights, tensors: &[Source]) {
 fn every_dtype_round_trips_on_every_route() {
     let mut rng = Rng::new("every_dtype_round_trips_on_every_route");
     let tensors = random_tensors(&mut rng, "t.");
-    let file = TempFile::new(&mut rng, "dtypes");
+    let file = TempFile::new(&mut rng, "weights-dtypes", "safetensors");
     write_with_crate(file.path(), &tensors);
     let wf = WeightsFile::open(file.path()).unwrap();
     assert_eq!(wf.tensors().len(), tensors.len());
@@ -221,7 +199,7 @@ fn chosen_tensors_load_as_views() {
     let mut rng = Rng::new("chosen_tensors_load_as_views");
     let mut tensors = random_tensors(&mut rng, "a.");
     tensors.extend(random_tensors(&mut rng, "b."));
-    let file = TempFile::new(&mut rng, "chosen");
+    let file = TempFile::new(&mut rng, "weights-chosen", "safetensors");
     write_with_crate(file.path(), &tensors);
     let wf = WeightsFile::open(file.path()).unwrap();
     let dev = device();
@@ -291,7 +269,7 @@ fn misaligned_tensors_are_copied_not_misviewed() {
     data.extend(h.iter().flat_map(|x| x.to_le_bytes())); // 23..29
     data.extend(&u); // 29..46
     let json = r#"{"__metadata__":{"by":"hand"},"u":{"dtype":"U8","shape":[17],"data_offsets":[29,46]},"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},"f":{"dtype":"F32","shape":[5],"data_offsets":[3,23]},"h":{"dtype":"I16","shape":[3,1],"data_offsets":[23,29]}}"#;
-    let file = TempFile::new(&mut rng, "hand");
+    let file = TempFile::new(&mut rng, "weights-hand", "safetensors");
     write_by_hand(file.path(), json, &data);
     let wf = WeightsFile::open(file.path()).unwrap();
     assert_eq!(wf.metadata().get("by").map(String::as_str), Some("hand"));
@@ -357,7 +335,7 @@ fn expect_format(path: &Path, what_has: &str, detail_has: &[&str]) {
 #[test]
 fn bad_files_are_format_errors_naming_the_problem() {
     let mut rng = Rng::new("bad_files_are_format_errors_naming_the_problem");
-    let f = TempFile::new(&mut rng, "bad");
+    let f = TempFile::new(&mut rng, "weights-bad", "safetensors");
     let p = f.path();
     let data = rng.bytes(28);
 
@@ -428,7 +406,7 @@ fn bad_files_are_format_errors_naming_the_problem() {
 fn a_file_truncated_while_loading_leaks_nothing() {
     let mut rng = Rng::new("a_file_truncated_while_loading_leaks_nothing");
     let tensors = random_tensors(&mut rng, "t.");
-    let file = TempFile::new(&mut rng, "shrink");
+    let file = TempFile::new(&mut rng, "weights-shrink", "safetensors");
     write_with_crate(file.path(), &tensors);
     let wf = WeightsFile::open(file.path()).unwrap();
     let len = std::fs::metadata(file.path()).unwrap().len();
@@ -650,7 +628,7 @@ fn moe_file(rng: &mut Rng, layers: usize, experts: usize) -> (TempFile, ExpertBy
         }
         expect.push(row);
     }
-    let file = TempFile::new(rng, "moe");
+    let file = TempFile::new(rng, "weights-moe", "safetensors");
     write_with_crate(file.path(), &tensors);
     (file, expect)
 }

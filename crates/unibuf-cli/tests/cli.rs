@@ -4,23 +4,11 @@
 //! The tests inherit `UNIBUF_BACKEND`, so that on a GPU machine the same binary is exercised on
 //! the backend the conformance run selects; only the test about that variable sets it.
 
+mod common;
+
+use common::{binary, unibuf};
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-/// The binary under test: cargo's build of it, or, where the tests were copied elsewhere (the
-/// GPU bundle of `../shared/devkit/gpu-bundle` puts tests in `tests/` beside `bin/`), the one
-/// in `../bin` next to this test executable.
-fn binary() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_unibuf"));
-    if built.exists() {
-        return built;
-    }
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("bin").join("unibuf"))
-        .unwrap_or(built)
-}
 
 /// Runs `unibuf` with `args`; `env` adds variables.
 fn unibuf_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -30,10 +18,6 @@ fn unibuf_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("the unibuf binary runs")
-}
-
-fn unibuf(args: &[&str]) -> Output {
-    unibuf_with_env(args, &[])
 }
 
 fn stdout(o: &Output) -> String {

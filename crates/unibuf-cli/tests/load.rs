@@ -3,31 +3,12 @@
 //!
 //! The tests inherit `UNIBUF_BACKEND`, so on a GPU machine they exercise that backend.
 
+mod common;
+
+use common::unibuf;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// The binary under test: cargo's build of it, or the one in `../bin` beside this test
-/// executable where the tests were copied elsewhere (see `tests/cli.rs`).
-fn binary() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_unibuf"));
-    if built.exists() {
-        return built;
-    }
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("bin").join("unibuf"))
-        .unwrap_or(built)
-}
-
-fn unibuf(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .output()
-        .expect("the unibuf binary runs")
-}
 
 /// A file removed on drop.
 struct Temp(PathBuf);
