@@ -178,14 +178,14 @@ impl Device {
                     "memory ends at the top of the address space",
                 )
             })?;
-        let writable = memory.writable();
+        let access = crate::storage::MemoryAccess::writable_if(memory.writable());
         let base_ptr = NonNull::new(base as *mut u8)
             .ok_or_else(|| Error::invalid("wrap_external", "memory lies in the null page"))?;
         match self.inner.wrap(
             Box::new(memory),
             base_ptr,
             end - base,
-            writable,
+            access,
             label.to_owned(),
         ) {
             Ok(alloc) => Buffer::from_allocation(alloc, addr - base, dtype, shape),

@@ -48,9 +48,10 @@ impl<T: Element> PendingDownload<T> {
         let mut out = vec![T::zeroed(); self.len];
         if let Some(snapshot) = &self.snapshot {
             let bytes = std::mem::size_of_val(out.as_slice());
-            let borrow = snapshot
-                .device
-                .host_borrow(snapshot, 0, bytes, false, "download")?;
+            let borrow =
+                snapshot
+                    .device
+                    .host_borrow(snapshot, 0, bytes, Access::Read, "download")?;
             let src = snapshot.host_addr(0).expect("snapshots are Shared");
             // SAFETY: the snapshot is a Shared allocation of at least `bytes` bytes that only
             // this value owns; host_borrow waited for the device copy that wrote it.
@@ -148,7 +149,10 @@ impl Queue {
         let audit = self.audit_start(Direction::HostToDevice, None, Some(dst), bytes.len());
         let label = self.transfer_label(dst);
         let direct = dst.is_host_accessible()
-            && (sync || !self.device.host_access_would_wait(&dst.alloc, true));
+            && (sync
+                || !self
+                    .device
+                    .host_access_would_wait(&dst.alloc, Access::Write));
         let (fence, staged) = if direct {
             self.host_copy_in(dst, bytes)?;
             (self.done_fence(), false)
@@ -162,9 +166,9 @@ impl Queue {
     /// One memcpy from caller memory into a host-visible buffer, under a host write borrow.
     fn host_copy_in(&self, dst: &Buffer, bytes: &[u8]) -> Result<()> {
         let r = dst.byte_range();
-        let borrow = self
-            .device
-            .host_borrow(&dst.alloc, r.start, r.end, true, "upload")?;
+        let borrow =
+            self.device
+                .host_borrow(&dst.alloc, r.start, r.end, Access::Write, "upload")?;
         let ptr = dst
             .alloc
             .host_addr(r.start)
@@ -243,9 +247,9 @@ impl Queue {
         let label = self.transfer_label(src);
         let (fence, staged) = if src.is_host_accessible() {
             let r = src.byte_range();
-            let borrow = self
-                .device
-                .host_borrow(&src.alloc, r.start, r.end, false, "download")?;
+            let borrow =
+                self.device
+                    .host_borrow(&src.alloc, r.start, r.end, Access::Read, "download")?;
             let ptr = src
                 .alloc
                 .host_addr(r.start)
