@@ -224,7 +224,7 @@ impl Device {
     ) -> Result<Buffer> {
         let copy = self.alloc_labelled(label, dtype, shape, crate::StorageMode::Shared)?;
         let q = self.queue();
-        let fence = q.upload_bytes(&copy, src, true)?;
+        let fence = q.upload_bytes(&copy, src, crate::transfer::Blocking::Allowed)?;
         self.wait(fence)?;
         Ok(copy)
     }
