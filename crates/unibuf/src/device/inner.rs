@@ -45,6 +45,7 @@ pub(crate) enum Completion {
     Exact,
 }
 
+/// A device's shared state, behind every `Device`, `Queue` and allocation of it.
 pub(crate) struct DeviceInner {
     pub id: u64,
     /// The state a BLAS library keeps per device (`ops::matmul`'s cuBLAS handle), made on first
@@ -123,7 +124,7 @@ impl DeviceInner {
         self.faults.note(self.id, r)
     }
 
-    /// Resets the backend's context and leaves the fault state.
+    /// Resets the backend's context and clears the sticky fault.
     pub fn reset(&self) -> Result<()> {
         self.backend.reset()?;
         self.faults.clear();
