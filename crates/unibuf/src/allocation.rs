@@ -7,21 +7,35 @@
 
 use crate::alloc::Block;
 use crate::backend::{RawAlloc, RawRange};
-use crate::device::DeviceInner;
+use crate::buffer::HostMemory;
+use crate::device::{DeviceInner, GrowableRegion};
 use crate::epoch::UseState;
-use crate::storage::StorageMode;
+use crate::storage::{MemoryAccess, StorageMode};
 use parking_lot::{Mutex, MutexGuard};
 use std::any::Any;
 use std::sync::Arc;
 
-/// The owner of wrapped caller memory, kept alive as long as the allocation (and its work).
-pub(crate) type Owner = Box<dyn Any + Send + Sync>;
+/// What keeps memory that did not come from the allocator alive, kept with the allocation and
+/// let go only once its last view is dropped and the last work using it has completed.
+pub(crate) enum Owner {
+    /// Caller host memory wrapped as an External buffer (`Device::wrap_external`): unwrapped,
+    /// then dropped.
+    HostMemory(Box<dyn HostMemory>),
+    /// Another framework's memory (`Device::wrap_foreign`, DLPack imports, the C and Python
+    /// bindings): whatever the caller says keeps it alive (a tensor, a capsule, a release
+    /// callback). Open-ended because the caller picks it; unibuf only ever drops it.
+    Foreign(Box<dyn Any + Send + Sync>),
+    /// A growable buffer's reserved address range: unmapped and unreserved.
+    GrowableRegion(Arc<GrowableRegion>),
+}
 
-/// Bytes an allocation holds for its label: a growable region's mapped part, else all of it.
-fn owned_bytes(raw: &RawAlloc, owner: Option<&Owner>) -> usize {
-    owner
-        .and_then(|o| o.downcast_ref::<Arc<crate::buffer::GrowableRegion>>())
-        .map_or(raw.bytes, |r| r.mapped())
+/// Bytes an allocation over `raw` holds for its label: a growable region's mapped part, else
+/// all of it.
+fn owned_bytes(owner: Option<&Owner>, raw: &RawAlloc) -> usize {
+    match owner {
+        Some(Owner::GrowableRegion(region)) => region.mapped(),
+        _ => raw.bytes,
+    }
 }
 
 pub(crate) struct Allocation {
@@ -32,10 +46,12 @@ pub(crate) struct Allocation {
     pub requested: usize,
     pub mode: StorageMode,
     pub label: String,
+    /// Whether writes are allowed (`MemoryAccess::ReadWrite`).
     pub writable: bool,
     /// The host address of the block, for host-visible modes.
     host: Option<usize>,
     uses: Mutex<UseState>,
+    /// What keeps the memory alive; `None` for memory of the allocator, which takes it back.
     owner: Option<Owner>,
 }
 
@@ -46,7 +62,7 @@ impl Allocation {
         requested: usize,
         mode: StorageMode,
         label: String,
-        writable: bool,
+        access: MemoryAccess,
         owner: Option<Owner>,
     ) -> Allocation {
         let host = device
@@ -54,14 +70,14 @@ impl Allocation {
             .host_ptr(&block.raw)
             .map(|p| p.as_ptr() as usize);
         let uses = Mutex::new(UseState::inherited(block.fences.clone()));
-        device.own(&label, owned_bytes(&block.raw, owner.as_ref()));
+        device.own(&label, owned_bytes(owner.as_ref(), &block.raw));
         Allocation {
             device,
             block: Some(block),
             requested,
             mode,
             label,
-            writable,
+            writable: access.is_writable(),
             host,
             uses,
             owner,
@@ -105,9 +121,9 @@ impl Drop for Allocation {
         let uses = self.uses.get_mut();
         block.fences = uses.all_fences();
         self.device
-            .disown(&self.label, owned_bytes(&block.raw, self.owner.as_ref()));
+            .disown(&self.label, owned_bytes(self.owner.as_ref(), &block.raw));
         match self.owner.take() {
-            Some(owner) => self.device.release_external(block, owner),
+            Some(owner) => self.device.defer_release(block, owner),
             None => self.device.free_block(block, self.requested),
         }
     }

@@ -3,8 +3,8 @@
 //! Every submission on a queue gets the next epoch of that queue; a queue's completed epoch
 //! only grows. An allocation remembers the last fences that wrote it and the fences that read it
 //! since. From that record the core derives, without ever synchronising the whole device:
-//! - which waits a submission on another queue must insert before touching the allocation;
-//! - what host access must wait for (reads wait for writes; writes also for reads);
+//! - which waits a submission on another queue must insert before touching the allocation, and
+//!   what host access must wait for (the device's hazard planner, `device::hazards`);
 //! - when freed memory, staging chunks and residency entries may be reused or dropped.
 
 use std::fmt;
@@ -112,7 +112,32 @@ struct HostBorrow {
     id: u64,
     start: usize,
     end: usize,
-    write: bool,
+    access: Access,
+}
+
+/// A host borrow that stands in the way of an access: its range and how it holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BorrowConflict {
+    pub start: usize,
+    pub end: usize,
+    /// `Write` for a write guard, `Read` for a read guard.
+    pub held: Access,
+}
+
+impl BorrowConflict {
+    /// The error refusing `what` on the allocation labelled `label`.
+    pub fn error(self, what: &'static str, label: &str) -> crate::Error {
+        crate::Error::HostAccessConflict {
+            what,
+            label: label.to_owned(),
+            start: self.start,
+            end: self.end,
+            held: match self.held {
+                Access::Write => "write-locked",
+                Access::Read => "read-locked",
+            },
+        }
+    }
 }
 
 /// What the core knows about the use of one allocation. Lives behind the allocation's mutex.
@@ -133,20 +158,6 @@ impl UseState {
         UseState {
             writes: previous,
             ..UseState::default()
-        }
-    }
-
-    /// The fences a use on `queue` must wait for before it may `access` the allocation.
-    /// Fences of `queue` itself are ordered by the stream and never need a wait.
-    pub fn hazards(&self, queue: Option<QueueId>, access: Access, out: &mut FenceSet) {
-        let on_other_queue = |f: &Fence| Some(f.queue) != queue;
-        for f in self.writes.iter().filter(on_other_queue) {
-            out.insert(f);
-        }
-        if access == Access::Write {
-            for f in self.reads.iter().filter(on_other_queue) {
-                out.insert(f);
-            }
         }
     }
 
@@ -176,23 +187,31 @@ impl UseState {
         &self,
         start: usize,
         end: usize,
-        write: bool,
-    ) -> Option<(usize, usize, bool)> {
+        access: Access,
+    ) -> Option<BorrowConflict> {
         self.borrows
             .iter()
-            .find(|b| b.start < end && start < b.end && (write || b.write))
-            .map(|b| (b.start, b.end, b.write))
+            .find(|b| {
+                b.start < end
+                    && start < b.end
+                    && (access == Access::Write || b.access == Access::Write)
+            })
+            .map(|b| BorrowConflict {
+                start: b.start,
+                end: b.end,
+                held: b.access,
+            })
     }
 
     /// Registers a host borrow; the caller has checked for conflicts.
-    pub fn add_borrow(&mut self, start: usize, end: usize, write: bool) -> u64 {
+    pub fn add_borrow(&mut self, start: usize, end: usize, access: Access) -> u64 {
         self.next_borrow += 1;
         let id = self.next_borrow;
         self.borrows.push(HostBorrow {
             id,
             start,
             end,
-            write,
+            access,
         });
         id
     }
@@ -230,41 +249,36 @@ mod tests {
     }
 
     #[test]
-    fn same_queue_needs_no_wait_other_queue_does() {
-        let mut u = UseState::default();
-        u.record(f(0, 5), Access::Write);
-        let mut w = FenceSet::new();
-        u.hazards(Some(QueueId(0)), Access::Read, &mut w);
-        assert!(w.is_empty());
-        u.hazards(Some(QueueId(1)), Access::Read, &mut w);
-        assert_eq!(w.iter().collect::<Vec<_>>(), vec![f(0, 5)]);
-    }
-
-    #[test]
-    fn reads_block_writes_only() {
+    fn a_write_supersedes_every_earlier_fence() {
         let mut u = UseState::default();
         u.record(f(0, 1), Access::Write);
         u.record(f(1, 4), Access::Read);
-        let mut r = FenceSet::new();
-        u.hazards(Some(QueueId(2)), Access::Read, &mut r);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![f(0, 1)]);
-        let mut w = FenceSet::new();
-        u.hazards(Some(QueueId(2)), Access::Write, &mut w);
-        assert_eq!(w.iter().count(), 2);
+        u.record(f(0, 2), Access::Read);
+        let mut all: Vec<_> = u.all_fences().iter().collect();
+        all.sort_by_key(|f| f.queue);
+        assert_eq!(all, vec![f(0, 2), f(1, 4)]);
         u.record(f(2, 9), Access::Write);
         assert_eq!(u.all_fences().iter().collect::<Vec<_>>(), vec![f(2, 9)]);
+        assert!(u.reads.is_empty());
     }
 
     #[test]
     fn host_borrows_conflict_by_range_and_kind() {
+        let conflict = |start, end, held| Some(BorrowConflict { start, end, held });
         let mut u = UseState::default();
-        let a = u.add_borrow(0, 16, false);
-        assert_eq!(u.borrow_conflict(8, 24, false), None);
-        assert_eq!(u.borrow_conflict(8, 24, true), Some((0, 16, false)));
-        assert_eq!(u.borrow_conflict(16, 24, true), None);
+        let a = u.add_borrow(0, 16, Access::Read);
+        assert_eq!(u.borrow_conflict(8, 24, Access::Read), None);
+        assert_eq!(
+            u.borrow_conflict(8, 24, Access::Write),
+            conflict(0, 16, Access::Read)
+        );
+        assert_eq!(u.borrow_conflict(16, 24, Access::Write), None);
         u.remove_borrow(a);
-        assert_eq!(u.borrow_conflict(0, 16, true), None);
-        u.add_borrow(4, 8, true);
-        assert_eq!(u.borrow_conflict(0, 5, false), Some((4, 8, true)));
+        assert_eq!(u.borrow_conflict(0, 16, Access::Write), None);
+        u.add_borrow(4, 8, Access::Write);
+        assert_eq!(
+            u.borrow_conflict(0, 5, Access::Read),
+            conflict(4, 8, Access::Write)
+        );
     }
 }

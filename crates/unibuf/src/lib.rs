@@ -63,7 +63,7 @@ pub use kernel::{
 pub use ledger::{CopyRecord, Direction, LedgerReport};
 pub use queue::{LabelStats, LaunchBatch, Queue, SubmissionStats};
 pub use residency::ResidencyStats;
-pub use storage::{MemoryKind, StorageMode};
+pub use storage::{MemoryAccess, MemoryKind, StorageMode};
 pub use transfer::PendingDownload;
 
 // The README's example compiles and runs as a doc test.

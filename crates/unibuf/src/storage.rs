@@ -62,6 +62,37 @@ impl StorageMode {
     }
 }
 
+/// What may be done with memory: read and written, or only read.
+///
+/// Memory handed over read-only (a read-only mapping of a weights file, a tensor another
+/// framework shares for reading) is `ReadOnly`: every write to it (a kernel output, an upload,
+/// a host write guard) is refused with [`Error::ReadOnly`](crate::Error::ReadOnly), and the
+/// backend registers it for reads only where the platform can. How one submission touches
+/// memory is [`Access`](crate::Access).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemoryAccess {
+    /// Reads and writes.
+    ReadWrite,
+    /// Reads only.
+    ReadOnly,
+}
+
+impl MemoryAccess {
+    /// `ReadWrite` if `writable`, else `ReadOnly`.
+    pub const fn writable_if(writable: bool) -> MemoryAccess {
+        if writable {
+            MemoryAccess::ReadWrite
+        } else {
+            MemoryAccess::ReadOnly
+        }
+    }
+
+    /// Whether writes are allowed.
+    pub const fn is_writable(self) -> bool {
+        matches!(self, MemoryAccess::ReadWrite)
+    }
+}
+
 /// The kinds of raw memory a backend hands out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryKind {

@@ -11,7 +11,7 @@ use crate::epoch::{Epoch, QueueId};
 use crate::error::{Error, Result};
 use crate::interop::{ForeignMemory, NativeBuffer, NativeDevice, NativeQueue, NativeWaiter};
 use crate::kernel::{Constants, KernelSource};
-use crate::storage::MemoryKind;
+use crate::storage::{MemoryAccess, MemoryKind};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -233,7 +233,7 @@ impl Backend for SimulatedMemory {
         &self,
         _ptr: NonNull<u8>,
         _bytes: usize,
-        _writable: bool,
+        _access: MemoryAccess,
     ) -> Result<RawAlloc> {
         self.refuse("wrapping host memory")
     }

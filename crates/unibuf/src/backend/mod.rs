@@ -21,7 +21,7 @@ use crate::interop::{
     NativeWaiter,
 };
 use crate::kernel::{Constants, KernelSource, ScalarArg};
-use crate::storage::MemoryKind;
+use crate::storage::{MemoryAccess, MemoryKind};
 use crate::DType;
 use std::ptr::NonNull;
 
@@ -404,8 +404,14 @@ pub trait Backend: Send + Sync {
     ///
     /// # Safety
     /// `ptr` and `bytes` are multiples of `info().page_size`, the memory is valid for reads (and
-    /// writes if `writable`) for `bytes` bytes, and it stays valid until `release` returns.
-    unsafe fn wrap_host(&self, ptr: NonNull<u8>, bytes: usize, writable: bool) -> Result<RawAlloc>;
+    /// writes if `access` is `ReadWrite`) for `bytes` bytes, and it stays valid until `release`
+    /// returns.
+    unsafe fn wrap_host(
+        &self,
+        ptr: NonNull<u8>,
+        bytes: usize,
+        access: MemoryAccess,
+    ) -> Result<RawAlloc>;
 
     /// The host address of host-visible memory (`HostShared`, `HostRegistered`); `None` for
     /// memory the host must not touch.

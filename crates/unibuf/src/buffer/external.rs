@@ -178,14 +178,14 @@ impl Device {
                     "memory ends at the top of the address space",
                 )
             })?;
-        let writable = memory.writable();
+        let access = crate::storage::MemoryAccess::writable_if(memory.writable());
         let base_ptr = NonNull::new(base as *mut u8)
             .ok_or_else(|| Error::invalid("wrap_external", "memory lies in the null page"))?;
         match self.inner.wrap(
             Box::new(memory),
             base_ptr,
             end - base,
-            writable,
+            access,
             label.to_owned(),
         ) {
             Ok(alloc) => Buffer::from_allocation(alloc, addr - base, dtype, shape),
@@ -224,7 +224,7 @@ impl Device {
     ) -> Result<Buffer> {
         let copy = self.alloc_labelled(label, dtype, shape, crate::StorageMode::Shared)?;
         let q = self.queue();
-        let fence = q.upload_bytes(&copy, src, true)?;
+        let fence = q.upload_bytes(&copy, src, crate::transfer::Blocking::Allowed)?;
         self.wait(fence)?;
         Ok(copy)
     }

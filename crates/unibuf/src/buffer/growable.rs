@@ -3,28 +3,11 @@
 //! is copied to make room.
 
 use super::Buffer;
-use crate::device::Device;
+use crate::device::{Device, GrowableRegion};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::storage::StorageMode;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// The reserved range behind a growable buffer on a backend with virtual memory: how much of it
-/// is mapped. Shared by the buffer handle (which grows it) and its allocation (which unmaps and
-/// unreserves it once the last view and the work using it are gone).
-pub(crate) struct GrowableRegion {
-    pub kind: crate::storage::MemoryKind,
-    pub base: u64,
-    pub reserved: usize,
-    pub mapped: AtomicUsize,
-}
-
-impl GrowableRegion {
-    pub fn mapped(&self) -> usize {
-        self.mapped.load(Ordering::Acquire)
-    }
-}
 
 enum Growth {
     /// Mapped in place: the address never changes.

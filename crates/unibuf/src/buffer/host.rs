@@ -7,6 +7,7 @@
 
 use super::Buffer;
 use crate::dtype::Element;
+use crate::epoch::Access;
 use crate::error::{Error, Result};
 use std::ops::{Deref, DerefMut};
 
@@ -25,13 +26,13 @@ pub struct HostWrite<'a, T> {
 }
 
 impl Buffer {
-    fn host_slice<T: Element>(&self, write: bool, what: &'static str) -> Result<(u64, *mut T)> {
+    fn host_slice<T: Element>(&self, access: Access, what: &'static str) -> Result<(u64, *mut T)> {
         self.check_dtype(what, T::DTYPE)?;
         let range = self.byte_range();
         let borrow =
             self.alloc
                 .device
-                .host_borrow(&self.alloc, range.start, range.end, write, what)?;
+                .host_borrow(&self.alloc, range.start, range.end, access, what)?;
         let ptr = self
             .alloc
             .host_addr(self.offset)
@@ -61,7 +62,7 @@ impl Buffer {
     /// # Ok::<(), unibuf::Error>(())
     /// ```
     pub fn read<T: Element>(&self) -> Result<HostRead<'_, T>> {
-        let (borrow, ptr) = self.host_slice::<T>(false, "host read")?;
+        let (borrow, ptr) = self.host_slice::<T>(Access::Read, "host read")?;
         let data = if self.len == 0 {
             &[][..]
         } else {
@@ -82,7 +83,7 @@ impl Buffer {
     /// Errors as for [`Buffer::read`], plus `ReadOnly` for read-only External memory and
     /// `HostAccessConflict` while any other guard overlaps.
     pub fn write<T: Element>(&self) -> Result<HostWrite<'_, T>> {
-        let (borrow, ptr) = self.host_slice::<T>(true, "host write")?;
+        let (borrow, ptr) = self.host_slice::<T>(Access::Write, "host write")?;
         let data = if self.len == 0 {
             &mut [][..]
         } else {

@@ -11,7 +11,6 @@ mod page_buffer;
 
 pub use external::HostMemory;
 pub use growable::GrowableBuffer;
-pub(crate) use growable::GrowableRegion;
 pub use host::{HostRead, HostWrite};
 pub use page_buffer::PageBuffer;
 

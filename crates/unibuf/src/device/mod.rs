@@ -1,9 +1,16 @@
 //! The device: the entry point of unibuf.
 
+mod deferred;
+mod faults;
+mod hazards;
 mod inner;
 mod labels;
+mod memory;
+mod regions;
 
+pub(crate) use hazards::{plan_waits, Waiter};
 pub(crate) use inner::{Completion, DeviceInner, Use};
+pub(crate) use regions::GrowableRegion;
 
 use crate::alloc::{Budget, MemoryStats};
 use crate::backend::{cpu::CpuBackend, Backend, BackendOptions, DeviceInfo, KernelCacheStats};

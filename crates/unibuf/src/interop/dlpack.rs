@@ -84,9 +84,9 @@
 
 use crate::backend::Command;
 use crate::buffer::Buffer;
-use crate::device::{Completion, Device, Use};
+use crate::device::{plan_waits, Completion, Device, Use, Waiter};
 use crate::dtype::DType;
-use crate::epoch::{Access, FenceSet};
+use crate::epoch::Access;
 use crate::error::{Error, Result};
 use crate::interop::{
     ForeignAccess, ForeignMemory, ForeignSignal, NativeBuffer, NativeDevice, NativeHandle,
@@ -744,29 +744,25 @@ impl Buffer {
     /// Orders unibuf's pending work on the buffer before the consumer's stream: the last
     /// writes, and for a writable export the reads since (the consumer may write).
     fn order_before_consumer(&self, device: &Device, stream: DlpackStream) -> Result<()> {
-        let pending: FenceSet = {
+        let pending = {
             let uses = self.alloc.uses();
             let r = self.byte_range();
             // A host write guard would let the consumer read bytes being written.
-            if let Some((start, end, _)) = uses.borrow_conflict(r.start, r.end, false) {
-                return Err(Error::HostAccessConflict {
-                    what: "DLPack export",
-                    label: self.label().to_owned(),
-                    start,
-                    end,
-                    held: "write-locked",
-                });
+            if let Some(conflict) = uses.borrow_conflict(r.start, r.end, Access::Read) {
+                return Err(conflict.error("DLPack export", self.label()));
             }
-            let mut pending = uses.writes.clone();
-            if self.is_writable() {
-                pending.extend(&uses.reads);
-            }
-            pending
+            // The consumer of a writable export may write.
+            let access = if self.is_writable() {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            plan_waits(Waiter::Foreign, [(&*uses, access)])
         };
         let Some(waiter) = stream.waiter() else {
             return Ok(());
         };
-        for fence in pending.iter() {
+        for fence in pending.fences().iter() {
             if device.is_complete(fence)? {
                 continue;
             }

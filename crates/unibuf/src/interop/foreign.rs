@@ -61,15 +61,9 @@ impl ForeignMemory {
     }
 }
 
-/// Whether unibuf may write foreign memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForeignAccess {
-    /// Reads and writes.
-    ReadWrite,
-    /// Reads only: every write (a kernel output, an upload, a host write guard) is refused with
-    /// [`Error::ReadOnly`].
-    ReadOnly,
-}
+/// Whether unibuf may write foreign memory: the access every wrapped memory has, under the
+/// name the foreign-memory calls have always used.
+pub use crate::storage::MemoryAccess as ForeignAccess;
 
 impl Device {
     /// Wraps memory another framework owns as a buffer of `dtype` x `shape`, without copying.
@@ -134,10 +128,9 @@ impl Device {
         // SAFETY: the caller's contract: valid for `bytes` while `owner` lives; the allocation
         // keeps `owner` until its release, which waits for every fence that used the memory.
         let raw = unsafe { self.inner.backend.wrap_foreign(&memory, bytes) }?;
-        let writable = access == ForeignAccess::ReadWrite;
-        let alloc =
-            self.inner
-                .adopt_foreign(raw, bytes, writable, label.to_owned(), Box::new(owner));
+        let alloc = self
+            .inner
+            .adopt_foreign(raw, bytes, access, label.to_owned(), Box::new(owner));
         let buffer = Buffer::from_allocation(alloc, 0, dtype, shape)?;
         self.inner
             .ledger

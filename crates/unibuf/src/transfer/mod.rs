@@ -48,9 +48,10 @@ impl<T: Element> PendingDownload<T> {
         let mut out = vec![T::zeroed(); self.len];
         if let Some(snapshot) = &self.snapshot {
             let bytes = std::mem::size_of_val(out.as_slice());
-            let borrow = snapshot
-                .device
-                .host_borrow(snapshot, 0, bytes, false, "download")?;
+            let borrow =
+                snapshot
+                    .device
+                    .host_borrow(snapshot, 0, bytes, Access::Read, "download")?;
             let src = snapshot.host_addr(0).expect("snapshots are Shared");
             // SAFETY: the snapshot is a Shared allocation of at least `bytes` bytes that only
             // this value owns; host_borrow waited for the device copy that wrote it.
@@ -59,6 +60,26 @@ impl<T: Element> PendingDownload<T> {
         }
         Ok(out)
     }
+}
+
+/// Whether an upload may block on device work still using its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Blocking {
+    /// The caller waits for the upload anyway (`upload`): a direct host copy that first waits
+    /// for the device is as good as any, and copies the bytes once.
+    Allowed,
+    /// The caller goes on with a fence (`upload_async`): a destination still in use is
+    /// reached through staging instead, so that the call returns at once.
+    Avoided,
+}
+
+/// How a transfer moved its bytes, as the ledger records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// One host copy, or a device command within device memory.
+    Direct,
+    /// Through the staging ring or a host-visible snapshot.
+    Staged,
 }
 
 struct Audit {
@@ -89,14 +110,14 @@ impl Queue {
         }
     }
 
-    fn audit_end(&self, a: Audit, label: &str, staged: bool, fence: Fence) {
+    fn audit_end(&self, a: Audit, label: &str, route: Route, fence: Fence) {
         let ledger = &self.device.ledger;
         ledger.record(CopyRecord {
             direction: a.direction,
             src: a.src,
             dst: a.dst,
             bytes: a.bytes as u64,
-            staged,
+            staged: route == Route::Staged,
             label: label.to_owned(),
             site: a.site,
             host_start_ns: a.started,
@@ -114,7 +135,7 @@ impl Queue {
     /// `T` must be `dst`'s dtype and `data` exactly as long as `dst`.
     #[track_caller]
     pub fn upload<T: Element>(&self, dst: &Buffer, data: &[T]) -> Result<()> {
-        let fence = self.upload_impl(dst, data, true)?;
+        let fence = self.upload_impl(dst, data, Blocking::Allowed)?;
         self.device.wait(fence)
     }
 
@@ -122,11 +143,16 @@ impl Queue {
     /// may be dropped at once: it has been copied to `dst` or into staging.
     #[track_caller]
     pub fn upload_async<T: Element>(&self, dst: &Buffer, data: &[T]) -> Result<Fence> {
-        self.upload_impl(dst, data, false)
+        self.upload_impl(dst, data, Blocking::Avoided)
     }
 
     #[track_caller]
-    fn upload_impl<T: Element>(&self, dst: &Buffer, data: &[T], sync: bool) -> Result<Fence> {
+    fn upload_impl<T: Element>(
+        &self,
+        dst: &Buffer,
+        data: &[T],
+        blocking: Blocking,
+    ) -> Result<Fence> {
         self.device.check_fault()?;
         self.check_buffer("upload destination", dst)?;
         dst.check_dtype("upload", T::DTYPE)?;
@@ -137,34 +163,42 @@ impl Queue {
                 got: data.len().to_string(),
             });
         }
-        self.upload_bytes(dst, bytemuck::cast_slice(data), sync)
+        self.upload_bytes(dst, bytemuck::cast_slice(data), blocking)
     }
 
     /// Uploads raw bytes into `dst` (exactly its byte length; the caller checked the dtype),
     /// recorded in the ledger like every upload.
     #[track_caller]
-    pub(crate) fn upload_bytes(&self, dst: &Buffer, bytes: &[u8], sync: bool) -> Result<Fence> {
+    pub(crate) fn upload_bytes(
+        &self,
+        dst: &Buffer,
+        bytes: &[u8],
+        blocking: Blocking,
+    ) -> Result<Fence> {
         debug_assert_eq!(bytes.len(), dst.byte_len());
         let audit = self.audit_start(Direction::HostToDevice, None, Some(dst), bytes.len());
         let label = self.transfer_label(dst);
         let direct = dst.is_host_accessible()
-            && (sync || !self.device.host_access_would_wait(&dst.alloc, true));
-        let (fence, staged) = if direct {
+            && (blocking == Blocking::Allowed
+                || !self
+                    .device
+                    .host_access_would_wait(&dst.alloc, Access::Write));
+        let (fence, route) = if direct {
             self.host_copy_in(dst, bytes)?;
-            (self.done_fence(), false)
+            (self.done_fence(), Route::Direct)
         } else {
-            (self.staged_upload(dst, bytes, label)?, true)
+            (self.staged_upload(dst, bytes, label)?, Route::Staged)
         };
-        self.audit_end(audit, label, staged, fence);
+        self.audit_end(audit, label, route, fence);
         Ok(fence)
     }
 
     /// One memcpy from caller memory into a host-visible buffer, under a host write borrow.
     fn host_copy_in(&self, dst: &Buffer, bytes: &[u8]) -> Result<()> {
         let r = dst.byte_range();
-        let borrow = self
-            .device
-            .host_borrow(&dst.alloc, r.start, r.end, true, "upload")?;
+        let borrow =
+            self.device
+                .host_borrow(&dst.alloc, r.start, r.end, Access::Write, "upload")?;
         let ptr = dst
             .alloc
             .host_addr(r.start)
@@ -180,19 +214,15 @@ impl Queue {
         let dev = &self.device;
         let mut fence = self.done_fence();
         let base = dst.byte_offset();
-        let long_transfer = dev.staging.is_long_upload(bytes.len());
+        let stores = dev.staging.upload_stores(bytes.len());
         for (i, piece) in bytes.chunks(dev.staging.chunk_bytes()).enumerate() {
             let off = base + i * dev.staging.chunk_bytes();
             let chunk = dev.staging.take(&*dev.backend)?;
             // SAFETY: the chunk is checked out to us, host-visible, at least chunk_bytes long,
             // and the copy that last used it has completed (StagingPool::take).
             unsafe {
-                dev.staging.copy_into_chunk(
-                    chunk.host(),
-                    piece.as_ptr(),
-                    piece.len(),
-                    long_transfer,
-                )
+                dev.staging
+                    .copy_into_chunk(chunk.host(), piece.as_ptr(), piece.len(), stores)
             };
             let submitted = dev.submit(
                 self.id(),
@@ -241,11 +271,11 @@ impl Queue {
         let out: &mut [u8] = bytemuck::cast_slice_mut(out);
         let audit = self.audit_start(Direction::DeviceToHost, Some(src), None, out.len());
         let label = self.transfer_label(src);
-        let (fence, staged) = if src.is_host_accessible() {
+        let (fence, route) = if src.is_host_accessible() {
             let r = src.byte_range();
-            let borrow = self
-                .device
-                .host_borrow(&src.alloc, r.start, r.end, false, "download")?;
+            let borrow =
+                self.device
+                    .host_borrow(&src.alloc, r.start, r.end, Access::Read, "download")?;
             let ptr = src
                 .alloc
                 .host_addr(r.start)
@@ -254,11 +284,11 @@ impl Queue {
             // waited for device writes and refuses new ones until removed.
             unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), out.len()) };
             src.alloc.uses().remove_borrow(borrow);
-            (self.done_fence(), false)
+            (self.done_fence(), Route::Direct)
         } else {
-            (self.staged_download(src, out, label)?, true)
+            (self.staged_download(src, out, label)?, Route::Staged)
         };
-        self.audit_end(audit, label, staged, fence);
+        self.audit_end(audit, label, route, fence);
         Ok(())
     }
 
@@ -365,7 +395,7 @@ impl Queue {
         let label = self.transfer_label(src);
         if bytes == 0 {
             let fence = self.done_fence();
-            self.audit_end(audit, label, false, fence);
+            self.audit_end(audit, label, Route::Direct, fence);
             return Ok(PendingDownload {
                 snapshot: None,
                 fence,
@@ -403,7 +433,7 @@ impl Queue {
             }],
             Completion::Exact,
         )?;
-        self.audit_end(audit, label, true, fence);
+        self.audit_end(audit, label, Route::Staged, fence);
         Ok(PendingDownload {
             snapshot: Some(snapshot),
             fence,
@@ -473,7 +503,7 @@ impl Queue {
                 Completion::Queue,
             )?
         };
-        self.audit_end(audit, label, false, fence);
+        self.audit_end(audit, label, Route::Direct, fence);
         Ok(fence)
     }
 
@@ -537,7 +567,7 @@ impl Queue {
                 Completion::Queue,
             )?
         };
-        self.audit_end(audit, label, false, fence);
+        self.audit_end(audit, label, Route::Direct, fence);
         Ok(fence)
     }
 }

@@ -86,8 +86,17 @@ pub(crate) struct StagingPool {
     /// Threads that split host copies into and out of chunks; started on first use.
     copier: OnceLock<HostCopyPool>,
     /// `UNIBUF_STAGING_UPLOAD_STORES` (`streaming` or `cached`): one way of filling chunks for
-    /// every upload, for comparison; unset, `copy_into_chunk` decides per chunk.
-    upload_stores: Option<Stores>,
+    /// every upload, for comparison; unset, `upload_stores` decides per upload.
+    stores_override: Option<Stores>,
+}
+
+/// What a take does when every chunk is checked out by other transfers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WhenAllCheckedOut {
+    /// Wait for one to come back (`take`: the caller holds no chunk).
+    Wait,
+    /// Return `None` (`try_take`: the caller holds chunks, and waiting could deadlock).
+    ReturnNone,
 }
 
 enum Pick {
@@ -107,7 +116,7 @@ impl StagingPool {
             }),
             returned: Condvar::new(),
             copier: OnceLock::new(),
-            upload_stores: match std::env::var("UNIBUF_STAGING_UPLOAD_STORES").as_deref() {
+            stores_override: match std::env::var("UNIBUF_STAGING_UPLOAD_STORES").as_deref() {
                 Ok("streaming") => Some(Stores::Streaming),
                 Ok("cached") => Some(Stores::Cached),
                 _ => None,
@@ -121,8 +130,9 @@ impl StagingPool {
         (self.config.max_chunks / 2).max(1)
     }
 
-    /// Copies host memory into a chunk (an upload) with the copy threads. `long_transfer` says
-    /// the upload fills each chunk of the ring several times (`is_long_upload`).
+    /// How an upload of `bytes` fills its chunks: the `UNIBUF_STAGING_UPLOAD_STORES` choice
+    /// when set, else through the cache for a long upload (`is_long_upload`) and streaming
+    /// otherwise.
     ///
     /// A long upload writes through the cache: from its second pass over the ring on, the
     /// chunks' lines are still in the last-level cache from the previous fill, so the stores
@@ -132,6 +142,17 @@ impl StagingPool {
     /// 1 GiB 39.5–43.2 / 42.4–52.6 (medians 41.8 / 51.1); 256 MiB 38.6–43.5 / 24.7–47.5, a
     /// wash; 16 MiB, one chunk, 22.9–30.5 / 13.4–18.4. Streaming the first pass and caching
     /// the rest was worse than either at 256 MiB (33.8–35.3): the refills then miss the cache.
+    pub fn upload_stores(&self, bytes: usize) -> Stores {
+        self.stores_override
+            .unwrap_or(if self.is_long_upload(bytes) {
+                Stores::Cached
+            } else {
+                Stores::Streaming
+            })
+    }
+
+    /// Copies host memory into a chunk (an upload) with the copy threads, writing it with
+    /// `stores` (`upload_stores`).
     ///
     /// # Safety
     /// `src` is valid for reads and `chunk` for writes of `len` bytes; they do not overlap.
@@ -140,14 +161,9 @@ impl StagingPool {
         chunk: *mut u8,
         src: *const u8,
         len: usize,
-        long_transfer: bool,
+        stores: Stores,
     ) {
         let pool = self.copier.get_or_init(HostCopyPool::for_this_machine);
-        let stores = self.upload_stores.unwrap_or(if long_transfer {
-            Stores::Cached
-        } else {
-            Stores::Streaming
-        });
         // SAFETY: the caller's contract.
         unsafe { pool.copy(chunk, src, len, stores) };
     }
@@ -190,16 +206,20 @@ impl StagingPool {
     /// while waiting for the other's); callers holding chunks use `try_take`.
     pub fn take(&self, backend: &dyn Backend) -> Result<StagingChunk> {
         Ok(self
-            .take_or_wait(backend, true)?
+            .take_or_wait(backend, WhenAllCheckedOut::Wait)?
             .expect("a blocking take returns a chunk"))
     }
 
     /// As `take`, but `None` instead of waiting when every chunk is checked out.
     pub fn try_take(&self, backend: &dyn Backend) -> Result<Option<StagingChunk>> {
-        self.take_or_wait(backend, false)
+        self.take_or_wait(backend, WhenAllCheckedOut::ReturnNone)
     }
 
-    fn take_or_wait(&self, backend: &dyn Backend, block: bool) -> Result<Option<StagingChunk>> {
+    fn take_or_wait(
+        &self,
+        backend: &dyn Backend,
+        when_all_out: WhenAllCheckedOut,
+    ) -> Result<Option<StagingChunk>> {
         let mut g = self.lock();
         loop {
             g.clock += 1;
@@ -220,7 +240,7 @@ impl StagingPool {
                 Pick::Wait(i, c.fence.expect("incomplete chunks have a fence"))
             } else {
                 // Every chunk is checked out by concurrent transfers: wait for one.
-                if !block {
+                if when_all_out == WhenAllCheckedOut::ReturnNone {
                     return Ok(None);
                 }
                 self.returned.wait(&mut g);

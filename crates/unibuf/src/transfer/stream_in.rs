@@ -8,7 +8,7 @@
 //! host-copy pool's memcpy threads must not do, and a few thread spawns are nothing next to a
 //! transfer of gigabytes.
 
-use super::Audit;
+use super::{Audit, Route};
 use crate::backend::Command;
 use crate::buffer::Buffer;
 use crate::device::{Completion, Use};
@@ -158,7 +158,7 @@ impl Queue {
         );
         dev.staging.put(chunk, submitted.as_ref().ok().copied());
         let fence = submitted?;
-        self.audit_end(audit, label, true, fence);
+        self.audit_end(audit, label, Route::Staged, fence);
         Ok(fence)
     }
 }

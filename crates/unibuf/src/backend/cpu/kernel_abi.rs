@@ -2,6 +2,7 @@
 
 use crate::backend::{LaunchArg, LaunchDims};
 use crate::dtype::Element;
+use crate::epoch::Access;
 use crate::kernel::{Constants, ScalarArg};
 
 /// A CPU kernel: a plain function over its launch arguments. An `Err` (or a panic) becomes a
@@ -39,7 +40,7 @@ impl<'a> CpuKernelArgs<'a> {
         self.constants.get(name)
     }
 
-    fn buffer<T: Element>(&self, i: usize, want_write: bool) -> Result<(*mut T, usize), String> {
+    fn buffer<T: Element>(&self, i: usize, access: Access) -> Result<(*mut T, usize), String> {
         let Some(arg) = self.args.get(i) else {
             return Err(format!(
                 "argument {i} does not exist ({} given)",
@@ -60,7 +61,7 @@ impl<'a> CpuKernelArgs<'a> {
                 T::DTYPE
             ));
         }
-        if want_write && !writable {
+        if access == Access::Write && !writable {
             return Err(format!("argument {i} is read-only"));
         }
         let addr = range.addr as usize + range.offset;
@@ -80,7 +81,7 @@ impl<'a> CpuKernelArgs<'a> {
                 "argument {i} is an output: read it through output({i})"
             ));
         }
-        let (ptr, len) = self.buffer::<T>(i, false)?;
+        let (ptr, len) = self.buffer::<T>(i, Access::Read)?;
         if len == 0 {
             return Ok(&[]);
         }
@@ -92,7 +93,7 @@ impl<'a> CpuKernelArgs<'a> {
 
     /// Buffer argument `i` for writing; each output can be taken once per launch.
     pub fn output<T: Element>(&mut self, i: usize) -> Result<&'a mut [T], String> {
-        let (ptr, len) = self.buffer::<T>(i, true)?;
+        let (ptr, len) = self.buffer::<T>(i, Access::Write)?;
         if self.outputs_taken & (1 << i) != 0 {
             return Err(format!("output {i} taken twice"));
         }

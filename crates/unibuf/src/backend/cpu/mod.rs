@@ -21,7 +21,7 @@ use crate::interop::{
     NativeWaiter,
 };
 use crate::kernel::{Constants, KernelSource};
-use crate::storage::MemoryKind;
+use crate::storage::{MemoryAccess, MemoryKind};
 use parking_lot::RwLock;
 use queue::CpuQueue;
 use std::alloc::Layout;
@@ -178,7 +178,7 @@ impl Backend for CpuBackend {
         &self,
         ptr: NonNull<u8>,
         bytes: usize,
-        _writable: bool,
+        _access: MemoryAccess,
     ) -> Result<RawAlloc> {
         Ok(RawAlloc {
             addr: ptr.as_ptr() as u64,

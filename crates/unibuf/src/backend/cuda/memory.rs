@@ -2,6 +2,7 @@
 
 use super::driver::{check, CuError};
 use crate::error::Error;
+use crate::storage::MemoryAccess;
 use cudarc::driver::sys;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -59,7 +60,8 @@ pub(super) unsafe fn free_mapped_host(host: *mut u8) {
 struct Registration {
     len: usize,
     users: usize,
-    writable: bool,
+    /// How the pages were registered (`CU_MEMHOSTREGISTER_READ_ONLY` when `ReadOnly`).
+    access: MemoryAccess,
 }
 
 /// The page ranges registered with the driver, with use counts.
@@ -82,7 +84,7 @@ impl Registrations {
         &mut self,
         start: usize,
         len: usize,
-        writable: bool,
+        access: MemoryAccess,
     ) -> Result<Vec<usize>, Error> {
         let end = start + len;
         let containing = self
@@ -93,7 +95,7 @@ impl Registrations {
             .map(|(s, _)| *s);
         if let Some(s) = containing {
             if let Some(r) = self.by_start.get_mut(&s) {
-                if writable && !r.writable {
+                if access.is_writable() && !r.access.is_writable() {
                     return Err(Error::Unsupported {
                         backend: "cuda",
                         what: format!(
@@ -123,7 +125,7 @@ impl Registrations {
             });
         }
         let mut flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
-        if !writable {
+        if !access.is_writable() {
             flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
         }
         // SAFETY: the caller guarantees the pages are mapped and stay so until release.
@@ -137,7 +139,7 @@ impl Registrations {
             Registration {
                 len,
                 users: 1,
-                writable,
+                access,
             },
         );
         Ok(vec![start])

@@ -31,7 +31,7 @@ use crate::interop::{
     ForeignMemory, NativeBuffer, NativeDevice, NativeHandle, NativeQueue, NativeWaiter,
 };
 use crate::kernel::{Constants, KernelSource, Param, ScalarArg, ScalarType};
-use crate::storage::MemoryKind;
+use crate::storage::{MemoryAccess, MemoryKind};
 use crate::DType;
 use compile::CompileCounters;
 use cudarc::driver::sys::{self, CUdevice_attribute};
@@ -728,10 +728,15 @@ impl Backend for CudaBackend {
         }
     }
 
-    unsafe fn wrap_host(&self, ptr: NonNull<u8>, bytes: usize, writable: bool) -> Result<RawAlloc> {
+    unsafe fn wrap_host(
+        &self,
+        ptr: NonNull<u8>,
+        bytes: usize,
+        access: MemoryAccess,
+    ) -> Result<RawAlloc> {
         self.bind()?;
         let host = ptr.as_ptr() as usize;
-        let registrations = self.registrations.lock().register(host, bytes, writable)?;
+        let registrations = self.registrations.lock().register(host, bytes, access)?;
         let addr = match Registrations::device_pointer(host) {
             Ok(a) => a,
             Err(e) => {

@@ -46,7 +46,7 @@ use crate::interop::{
     NativeWaiter,
 };
 use crate::kernel::{Constants, KernelSource, ScalarArg};
-use crate::storage::MemoryKind;
+use crate::storage::{MemoryAccess, MemoryKind};
 use compile::Compiler;
 use memory::{Buffers, MetalAlloc, Part};
 use objc2::rc::{autoreleasepool, Retained};
@@ -691,7 +691,7 @@ impl Backend for MetalBackend {
         &self,
         ptr: NonNull<u8>,
         bytes: usize,
-        _writable: bool,
+        _access: MemoryAccess,
     ) -> Result<RawAlloc> {
         // Metal has no read-only no-copy buffers; the core refuses device writes to memory
         // that is not writable before any command is recorded.
