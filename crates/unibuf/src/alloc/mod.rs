@@ -21,6 +21,8 @@
 //! idle, then wait for the rest and release them too, then fail with the figures.
 
 pub(crate) mod arena;
+#[cfg(test)]
+mod placement_tests;
 mod record;
 pub(crate) mod replay;
 mod size_class;

@@ -163,7 +163,7 @@ pub fn replay_simulated(trace: &Trace, budget: Budget) -> Result<ReplayReport> {
 
 /// Memory that exists only as addresses: the allocator's policy runs over it without a device.
 /// It hands out fresh address ranges and counts them; nothing can be read, written or run.
-struct SimulatedMemory {
+pub(super) struct SimulatedMemory {
     info: DeviceInfo,
     next: AtomicU64,
     /// Bytes unmapped by `unmap_for_reuse` that no map took and `release_kept` did not return:
@@ -177,13 +177,18 @@ struct SimulatedMemory {
     /// Bytes mapped now (kept memory not counted), and the most that may be: maps past it fail
     /// with `OutOfMemory`, for tests of the failure paths.
     mapped: AtomicU64,
-    map_limit: u64,
+    pub(super) map_limit: u64,
     /// Reservations larger than this fail (an address-space limit), for tests.
-    reserve_limit: u64,
+    pub(super) reserve_limit: u64,
+    /// The completed epoch of every queue: work up to it has finished. Nothing is ever
+    /// submitted here, so 0 unless a test moves it to model work completing.
+    pub(super) completed: AtomicU64,
+    /// A kind offered no virtual memory (its blocks come whole from `allocate`), for tests.
+    pub(super) without_virtual_memory: Option<MemoryKind>,
 }
 
 impl SimulatedMemory {
-    fn new() -> SimulatedMemory {
+    pub(super) fn new() -> SimulatedMemory {
         SimulatedMemory {
             info: DeviceInfo {
                 name: "simulated".to_owned(),
@@ -202,6 +207,8 @@ impl SimulatedMemory {
             mapped: AtomicU64::new(0),
             map_limit: u64::MAX,
             reserve_limit: u64::MAX,
+            completed: AtomicU64::new(0),
+            without_virtual_memory: None,
         }
     }
 
@@ -247,7 +254,7 @@ impl Backend for SimulatedMemory {
         self.refuse("submissions")
     }
     fn completed(&self, _queue: QueueId) -> Result<Epoch> {
-        Ok(0)
+        Ok(self.completed.load(Ordering::Relaxed))
     }
     fn wait(&self, _queue: QueueId, _epoch: Epoch) -> Result<()> {
         Ok(())
@@ -261,8 +268,8 @@ impl Backend for SimulatedMemory {
     fn reset(&self) -> Result<()> {
         Ok(())
     }
-    fn virtual_memory(&self, _kind: MemoryKind) -> Option<&dyn VirtualMemory> {
-        Some(self)
+    fn virtual_memory(&self, kind: MemoryKind) -> Option<&dyn VirtualMemory> {
+        (self.without_virtual_memory != Some(kind)).then_some(self as &dyn VirtualMemory)
     }
     fn native_buffer(&self, _range: &crate::backend::RawRange) -> Result<NativeBuffer> {
         self.refuse("native handles (its memory is only addresses)")
